@@ -1,0 +1,61 @@
+# agentcloud_clone — `make run` starts the product, `make test` runs every test tier.
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+# mongoeco (the embedded MongoDB-wire server) needs Python >= 3.13; pyenv ships 3.13.0 on our machines.
+PYTHON313 ?= $(shell command -v python3.13 2>/dev/null || ls $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.13*/bin/python3.13 2>/dev/null | tail -n 1)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+SYSTEM_PACKAGES := redis-server chromium
+PYTEST_ARGS ?=
+
+.PHONY: install system-packages run worker test test-fast test-integration contract lint format bench clean
+
+install: system-packages $(VENV)/.installed
+
+system-packages:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	@if [ -z "$(PYTHON313)" ]; then echo "Python 3.13 not found: install it (e.g. 'pyenv install 3.13') or set PYTHON313=/path/to/python3.13" >&2; exit 1; fi
+	@[ -x $(BIN)/python ] || $(PYTHON313) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+run: install
+	$(BIN)/python -m agentcloud_clone.local
+
+worker: install
+	$(BIN)/python -m workers
+
+test: install lint
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not integration and not browser and not contract" $(PYTEST_ARGS)
+
+test-integration: install
+	$(BIN)/python -m pytest -q -m integration $(PYTEST_ARGS)
+
+contract: install
+	$(BIN)/python -m agentcloud_clone.contract
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: install
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) var test-artifacts bench/results .pytest_cache .ruff_cache

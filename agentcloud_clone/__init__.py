@@ -1,0 +1,40 @@
+"""agentcloud_clone: long-running agent sessions for teams, stopped safely on request."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask
+
+from .config import Config
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the web app from the environment plus `config` overrides. Connects lazily, never at import."""
+    app = Flask(__name__)
+    app.config.update(Config(config).as_dict())
+    app.config.setdefault("RATELIMIT_STORAGE_URI", app.config["REDIS_URL"])
+    app.config.setdefault("RATELIMIT_DEFAULT", app.config["DEFAULT_RATE_LIMIT"])
+    app.config.setdefault("RATELIMIT_HEADERS_ENABLED", True)
+    # When Redis is unreachable the limiter keeps serving, counting in process memory meanwhile.
+    app.config.setdefault("RATELIMIT_SWALLOW_ERRORS", True)
+    app.config.setdefault("RATELIMIT_IN_MEMORY_FALLBACK_ENABLED", True)
+    app.config.setdefault("RATELIMIT_STORAGE_OPTIONS", {"socket_connect_timeout": 1, "socket_timeout": 1})
+    logging.basicConfig(level=app.config.get("LOG_LEVEL", "INFO"))
+
+    from . import auth, cli, db, responses, web
+    from .api import apps, managed_agents, sessions
+    from .api import auth as auth_api
+    from .extensions import bind_rate_limits
+
+    responses.init_app(app)
+    auth.init_app(app)
+    db.init_app(app)
+    cli.init_app(app)
+    for blueprint in (auth_api.bp, apps.bp, sessions.bp, managed_agents.bp, web.bp):
+        app.register_blueprint(blueprint)
+    bind_rate_limits(app)
+    web.init_app(app)
+    return app

@@ -1,0 +1,115 @@
+"""Configuration: one object, read from the environment, overridable by a mapping."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(RuntimeError):
+    """The configuration cannot start the app; the message says what to set."""
+
+
+def _env_float(name: str, default: float, low: float, high: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    return raw.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _dev_secret_key(var_dir: Path) -> str:
+    """Generate the development secret once and keep it, so sign-ins survive restarts."""
+    path = var_dir / "secret_key"
+    if path.exists():
+        return path.read_text().strip()
+    var_dir.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_hex(32)
+    path.write_text(key)
+    path.chmod(0o600)
+    return key
+
+
+class Config:
+    """Every setting the app, the workers and the CLI read, with its environment variable."""
+
+    # Bounds on the cancel poll interval; outside them the worker either hammers MongoDB or reacts late.
+    POLL_INTERVAL_BOUNDS = (0.05, 5.0)
+
+    def __init__(self, overrides: Mapping[str, Any] | None = None) -> None:
+        env = os.environ.get("AGENTCLOUD_ENV", "development").lower()
+        var_dir = Path(os.environ.get("VAR_DIR", PROJECT_ROOT / "var"))
+        values: dict[str, Any] = {
+            "ENV": env,
+            "VAR_DIR": str(var_dir),
+            "SECRET_KEY": os.environ.get("SECRET_KEY"),
+            "MONGO_URI": os.environ.get("MONGO_URI", "mongodb://127.0.0.1:27017/agentcloud"),
+            "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+            "CANCEL_POLL_INTERVAL": _env_float("CANCEL_POLL_INTERVAL", 1.0, *self.POLL_INTERVAL_BOUNDS),
+            "CANCEL_PUBSUB": _env_bool("CANCEL_PUBSUB", True),
+            "HEARTBEAT_INTERVAL": _env_float("HEARTBEAT_INTERVAL", 5.0, 0.05, 300.0),
+            "HEARTBEAT_TIMEOUT": _env_float("HEARTBEAT_TIMEOUT", 30.0, 0.5, 3600.0),
+            "REAPER_INTERVAL": _env_float("REAPER_INTERVAL", 10.0, 0.1, 3600.0),
+            "TURN_TIMEOUT": _env_int("TURN_TIMEOUT", 600),
+            "OUTPUT_FLUSH_INTERVAL": _env_float("OUTPUT_FLUSH_INTERVAL", 0.25, 0.01, 5.0),
+            "TURN_QUEUE": os.environ.get("TURN_QUEUE", "turns"),
+            "CANCEL_RATE_LIMIT": os.environ.get("CANCEL_RATE_LIMIT", "30 per minute"),
+            "LOGIN_RATE_LIMIT": os.environ.get("LOGIN_RATE_LIMIT", "10 per minute"),
+            "DEFAULT_RATE_LIMIT": os.environ.get("DEFAULT_RATE_LIMIT", "600 per minute"),
+            "RATELIMIT_ENABLED": _env_bool("RATELIMIT_ENABLED", True),
+            "MAX_CONTENT_LENGTH": _env_int("MAX_CONTENT_LENGTH", 1024 * 1024),
+            "SESSION_COOKIE_SECURE": _env_bool("SESSION_COOKIE_SECURE", False),
+            "SESSION_COOKIE_HTTPONLY": True,
+            "SESSION_COOKIE_SAMESITE": "Lax",
+            "REMEMBER_COOKIE_HTTPONLY": True,
+            "REMEMBER_COOKIE_SAMESITE": "Lax",
+            "TRUSTED_ORIGINS": [o for o in os.environ.get("TRUSTED_ORIGINS", "").split(",") if o],
+            "PAGE_SIZE_DEFAULT": 10,
+            "PAGE_SIZE_MAX": 100,
+            "OPENAI_BASE_URL": os.environ.get("OPENAI_BASE_URL"),
+            "OPENAI_API_KEY": os.environ.get("OPENAI_API_KEY"),
+            "TESTING": False,
+        }
+        values.update(overrides or {})
+        if not values["SECRET_KEY"]:
+            if values["ENV"] == "production":
+                raise ConfigError(
+                    "SECRET_KEY is not set. Production needs a fixed secret, e.g. "
+                    "SECRET_KEY=$(python -c 'import secrets; print(secrets.token_hex(32))')"
+                )
+            values["SECRET_KEY"] = _dev_secret_key(Path(values["VAR_DIR"]))
+        low, high = self.POLL_INTERVAL_BOUNDS
+        if not low <= float(values["CANCEL_POLL_INTERVAL"]) <= high:
+            raise ConfigError(f"CANCEL_POLL_INTERVAL must be between {low} and {high} seconds")
+        self.values = values
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings as a plain mapping for `app.config.update`."""
+        return dict(self.values)

@@ -1,0 +1,150 @@
+"""Agent runners: what a turn runs. Each yields output pieces and honours the cancel handle.
+
+A runner is a callable `runner(ctx: TurnContext) -> Iterable[str | Piece]`. It should stop soon after
+`ctx.cancel.is_set()`; anything blocking should either wait with `ctx.cancel.wait(seconds)` or register a
+hook with `ctx.cancel.on_cancel(close)` that unblocks it (the worker also stops taking pieces the moment
+the handle is set, so a runner that ignores it only wastes its own work).
+
+User-supplied runners (`python`): an app with runner `python` and config
+`{"callable": "package.module:function", "options": {...}}` calls `function(ctx)`. It gets the same
+`TurnContext` (the user's message in `ctx.user_message`, earlier turns in `ctx.history`, its options in
+`ctx.options`) and yields strings or `Piece(text, tokens)`. Setting `ctx.end_session = True` ends the
+session after the turn instead of waiting for the next message.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .watcher import CancelHandle
+
+
+@dataclass
+class Piece:
+    """A piece of output and the tokens it cost (0 when unknown)."""
+
+    text: str
+    tokens: int = 0
+
+
+@dataclass
+class TurnContext:
+    """Everything a runner may use for one turn."""
+
+    session: dict[str, Any]
+    app: dict[str, Any]
+    user_message: str
+    history: list[dict[str, str]]
+    cancel: CancelHandle
+    turn_number: int
+    env: dict[str, Any] = field(default_factory=dict)
+    end_session: bool = False
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return (self.app.get("config") or {}).get("options", {})
+
+
+class RunnerError(Exception):
+    """A runner failed in a way worth showing the user verbatim."""
+
+
+def scripted(ctx: TurnContext) -> Iterator[Piece]:
+    """The deterministic demo and test agent: `steps` pieces, `stepDelay` seconds apart."""
+    config = ctx.app.get("config") or {}
+    steps, delay = int(config.get("steps", 8)), float(config.get("stepDelay", 0.25))
+    reply = config.get("reply") or f"Turn {ctx.turn_number}: working on “{ctx.user_message[:60]}”."
+    words = reply.split()
+    for step in range(1, steps + 1):
+        if delay and ctx.cancel.wait(delay):
+            return
+        if config.get("failAtStep") == step:
+            raise RunnerError(f"scripted agent failed at step {step} as configured")
+        word = words[(step - 1) % len(words)] if words else str(step)
+        yield Piece(f"{word} " if step < steps else f"{word}", tokens=1)
+    end_after = config.get("endAfterTurns")
+    if end_after and ctx.turn_number >= int(end_after):
+        ctx.end_session = True
+
+
+def openai_chat(ctx: TurnContext) -> Iterator[Piece]:
+    """Any OpenAI-compatible chat-completions endpoint, streamed; cancel closes the HTTP stream at once."""
+    import openai
+
+    config = ctx.app.get("config") or {}
+    api_key = (
+        config.get("apiKey")
+        or os.environ.get(config.get("apiKeyEnv") or "OPENAI_API_KEY")
+        or ctx.env.get("OPENAI_API_KEY")
+    )
+    base_url = config.get("baseUrl") or ctx.env.get("OPENAI_BASE_URL")
+    client = openai.OpenAI(
+        api_key=api_key or "unset", base_url=base_url, timeout=float(config.get("timeout", 60)), max_retries=0
+    )
+    messages: list[dict[str, str]] = []
+    if config.get("systemPrompt"):
+        messages.append({"role": "system", "content": config["systemPrompt"]})
+    messages.extend(ctx.history)
+    messages.append({"role": "user", "content": ctx.user_message})
+    kwargs: dict[str, Any] = {"model": config["model"], "messages": messages, "stream": True}
+    if config.get("temperature") is not None:
+        kwargs["temperature"] = config["temperature"]
+    if config.get("maxTokens"):
+        kwargs["max_tokens"] = config["maxTokens"]
+
+    stream = None
+    for attempt in range(3):
+        if ctx.cancel.is_set():
+            return
+        try:
+            stream = client.chat.completions.create(**kwargs)
+            break
+        except (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError) as exc:
+            if attempt == 2:
+                raise RunnerError(f"upstream model unavailable: {exc.__class__.__name__}") from None
+            # Back off, but a cancel ends the wait at once.
+            if ctx.cancel.wait(0.5 * 2**attempt):
+                return
+        except openai.APIStatusError as exc:
+            raise RunnerError(f"upstream model refused the request (HTTP {exc.status_code})") from None
+    assert stream is not None
+    # Closing the response from the watcher's thread ends the read this thread is blocked in, so no
+    # more tokens are generated (or paid for) after a cancel.
+    ctx.cancel.on_cancel(stream.close)
+    try:
+        for chunk in stream:
+            if ctx.cancel.is_set():
+                return
+            usage = getattr(chunk, "usage", None)
+            text = "".join((choice.delta.content or "") for choice in chunk.choices if choice.delta)
+            tokens = usage.completion_tokens if usage else (1 if text else 0)
+            if text or tokens:
+                yield Piece(text, tokens)
+    except Exception:
+        if ctx.cancel.is_set():
+            return  # the read failed because we closed the stream on purpose
+        raise
+    finally:
+        stream.close()
+
+
+def python_callable(ctx: TurnContext) -> Iterable[Any]:
+    """A user callable named `module:function` in the app's settings."""
+    target = (ctx.app.get("config") or {})["callable"]
+    module_name, _, function_name = target.partition(":")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError):
+        raise RunnerError(f"cannot load the runner callable {target!r}") from None
+    return function(ctx)
+
+
+RUNNERS: dict[str, Callable[[TurnContext], Iterable[Any]]] = {
+    "scripted": scripted,
+    "openai": openai_chat,
+    "python": python_callable,
+}

@@ -1,0 +1,1 @@
+"""MongoDB queries. Every query on team data filters by `teamId`."""

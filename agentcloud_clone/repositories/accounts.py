@@ -1,0 +1,126 @@
+"""Accounts, orgs, teams and API keys."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from bson import ObjectId
+from pymongo import ReturnDocument
+
+from ..db import get_db
+from ..timeutil import utcnow
+
+
+def find_account_by_email(email: str) -> dict[str, Any] | None:
+    """The account with this (normalised) email, if any."""
+    return get_db().accounts.find_one({"email": email.strip().lower()})
+
+
+def find_account(account_id: ObjectId) -> dict[str, Any] | None:
+    """The account with this id, if any."""
+    return get_db().accounts.find_one({"_id": account_id})
+
+
+def insert_account(email: str, name: str, password_hash: str) -> dict[str, Any]:
+    """Store a new account with no team memberships; raises DuplicateKeyError for a taken email."""
+    doc = {
+        "email": email.strip().lower(),
+        "name": name,
+        "passwordHash": password_hash,
+        "teams": [],
+        "createdAt": utcnow(),
+    }
+    doc["_id"] = get_db().accounts.insert_one(doc).inserted_id
+    return doc
+
+
+def set_membership(account_id: ObjectId, team_id: ObjectId, role: str) -> dict[str, Any] | None:
+    """Give the account `role` on the team, replacing any earlier role there."""
+    accounts = get_db().accounts
+    updated = accounts.find_one_and_update(
+        {"_id": account_id, "teams.teamId": team_id},
+        {"$set": {"teams.$.role": role}},
+        return_document=ReturnDocument.AFTER,
+    )
+    if updated is None:
+        updated = accounts.find_one_and_update(
+            {"_id": account_id},
+            {"$push": {"teams": {"teamId": team_id, "role": role}}},
+            return_document=ReturnDocument.AFTER,
+        )
+    return updated
+
+
+def find_team(team_id: ObjectId) -> dict[str, Any] | None:
+    """The team with this id, if any."""
+    return get_db().teams.find_one({"_id": team_id})
+
+
+def find_teams(team_ids: list[ObjectId]) -> list[dict[str, Any]]:
+    """The teams with these ids, by name."""
+    return list(get_db().teams.find({"_id": {"$in": team_ids}}).sort("name", 1))
+
+
+def find_team_by_name(name: str) -> dict[str, Any] | None:
+    """The team with this name, if any (names are unique per installation for the CLI's sake)."""
+    return get_db().teams.find_one({"name": name})
+
+
+def insert_org_and_team(team_name: str) -> dict[str, Any]:
+    """Create an org and its first team, both named `team_name`."""
+    db = get_db()
+    now = utcnow()
+    org_id = db.orgs.insert_one({"name": team_name, "createdAt": now}).inserted_id
+    team = {"orgId": org_id, "name": team_name, "createdAt": now}
+    team["_id"] = db.teams.insert_one(team).inserted_id
+    return team
+
+
+def team_members(team_id: ObjectId) -> list[dict[str, Any]]:
+    """Accounts belonging to the team, without secrets."""
+    cursor = get_db().accounts.find({"teams.teamId": team_id}, {"passwordHash": 0}).sort("email", 1)
+    return list(cursor)
+
+
+def insert_api_key(account_id: ObjectId, name: str, lookup: str, key_hash: str) -> dict[str, Any]:
+    """Store an API key by its lookup prefix and hash; the key itself is never stored."""
+    doc = {
+        "accountId": account_id,
+        "name": name,
+        "lookup": lookup,
+        "keyHash": key_hash,
+        "createdAt": utcnow(),
+        "lastUsedAt": None,
+        "revokedAt": None,
+    }
+    doc["_id"] = get_db().api_keys.insert_one(doc).inserted_id
+    return doc
+
+
+def find_api_key_by_lookup(lookup: str) -> dict[str, Any] | None:
+    """The API key with this lookup prefix, revoked or not."""
+    return get_db().api_keys.find_one({"lookup": lookup})
+
+
+def touch_api_key(key_id: ObjectId, when: datetime) -> None:
+    """Record a use of the key."""
+    get_db().api_keys.update_one({"_id": key_id}, {"$set": {"lastUsedAt": when}})
+
+
+def list_api_keys(account_id: ObjectId) -> list[dict[str, Any]]:
+    """The account's keys, newest first, without hashes."""
+    cursor = get_db().api_keys.find({"accountId": account_id}, {"keyHash": 0}).sort("_id", -1)
+    return list(cursor)
+
+
+def revoke_api_key(account_id: ObjectId, key_id: ObjectId) -> dict[str, Any] | None:
+    """Mark the account's key revoked (once); None when the account has no such key."""
+    db = get_db()
+    revoked = db.api_keys.find_one_and_update(
+        {"_id": key_id, "accountId": account_id, "revokedAt": None},
+        {"$set": {"revokedAt": utcnow()}},
+        projection={"keyHash": 0},
+        return_document=ReturnDocument.AFTER,
+    )
+    return revoked or db.api_keys.find_one({"_id": key_id, "accountId": account_id}, {"keyHash": 0})

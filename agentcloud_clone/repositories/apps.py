@@ -1,0 +1,54 @@
+"""Apps: the agent configurations sessions are started from."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bson import ObjectId
+from pymongo import ReturnDocument
+
+from ..db import get_db
+from ..timeutil import utcnow
+
+
+def insert_app(
+    team: dict[str, Any], name: str, runner: str, config: dict[str, Any], created_by: ObjectId | None
+) -> dict[str, Any]:
+    """Store a new app in the team."""
+    now = utcnow()
+    doc = {
+        "orgId": team["orgId"],
+        "teamId": team["_id"],
+        "name": name,
+        "runner": runner,
+        "config": config,
+        "createdBy": created_by,
+        "createdAt": now,
+        "updatedAt": now,
+    }
+    doc["_id"] = get_db().apps.insert_one(doc).inserted_id
+    return doc
+
+
+def find_app(team_id: ObjectId, app_id: ObjectId) -> dict[str, Any] | None:
+    """The app, only if it belongs to the team."""
+    return get_db().apps.find_one({"_id": app_id, "teamId": team_id})
+
+
+def list_apps(team_id: ObjectId) -> list[dict[str, Any]]:
+    """The team's apps, newest first."""
+    return list(get_db().apps.find({"teamId": team_id}).sort("_id", -1).limit(1000))
+
+
+def update_app(team_id: ObjectId, app_id: ObjectId, changes: dict[str, Any]) -> dict[str, Any] | None:
+    """Apply `changes` to the team's app; None when it is not in the team."""
+    return get_db().apps.find_one_and_update(
+        {"_id": app_id, "teamId": team_id},
+        {"$set": {**changes, "updatedAt": utcnow()}},
+        return_document=ReturnDocument.AFTER,
+    )
+
+
+def delete_app(team_id: ObjectId, app_id: ObjectId) -> bool:
+    """Remove the team's app; False when it was not there."""
+    return get_db().apps.delete_one({"_id": app_id, "teamId": team_id}).deleted_count == 1

@@ -1,0 +1,277 @@
+"""Marshmallow schemas: what requests may carry in, and how documents are shown out. They never query."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, ClassVar
+
+from bson import ObjectId
+from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, post_load, validate
+
+OBJECT_ID_RE = re.compile(r"^[a-f0-9]{24}$")
+
+
+def parse_object_id(value: Any) -> ObjectId | None:
+    """The ObjectId spelled by `value` (24 lowercase hex characters), or None."""
+    if isinstance(value, str) and OBJECT_ID_RE.match(value):
+        return ObjectId(value)
+    return None
+
+
+class ObjectIdField(fields.Field):
+    """An ObjectId given as 24 lowercase hex characters; anything else (objects, numbers, `$ne`) is refused."""
+
+    default_error_messages: ClassVar[dict[str, str]] = {"invalid": "Must be an id of 24 hexadecimal characters."}
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> ObjectId:
+        oid = parse_object_id(value)
+        if oid is None:
+            raise self.make_error("invalid")
+        return oid
+
+    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> str | None:
+        return None if value is None else str(value)
+
+
+class JsonObjectField(fields.Field):
+    """A JSON object, given as an object (JSON clients) or as JSON text (HTML forms)."""
+
+    default_error_messages: ClassVar[dict[str, str]] = {"invalid": "Must be a JSON object."}
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> dict[str, Any]:
+        if isinstance(value, str):
+            if not value.strip():
+                return {}
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise self.make_error("invalid") from None
+        if not isinstance(value, dict):
+            raise self.make_error("invalid")
+        return value
+
+
+class Strict(Schema):
+    """Base for request schemas: unknown fields are an error, not silently dropped."""
+
+    class Meta:
+        unknown = RAISE
+
+
+NAME = fields.String(validate=validate.Length(min=1, max=200))
+
+
+# --- requests -------------------------------------------------------------------------------------------
+
+
+class LoginSchema(Strict):
+    email = fields.Email(required=True, validate=validate.Length(max=320))
+    password = fields.String(required=True, validate=validate.Length(min=1, max=1024))
+    next = fields.String(load_default=None, validate=validate.Length(max=2000))
+    remember = fields.Boolean(load_default=False)
+
+
+class AppCreateSchema(Strict):
+    name = fields.String(required=True, validate=validate.Length(min=1, max=200))
+    runner = fields.String(load_default="scripted", validate=validate.OneOf(["scripted", "openai", "python"]))
+    config = JsonObjectField(load_default=dict)
+
+
+class AppEditSchema(Strict):
+    name = fields.String(validate=validate.Length(min=1, max=200))
+    runner = fields.String(validate=validate.OneOf(["scripted", "openai", "python"]))
+    config = JsonObjectField()
+
+
+class SessionCreateSchema(Strict):
+    appId = ObjectIdField(required=True)
+    name = fields.String(load_default=None, validate=validate.Length(max=200))
+    message = fields.String(load_default=None, validate=validate.Length(max=100_000))
+
+    @post_load
+    def _blank_to_none(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        for key in ("name", "message"):
+            if isinstance(data.get(key), str) and not data[key].strip():
+                data[key] = None
+        return data
+
+
+class SendMessageSchema(Strict):
+    message = fields.String(required=True, validate=validate.Length(min=1, max=100_000))
+
+
+class ManagedCancelSchema(Strict):
+    sessionId = ObjectIdField(required=True)
+
+
+class ApiKeyCreateSchema(Strict):
+    name = fields.String(load_default="API key", validate=validate.Length(min=1, max=200))
+
+
+class ListSessionsArgs(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    before = ObjectIdField(load_default=None)
+    limit = fields.Integer(load_default=10, validate=validate.Range(min=1, max=100))
+    status = fields.String(
+        load_default=None,
+        validate=validate.OneOf(["started", "running", "waiting", "warning", "error", "terminated"]),
+    )
+
+
+class ListEventsArgs(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    after = fields.Integer(load_default=0, validate=validate.Range(min=0))
+    limit = fields.Integer(load_default=500, validate=validate.Range(min=1, max=1000))
+
+
+# --- runner settings --------------------------------------------------------------------------------------
+
+
+class ScriptedRunnerConfig(Strict):
+    """The built-in deterministic agent: streams `steps` pieces, `stepDelay` seconds apart."""
+
+    steps = fields.Integer(load_default=8, validate=validate.Range(min=1, max=10_000))
+    stepDelay = fields.Float(load_default=0.25, validate=validate.Range(min=0, max=60))
+    reply = fields.String(load_default=None, validate=validate.Length(max=10_000))
+    endAfterTurns = fields.Integer(load_default=None, validate=validate.Range(min=1, max=10_000))
+    failAtStep = fields.Integer(load_default=None, validate=validate.Range(min=1, max=10_000))
+
+
+class OpenAIRunnerConfig(Strict):
+    """Any OpenAI-compatible chat-completions endpoint."""
+
+    model = fields.String(required=True, validate=validate.Length(min=1, max=200))
+    baseUrl = fields.Url(load_default=None, require_tld=False, schemes={"http", "https"})
+    apiKey = fields.String(load_default=None, validate=validate.Length(max=500))
+    apiKeyEnv = fields.String(load_default=None, validate=validate.Regexp(r"^[A-Z_][A-Z0-9_]{0,100}$"))
+    systemPrompt = fields.String(load_default=None, validate=validate.Length(max=20_000))
+    temperature = fields.Float(load_default=None, validate=validate.Range(min=0, max=2))
+    maxTokens = fields.Integer(load_default=None, validate=validate.Range(min=1, max=1_000_000))
+    timeout = fields.Float(load_default=60.0, validate=validate.Range(min=1, max=600))
+
+
+class PythonRunnerConfig(Strict):
+    """A user callable `module:function` that yields output pieces."""
+
+    callable = fields.String(
+        required=True, validate=validate.Regexp(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", error="Must be module:function.")
+    )
+    options = JsonObjectField(load_default=dict)
+
+
+RUNNER_CONFIG_SCHEMAS: dict[str, type[Schema]] = {
+    "scripted": ScriptedRunnerConfig,
+    "openai": OpenAIRunnerConfig,
+    "python": PythonRunnerConfig,
+}
+
+
+def validate_runner_config(runner: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The runner's settings with defaults filled in; raises ValidationError under `config`."""
+    try:
+        loaded = RUNNER_CONFIG_SCHEMAS[runner]().load(config)
+    except ValidationError as exc:
+        raise ValidationError({"config": exc.messages}) from None
+    return {k: v for k, v in loaded.items() if v is not None}
+
+
+# --- responses -------------------------------------------------------------------------------------------
+
+
+class Out(Schema):
+    """Base for response schemas: ids as strings, datetimes as ISO 8601."""
+
+    class Meta:
+        unknown = EXCLUDE
+        datetimeformat = "iso"
+
+
+class SessionOut(Out):
+    _id = ObjectIdField()
+    orgId = ObjectIdField()
+    teamId = ObjectIdField()
+    appId = ObjectIdField()
+    name = fields.String()
+    status = fields.String()
+    cancelling = fields.Method("_cancelling")
+    turnInFlight = fields.Method("_turn_in_flight")
+    startDate = fields.DateTime()
+    lastUpdatedDate = fields.DateTime()
+    endedAt = fields.DateTime(allow_none=True)
+    cancelledAt = fields.DateTime(allow_none=True)
+    cancelledBy = ObjectIdField(allow_none=True)
+    heartbeatAt = fields.DateTime(allow_none=True)
+    tokensUsed = fields.Integer()
+    previewLabel = fields.String(allow_none=True)
+    createdBy = ObjectIdField(allow_none=True)
+    sharingConfig = fields.Dict()
+    lastSeq = fields.Integer(attribute="eventSeq", dump_default=0)
+
+    def _cancelling(self, obj: dict[str, Any]) -> bool:
+        return bool(obj.get("cancelledAt")) and obj.get("status") not in ("terminated", "error")
+
+    def _turn_in_flight(self, obj: dict[str, Any]) -> bool:
+        return obj.get("activeTurnId") is not None and obj.get("status") not in ("terminated", "error")
+
+
+class EventOut(Out):
+    _id = ObjectIdField()
+    sessionId = ObjectIdField()
+    seq = fields.Integer()
+    type = fields.String()
+    role = fields.String()
+    text = fields.String()
+    turnId = fields.String()
+    interrupted = fields.Boolean()
+    by = ObjectIdField()
+    status = fields.String()
+    message = fields.String()
+    tokens = fields.Integer()
+    createdAt = fields.DateTime()
+
+
+class AppOut(Out):
+    _id = ObjectIdField()
+    orgId = ObjectIdField()
+    teamId = ObjectIdField()
+    name = fields.String()
+    runner = fields.String()
+    config = fields.Method("_config")
+    createdBy = ObjectIdField(allow_none=True)
+    createdAt = fields.DateTime()
+    updatedAt = fields.DateTime()
+
+    def _config(self, obj: dict[str, Any]) -> dict[str, Any]:
+        # An upstream API key is a secret: say that one is set, never what it is.
+        config = dict(obj.get("config") or {})
+        if config.get("apiKey"):
+            config["apiKey"] = "********"
+        return config
+
+
+class ApiKeyOut(Out):
+    _id = ObjectIdField()
+    name = fields.String()
+    prefix = fields.String(attribute="lookup")
+    createdAt = fields.DateTime()
+    lastUsedAt = fields.DateTime(allow_none=True)
+    revokedAt = fields.DateTime(allow_none=True)
+
+
+class TeamOut(Out):
+    _id = ObjectIdField()
+    orgId = ObjectIdField()
+    name = fields.String()
+    role = fields.String()
+
+
+session_out = SessionOut()
+event_out = EventOut()
+app_out = AppOut()
+api_key_out = ApiKeyOut()
+team_out = TeamOut()

@@ -1,0 +1,54 @@
+"""`Idempotency-Key` for creating things: a retry with the same key returns the first result."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from typing import Any
+
+from bson import ObjectId
+from pymongo.errors import DuplicateKeyError
+
+from ..db import get_db
+from ..responses import ApiError
+from ..timeutil import utcnow
+
+MAX_KEY_LENGTH = 255
+
+
+def fingerprint(payload: Any) -> str:
+    """A stable hash of the request body, so the same key with a different body can be refused."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_once(
+    account_id: ObjectId, key: str | None, request_hash: str, action: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """Run `action` once per (account, key); later calls get its stored result. Keys live at least 24 hours.
+
+    409 while the first request with the key is still running; 422 when the key was used with another body.
+    A failed action stores nothing, so the caller may retry with the same key."""
+    if key is None:
+        return action()
+    if not key or len(key) > MAX_KEY_LENGTH:
+        raise ApiError(400, f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters.")
+    keys = get_db().idempotency_keys
+    try:
+        record_id = keys.insert_one(
+            {"accountId": account_id, "key": key, "requestHash": request_hash, "result": None, "createdAt": utcnow()}
+        ).inserted_id
+    except DuplicateKeyError:
+        existing = keys.find_one({"accountId": account_id, "key": key}) or {}
+        if existing.get("requestHash") != request_hash:
+            raise ApiError(422, "This Idempotency-Key was already used with a different request body.") from None
+        if existing.get("result") is None:
+            raise ApiError(409, "A request with this Idempotency-Key is still in progress; retry shortly.") from None
+        return {**existing["result"], "idempotentReplay": True}
+    try:
+        result = action()
+    except BaseException:
+        keys.delete_one({"_id": record_id})
+        raise
+    keys.update_one({"_id": record_id}, {"$set": {"result": result}})
+    return result

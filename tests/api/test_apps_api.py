@@ -1,0 +1,85 @@
+"""Apps: the agent configurations sessions start from."""
+
+from __future__ import annotations
+
+MISSING = "c" * 24
+
+
+def test_admin_creates_lists_gets_edits_and_deletes_an_app(factory, login):
+    admin = login(factory.user("admin"))
+    team = admin.user.team_id
+    created = admin.json(
+        "POST", f"/{team}/forms/app/add", {"name": "Helper", "runner": "scripted", "config": {"steps": 4}}
+    )
+    assert created.status_code == 200
+    app_id = created.get_json()["_id"]
+    listed = admin.client.get(f"/{team}/apps.json").get_json()["apps"]
+    assert [a["_id"] for a in listed] == [app_id]
+    one = admin.client.get(f"/{team}/app/{app_id}.json").get_json()["app"]
+    assert one["config"]["steps"] == 4 and one["config"]["stepDelay"] == 0.25
+    edited = admin.json("POST", f"/{team}/forms/app/{app_id}/edit", {"name": "Renamed"})
+    assert edited.status_code == 200
+    assert admin.client.get(f"/{team}/app/{app_id}.json").get_json()["app"]["name"] == "Renamed"
+    assert admin.json("DELETE", f"/{team}/forms/app/{app_id}").status_code == 200
+    assert admin.client.get(f"/{team}/app/{app_id}.json").status_code == 404
+
+
+def test_app_form_post_with_json_config_text(factory, login):
+    admin = login(factory.user("owner"))
+    response = admin.form(
+        f"/{admin.user.team_id}/forms/app/add", {"name": "Form app", "runner": "scripted", "config": '{"steps": 2}'}
+    )
+    assert response.status_code == 302 and response.headers["Location"] == f"/{admin.user.team_id}/apps"
+
+
+def test_runner_settings_are_validated(factory, login):
+    admin = login(factory.user("admin"))
+    path = f"/{admin.user.team_id}/forms/app/add"
+    cases = [
+        {"name": "x", "runner": "scripted", "config": {"steps": 0}},
+        {"name": "x", "runner": "scripted", "config": {"unknown": 1}},
+        {"name": "x", "runner": "openai", "config": {}},
+        {"name": "x", "runner": "openai", "config": {"model": "m", "baseUrl": "ftp://x"}},
+        {"name": "x", "runner": "python", "config": {"callable": "not a callable"}},
+        {"name": "x", "runner": "nope"},
+        {"name": "", "runner": "scripted"},
+        {"name": "x", "config": "not json"},
+    ]
+    for body in cases:
+        response = admin.json("POST", path, body)
+        assert response.status_code == 400, body
+        assert response.get_json()["errors"]
+    ok = admin.json("POST", path, {"name": "gpt", "runner": "openai", "config": {"model": "m", "apiKey": "sk-secret"}})
+    assert ok.status_code == 200
+    shown = admin.client.get(f"/{admin.user.team_id}/app/{ok.get_json()['_id']}.json").get_json()["app"]
+    assert shown["config"]["apiKey"] == "********"
+
+
+def test_members_cannot_manage_apps_but_can_read_them(factory, login):
+    owner = login(factory.user("owner"))
+    member = login(factory.user("member", {"_id": __import__("bson").ObjectId(owner.user.team_id)}))
+    app_id = factory.app_record(owner.user.team_id)
+    team = owner.user.team_id
+    assert member.client.get(f"/{team}/apps.json").status_code == 200
+    assert member.json("POST", f"/{team}/forms/app/add", {"name": "x"}).status_code == 403
+    assert member.json("POST", f"/{team}/forms/app/{app_id}/edit", {"name": "y"}).status_code == 403
+    assert member.json("DELETE", f"/{team}/forms/app/{app_id}").status_code == 403
+
+
+def test_app_ids_are_team_scoped_and_validated(factory, login):
+    admin = login(factory.user("admin"))
+    other_app = factory.app_record(factory.user("owner").team_id)
+    team = admin.user.team_id
+    assert admin.client.get(f"/{team}/app/{other_app}.json").status_code == 404
+    assert admin.json("POST", f"/{team}/forms/app/{other_app}/edit", {"name": "mine"}).status_code == 404
+    assert admin.json("DELETE", f"/{team}/forms/app/{other_app}").status_code == 404
+    assert admin.client.get(f"/{team}/app/xyz.json").status_code == 400
+    assert admin.client.get(f"/{team}/app/{MISSING}.json").status_code == 404
+
+
+def test_app_with_live_sessions_cannot_be_deleted(factory, login):
+    admin = login(factory.user("admin"))
+    app_id = factory.app_record(admin.user.team_id)
+    admin.json("POST", f"/{admin.user.team_id}/forms/session/add", {"appId": app_id})
+    response = admin.json("DELETE", f"/{admin.user.team_id}/forms/app/{app_id}")
+    assert response.status_code == 409

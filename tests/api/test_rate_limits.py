@@ -1,0 +1,67 @@
+"""Rate limits: per user, shared by both cancel families and across app instances, and Redis-outage safe."""
+
+from __future__ import annotations
+
+from agentcloud_clone import create_app
+from tests.conftest import make_test_config
+
+
+def _cancel(call, user, n: int) -> list:
+    path = f"/{user.team_id}/forms/session/{'a' * 24}/cancel"
+    return [call("POST", path) for _ in range(n)]
+
+
+def test_31st_cancel_in_a_minute_is_429_with_retry_after(factory, api_key_client):
+    user = factory.user("member", api_key=True)
+    responses = _cancel(api_key_client(user), user, 31)
+    assert [r.status_code for r in responses[:30]] == [404] * 30
+    limited = responses[30]
+    assert limited.status_code == 429
+    assert int(limited.headers["Retry-After"]) > 0
+    assert limited.get_json()["code"] == 429 and limited.get_json()["message"]
+
+
+def test_budget_is_per_user_and_shared_by_both_families(factory, api_key_client):
+    first = factory.user("member", api_key=True)
+    second = factory.user("member", api_key=True)
+    call = api_key_client(first)
+    _cancel(call, first, 20)
+    managed = [call("POST", "/api/managed-agents/cancel", {"sessionId": "a" * 24}) for _ in range(11)]
+    assert [r.status_code for r in managed] == [404] * 10 + [429]
+    assert _cancel(api_key_client(second), second, 1)[0].status_code == 404
+
+
+def test_budget_is_shared_across_two_app_instances(redis_server, factory, app):
+    user = factory.user("member", api_key=True)
+    twin = create_app(
+        {
+            **make_test_config(redis_server.url, "mongomock://localhost/x"),
+            "MONGO_URI": app.config["MONGO_URI"],
+            "RATELIMIT_KEY_PREFIX": app.config["RATELIMIT_KEY_PREFIX"],
+        }
+    )
+    headers = {"Authorization": f"Bearer {user.api_key}"}
+    path = f"/{user.team_id}/forms/session/{'a' * 24}/cancel"
+    codes = [(app if i % 2 else twin).test_client().post(path, headers=headers).status_code for i in range(31)]
+    assert codes[:30] == [404] * 30 and codes[30] == 429
+
+
+def test_login_attempts_are_limited_per_account(redis_server, factory):
+    strict = create_app(
+        make_test_config(redis_server.url, "mongomock://localhost/{db}", LOGIN_RATE_LIMIT="3 per minute")
+    )
+    client = strict.test_client()
+    body = {"email": "someone@example.com", "password": "wrong-password"}
+    codes = [client.post("/forms/account/login", json=body).status_code for _ in range(4)]
+    assert codes == [401, 401, 401, 429]
+
+
+def test_app_keeps_serving_when_redis_is_unreachable(factory, app):
+    """With Redis down the limiter counts in process memory instead of failing requests."""
+    user = factory.user("member", api_key=True)
+    app.config["RATELIMIT_STORAGE_URI"] = "redis://127.0.0.1:1/0"
+    broken = create_app({k: v for k, v in app.config.items() if k.isupper()})
+    headers = {"Authorization": f"Bearer {user.api_key}"}
+    path = f"/{user.team_id}/forms/session/{'a' * 24}/cancel"
+    codes = [broken.test_client().post(path, headers=headers).status_code for _ in range(31)]
+    assert codes[:30] == [404] * 30 and codes[30] == 429

@@ -1,0 +1,136 @@
+"""Cancel crosses a process boundary: HTTP to gunicorn, a stamp in MongoDB, a worker process that stops."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import datetime
+
+import pytest
+
+from tests.fakes.openai_server import FakeOpenAI
+from tests.integration.stack import Stack
+
+pytestmark = pytest.mark.integration
+
+POLL = 0.5
+MARGIN = 0.5
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _stack(mongo_server, redis_server, **settings) -> Iterator[Stack]:
+    stack = Stack(mongo_server.url, redis_server.url, CANCEL_POLL_INTERVAL=POLL, OUTPUT_FLUSH_INTERVAL=0.1, **settings)
+    try:
+        yield stack.start(webs=1, workers=1)
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(params=["pubsub", "polling-only"])
+def stack(request, mongo_server, redis_server) -> Iterator[Stack]:
+    yield from _stack(mongo_server, redis_server, CANCEL_PUBSUB="true" if request.param == "pubsub" else "false")
+
+
+def _session(stack: Stack, sid: str) -> dict:
+    return stack.api("GET", f"/{stack.demo['teamId']}/session/{sid}.json").json()["session"]
+
+
+def _events(stack: Stack, sid: str) -> list[dict]:
+    return stack.api("GET", f"/{stack.demo['teamId']}/session/{sid}/messages.json").json()["messages"]
+
+
+def _start_running(stack: Stack, app_id: str) -> str:
+    team = stack.demo["teamId"]
+    sid = stack.api("POST", f"/{team}/forms/session/add", {"appId": app_id, "message": "go"}).json()["_id"]
+    _wait(lambda: any(e["type"] == "output" for e in _events(stack, sid)), 30, "streamed output")
+    return sid
+
+
+def test_cancel_over_http_stops_the_worker_within_one_poll_interval(stack):
+    team = stack.demo["teamId"]
+    app_id = stack.cli("apps", "create", team, "--name", "slow", "--config", '{"steps": 2000, "stepDelay": 0.02}')[
+        "appId"
+    ]
+    sid = _start_running(stack, app_id)
+    assert _session(stack, sid)["status"] == "running"
+    response = stack.api("POST", f"/{team}/forms/session/{sid}/cancel")
+    assert response.status_code == 200 and response.json()["ok"] is True
+    ended = _wait(lambda: (s := _session(stack, sid))["status"] == "terminated" and s, POLL + MARGIN + 2, "the end")
+    events = _events(stack, sid)
+    cancel_at = datetime.fromisoformat(next(e for e in events if e["type"] == "cancel")["createdAt"])
+    ended_at = datetime.fromisoformat(ended["endedAt"])
+    assert (ended_at - cancel_at).total_seconds() < POLL + MARGIN
+    outputs = [e for e in events if e["type"] == "output"]
+    assert outputs and outputs[-1].get("interrupted") is True
+    assert events[-1]["type"] == "status" and events[-1]["status"] == "terminated"
+    again = stack.api("POST", f"/{team}/forms/session/{sid}/cancel").json()
+    assert again["alreadyCancelled"] is True and again["cancelledAt"] == ended["cancelledAt"]
+
+
+@pytest.fixture
+def polling_stack(mongo_server, redis_server) -> Iterator[Stack]:
+    yield from _stack(mongo_server, redis_server, CANCEL_PUBSUB="false")
+
+
+def test_cancel_closes_the_upstream_openai_stream(polling_stack):
+    stack = polling_stack
+    fake = FakeOpenAI(chunks=5000, interval=0.01).start()
+    try:
+        team = stack.demo["teamId"]
+        config = f'{{"model": "fake", "baseUrl": "{fake.base_url}", "apiKey": "sk-test"}}'
+        app_id = stack.cli("apps", "create", team, "--name", "llm", "--runner", "openai", "--config", config)["appId"]
+        sid = _start_running(stack, app_id)
+        cancelled_at = time.monotonic()
+        stack.api("POST", f"/{team}/forms/session/{sid}/cancel")
+        _wait(lambda: fake.streams[0]["closed_by_client"], POLL + MARGIN + 2, "the upstream stream to close")
+        assert fake.streams[0]["closed_at"] - cancelled_at < POLL + MARGIN
+        sent_at_close = fake.streams[0]["sent"]
+        time.sleep(0.3)
+        assert fake.streams[0]["sent"] == sent_at_close and not fake.streams[0]["done"]
+        _wait(lambda: _session(stack, sid)["status"] == "terminated", 5, "the session to end")
+    finally:
+        fake.stop()
+
+
+@pytest.fixture
+def reaper_stack(mongo_server, redis_server) -> Iterator[Stack]:
+    stack = Stack(
+        mongo_server.url,
+        redis_server.url,
+        CANCEL_POLL_INTERVAL=POLL,
+        HEARTBEAT_INTERVAL=0.2,
+        HEARTBEAT_TIMEOUT=2,
+        REAPER_INTERVAL=0.5,
+    )
+    try:
+        yield stack.start(webs=1, workers=1)
+    finally:
+        stack.stop()
+
+
+def test_killed_worker_is_reaped_with_transcript_intact(reaper_stack):
+    stack = reaper_stack
+    team = stack.demo["teamId"]
+    app_id = stack.cli("apps", "create", team, "--name", "slow", "--config", '{"steps": 2000, "stepDelay": 0.02}')[
+        "appId"
+    ]
+    sid = _start_running(stack, app_id)
+    before = _events(stack, sid)
+    victim = stack.workers[0]
+    stack.start_worker()  # the survivor, whose reaper notices the loss
+    killed_at = time.monotonic()
+    stack.kill(victim)
+    ended = _wait(lambda: (s := _session(stack, sid))["status"] == "error" and s, 2 + 0.5 + 5, "the reaper")
+    assert time.monotonic() - killed_at < 2 + 0.5 + 3
+    events = _events(stack, sid)
+    assert [e["seq"] for e in events[: len(before)]] == [e["seq"] for e in before]
+    assert "Worker lost" in events[-1]["message"] and ended["endedAt"]

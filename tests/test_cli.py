@@ -1,0 +1,61 @@
+"""The admin CLI prints JSON that scripts can use."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from bson import ObjectId
+
+from agentcloud_clone.db import get_db
+
+
+@pytest.fixture
+def runner(app):
+    return app.test_cli_runner()
+
+
+def _json(result) -> dict:
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_users_create_with_new_team_creates_org_and_team(runner, app):
+    out = _json(runner.invoke(args=["users", "create", "a@example.com", "--password", "longenough", "--team", "Ops"]))
+    assert set(out) == {"accountId", "orgId", "teamId"}
+    with app.app_context():
+        account = get_db().accounts.find_one({"_id": ObjectId(out["accountId"])})
+        team = get_db().teams.find_one({"_id": ObjectId(out["teamId"])})
+    assert account["teams"] == [{"teamId": ObjectId(out["teamId"]), "role": "owner"}]
+    assert team["orgId"] == ObjectId(out["orgId"]) and account["passwordHash"] != "longenough"
+
+
+def test_users_create_reports_errors_as_json(runner):
+    runner.invoke(args=["users", "create", "b@example.com", "--password", "longenough"])
+    result = runner.invoke(args=["users", "create", "b@example.com", "--password", "longenough"])
+    assert result.exit_code == 1 and json.loads(result.stderr)["code"] == 409
+    short = runner.invoke(args=["users", "create", "c@example.com", "--password", "short"])
+    assert short.exit_code == 1 and json.loads(short.stderr)["code"] == 400
+
+
+def test_add_member_apikey_and_app_commands(runner, app):
+    team = _json(runner.invoke(args=["users", "create", "o@example.com", "--password", "longenough", "--team", "T"]))
+    runner.invoke(args=["users", "create", "v@example.com", "--password", "longenough"])
+    added = _json(runner.invoke(args=["teams", "add-member", team["teamId"], "v@example.com", "--role", "viewer"]))
+    assert added["role"] == "viewer"
+    key = _json(runner.invoke(args=["apikeys", "create", "v@example.com", "--name", "script"]))
+    assert key["key"].startswith("ak_") and ObjectId(key["id"])
+    app_out = _json(runner.invoke(args=["apps", "create", team["teamId"], "--name", "A", "--config", '{"steps": 2}']))
+    with app.app_context():
+        assert get_db().apps.find_one({"_id": ObjectId(app_out["appId"])})["config"]["steps"] == 2
+    bad = runner.invoke(args=["apps", "create", team["teamId"], "--name", "A", "--config", '{"steps": -1}'])
+    assert bad.exit_code == 1 and json.loads(bad.stderr)["errors"]
+    missing = runner.invoke(args=["teams", "add-member", "f" * 24, "v@example.com", "--role", "viewer"])
+    assert missing.exit_code == 1
+
+
+def test_seed_demo_is_repeatable(runner):
+    first = _json(runner.invoke(args=["seed-demo"]))
+    second = _json(runner.invoke(args=["seed-demo"]))
+    assert first["teamId"] == second["teamId"] and first["appId"] == second["appId"]
+    assert first["apiKey"] != second["apiKey"] and first["email"] == "demo@example.com"

@@ -1,0 +1,1 @@
+"""RQ worker processes for agentcloud_clone: `python -m workers [QUEUE...]`."""

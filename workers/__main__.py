@@ -1,0 +1,56 @@
+"""Start an RQ worker with the app's configuration, plus the periodic reaper of lost turns.
+
+Usage: python -m workers [QUEUE ...] [--burst] [--name NAME] [--no-reaper]
+Any number of these may run on any number of machines against the same MongoDB and Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+
+from rq import Worker
+
+from agentcloud_clone import create_app
+from agentcloud_clone.jobs.turns import reap_lost_turns
+from agentcloud_clone.queueing import get_redis
+
+log = logging.getLogger("workers")
+
+
+def _reaper_loop(app, stop: threading.Event) -> None:  # type: ignore[no-untyped-def]
+    interval = float(app.config["REAPER_INTERVAL"])
+    while not stop.wait(interval):
+        try:
+            with app.app_context():
+                reap_lost_turns()
+        except Exception:
+            log.exception("reaper pass failed; retrying next interval")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workers", description=__doc__.splitlines()[0])
+    parser.add_argument("queues", nargs="*", help="queues to serve (default: the TURN_QUEUE setting)")
+    parser.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    parser.add_argument("--name", help="worker name (default: host and pid)")
+    parser.add_argument("--no-reaper", action="store_true", help="do not run the periodic reaper here")
+    args = parser.parse_args(argv)
+
+    app = create_app({"CREATE_INDEXES": True})
+    stop = threading.Event()
+    with app.app_context():
+        queues = args.queues or [app.config["TURN_QUEUE"]]
+        if not args.no_reaper:
+            threading.Thread(target=_reaper_loop, args=(app, stop), name="reaper", daemon=True).start()
+        worker = Worker(queues, connection=get_redis(), name=args.name)
+        log.info("worker %s serving %s", worker.name, ", ".join(queues))
+        try:
+            worker.work(burst=args.burst, logging_level=app.config.get("LOG_LEVEL", "INFO"))
+        finally:
+            stop.set()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
