@@ -18,7 +18,13 @@ from .runners import RUNNERS, Piece, RunnerError, TurnContext
 from .watcher import CancelHandle, watcher_for
 
 log = logging.getLogger(__name__)
-WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+# Live statuses a queued turn may start from (`running` means another worker already claimed it).
+CLAIMABLE = ["started", "waiting", "warning"]
+
+
+def worker_id() -> str:
+    """Host and pid of the process running the turn (after any fork)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 class OutputWriter:
@@ -91,11 +97,13 @@ def run_turn(team_id: str, session_id: str, turn_id: str) -> dict[str, Any]:
     config = current_app.config
     tid, sid, turn_oid = ObjectId(team_id), ObjectId(session_id), ObjectId(turn_id)
     now = utcnow()
+    # Claim the turn once: a job that RQ hands out again after its worker died finds it `running` and leaves
+    # it to the reaper, rather than streaming the whole reply a second time into the same transcript.
     session = repo.update_live_session(
         tid,
         sid,
-        {"activeTurnId": turn_oid, **repo.NOT_CANCELLED},
-        {"$set": {"status": "running", "workerId": WORKER_ID, "heartbeatAt": now, "turnStartedAt": now}},
+        {"activeTurnId": turn_oid, "status": {"$in": CLAIMABLE}, **repo.NOT_CANCELLED},
+        {"$set": {"status": "running", "workerId": worker_id(), "heartbeatAt": now, "turnStartedAt": now}},
     )
     if session is None:
         current = repo.find_session(tid, sid)

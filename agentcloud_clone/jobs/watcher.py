@@ -173,9 +173,9 @@ class CancelWatcher:
                     message = pubsub.get_message(timeout=1.0)
                     if message and self._is_watched(message.get("data")):
                         self.poll_now()
-            except (redis.RedisError, OSError):
+            except (redis.RedisError, OSError) as exc:
                 if not outage:
-                    log.warning("cancel notices unavailable; polling alone until Redis returns")
+                    log.warning("cancel notices unavailable (%s); polling alone until Redis returns", exc)
                 outage = True
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)

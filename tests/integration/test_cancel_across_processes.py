@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -38,6 +40,19 @@ def _stack(mongo_server, redis_server, **settings) -> Iterator[Stack]:
 @pytest.fixture(params=["pubsub", "polling-only"])
 def stack(request, mongo_server, redis_server) -> Iterator[Stack]:
     yield from _stack(mongo_server, redis_server, CANCEL_PUBSUB="true" if request.param == "pubsub" else "false")
+
+
+def _session_doc_worker(stack: Stack, sid: str) -> str:
+    """The `workerId` (host:pid) recorded on the session by the process running its turn."""
+    import pymongo
+    from bson import ObjectId
+
+    uri = stack.env["MONGO_URI"]
+    client = pymongo.MongoClient(uri)
+    try:
+        return client.get_default_database().sessions.find_one({"_id": ObjectId(sid)})["workerId"]
+    finally:
+        client.close()
 
 
 def _session(stack: Stack, sid: str) -> dict:
@@ -127,8 +142,12 @@ def test_killed_worker_is_reaped_with_transcript_intact(reaper_stack):
     before = _events(stack, sid)
     victim = stack.workers[0]
     stack.start_worker()  # the survivor, whose reaper notices the loss
+    # The machine running the turn is lost: the worker and the job process it forked (which RQ puts in a
+    # session of its own) both die at once.
+    job_pid = int(_session_doc_worker(stack, sid).rsplit(":", 1)[1])
     killed_at = time.monotonic()
     stack.kill(victim)
+    os.kill(job_pid, signal.SIGKILL)
     ended = _wait(lambda: (s := _session(stack, sid))["status"] == "error" and s, 2 + 0.5 + 5, "the reaper")
     assert time.monotonic() - killed_at < 2 + 0.5 + 3
     events = _events(stack, sid)
