@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,9 +21,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config.setdefault("RATELIMIT_SWALLOW_ERRORS", True)
     app.config.setdefault("RATELIMIT_IN_MEMORY_FALLBACK_ENABLED", True)
     app.config.setdefault("RATELIMIT_STORAGE_OPTIONS", {"socket_connect_timeout": 1, "socket_timeout": 1})
-    logging.basicConfig(level=app.config.get("LOG_LEVEL", "INFO"))
+    from . import auth, cli, db, ops, responses, web
 
-    from . import auth, cli, db, responses, web
+    ops.configure_logging(app.config["LOG_LEVEL"], json_logs=app.config["LOG_FORMAT"] == "json")
     from .api import apps, managed_agents, sessions
     from .api import auth as auth_api
     from .extensions import bind_rate_limits
@@ -33,8 +32,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     auth.init_app(app)
     db.init_app(app)
     cli.init_app(app)
-    for blueprint in (auth_api.bp, apps.bp, sessions.bp, managed_agents.bp, web.bp):
+    for blueprint in (auth_api.bp, apps.bp, sessions.bp, managed_agents.bp, web.bp, ops.bp):
         app.register_blueprint(blueprint)
     bind_rate_limits(app)
+    ops.init_app(app)
     web.init_app(app)
     return app

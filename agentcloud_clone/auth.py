@@ -11,6 +11,7 @@ from bson import ObjectId
 from flask import Flask, current_app, g, request
 from flask_login import UserMixin, current_user
 from flask_wtf.csrf import CSRFError
+from pymongo.errors import PyMongoError
 
 from .extensions import api_key_in_use, csrf, login_manager
 from .permissions import Permission, permissions_for
@@ -19,6 +20,7 @@ from .responses import ApiError
 from .schemas import parse_object_id
 
 F = TypeVar("F", bound=Callable[..., Any])
+DATABASE_DOWN = "The database is unavailable; try again shortly."
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Sign-in forms are checked even though nobody is signed in yet, against login CSRF.
 LOGIN_ENDPOINTS = frozenset({"auth.login", "auth.login_json"})
@@ -44,7 +46,25 @@ class Account(UserMixin):
         return self.roles.get(team_id)
 
 
+def _fail_fast_when_database_is_down[F: Callable[..., Any]](loader: F) -> F:
+    """Turn a MongoDB outage into one quick 503: the first failed lookup is remembered for the request, so
+    later `current_user` reads (CSRF, rate limit, view) do not each wait out the server-selection timeout."""
+
+    @functools.wraps(loader)
+    def wrapper(*args: Any) -> Any:
+        if getattr(g, "auth_database_down", False):
+            raise ApiError(503, DATABASE_DOWN)
+        try:
+            return loader(*args)
+        except PyMongoError:
+            g.auth_database_down = True
+            raise ApiError(503, DATABASE_DOWN) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
 @login_manager.user_loader
+@_fail_fast_when_database_is_down
 def _load_user(account_id: str) -> Account | None:
     oid = parse_object_id(account_id)
     doc = accounts_repo.find_account(oid) if oid else None
@@ -52,6 +72,7 @@ def _load_user(account_id: str) -> Account | None:
 
 
 @login_manager.request_loader
+@_fail_fast_when_database_is_down
 def _load_user_from_api_key(req: Any) -> Account | None:
     header = req.headers.get("Authorization", "")
     scheme, _, key = header.partition(" ")

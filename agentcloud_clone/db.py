@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from typing import Any
 from urllib.parse import urlsplit
 
 import pymongo
+from pymongo.errors import PyMongoError
 from flask import Flask, current_app
 from pymongo.database import Database
 
@@ -16,6 +18,7 @@ from pymongo.database import Database
 _mongomock_clients: dict[str, Any] = {}
 _clients: dict[tuple[int, str], Any] = {}
 _lock = threading.Lock()
+log = logging.getLogger(__name__)
 
 
 def database_name(uri: str) -> str:
@@ -37,9 +40,9 @@ def client_for(uri: str) -> Any:
     with _lock:
         client = _clients.get(key)
         if client is None:
-            client = pymongo.MongoClient(
-                uri, tz_aware=True, serverSelectionTimeoutMS=5000, connectTimeoutMS=5000, appname="agentcloud"
-            )
+            # Fail fast when MongoDB is away (the API answers 503); a URI may set its own timeouts.
+            timeouts = {} if "TimeoutMS" in uri else {"serverSelectionTimeoutMS": 3000, "connectTimeoutMS": 3000}
+            client = pymongo.MongoClient(uri, tz_aware=True, appname="agentcloud", **timeouts)
             _clients[key] = client
         return client
 
@@ -68,7 +71,23 @@ def ensure_indexes(db: Database) -> None:
 
 
 def init_app(app: Flask) -> None:
-    """Create indexes once at start-up unless the config says the caller will."""
-    if app.config.get("CREATE_INDEXES", True):
+    """Create indexes at start-up. A MongoDB that is down then must not stop the app from booting (it would
+    answer 503 meanwhile): the indexes are tried again before requests until they are in place."""
+    if not app.config.get("CREATE_INDEXES", True):
+        return
+    state = {"done": False}
+
+    def ensure() -> None:
         uri = app.config["MONGO_URI"]
-        ensure_indexes(client_for(uri)[database_name(uri)])
+        try:
+            ensure_indexes(client_for(uri)[database_name(uri)])
+            state["done"] = True
+        except PyMongoError as exc:
+            log.warning("indexes not ensured yet (MongoDB unavailable: %s); will retry", exc)
+
+    ensure()
+
+    @app.before_request
+    def _ensure_indexes_after_outage() -> None:
+        if not state["done"]:
+            ensure()

@@ -23,8 +23,13 @@ csrf = CSRFProtect()
 
 def rate_limit_key() -> str:
     """Limits count per signed-in user (cookie or API key), per address otherwise."""
-    if current_user.is_authenticated:
-        return f"user:{current_user.id}"
+    from .responses import ApiError
+
+    try:
+        if current_user.is_authenticated:
+            return f"user:{current_user.id}"
+    except ApiError:
+        pass  # the caller cannot be known right now (database down); the view will answer that
     return f"ip:{request.remote_addr}"
 
 

@@ -7,6 +7,8 @@ from typing import Any
 
 from flask import Flask, flash, g, jsonify, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
+from pymongo.errors import ConnectionFailure, ServerSelectionTimeoutError
+from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -84,8 +86,10 @@ def init_app(app: Flask) -> None:
     def _unexpected(exc: Exception) -> ResponseReturnValue:
         # Log the detail for operators; the caller learns only that it failed.
         log.exception("unhandled error on %s %s", request.method, request.path)
-        from pymongo.errors import ConnectionFailure, ServerSelectionTimeoutError
-
+        if isinstance(exc, ApiError):  # raised from inside another handler's code path
+            return error_response(exc.code, exc.message, exc.errors)
         if isinstance(exc, (ConnectionFailure, ServerSelectionTimeoutError)):
             return error_response(503, "The database is unavailable; try again shortly.")
+        if isinstance(exc, RedisError):
+            return error_response(503, "The job queue is unavailable; try again shortly.")
         return error_response(500, "Internal server error.")

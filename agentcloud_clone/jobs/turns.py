@@ -6,14 +6,21 @@ import logging
 import os
 import socket
 import time
+from datetime import timedelta
 from typing import Any
 
 from bson import ObjectId
 from flask import current_app
+from rq import get_current_job
+from rq.timeouts import JobTimeoutException
 
+from .. import metrics
+from ..db import get_db
+from ..queueing import get_redis
 from ..repositories import apps as apps_repo
 from ..repositories import sessions as repo
 from ..timeutil import utcnow
+from .context import set_job_context
 from .runners import RUNNERS, Piece, RunnerError, TurnContext
 from .watcher import CancelHandle, watcher_for
 
@@ -92,9 +99,9 @@ def _end_error(team_id: ObjectId, session_id: ObjectId, turn_id: str, message: s
 
 def run_turn(team_id: str, session_id: str, turn_id: str) -> dict[str, Any]:
     """Run one queued turn. Returns a summary; the RQ job finishes normally even when cancelled."""
-    from rq.timeouts import JobTimeoutException
-
     config = current_app.config
+    job = get_current_job()
+    set_job_context(session_id=session_id, turn_id=turn_id, job_id=job.id if job else "")
     tid, sid, turn_oid = ObjectId(team_id), ObjectId(session_id), ObjectId(turn_id)
     now = utcnow()
     # Claim the turn once: a job that RQ hands out again after its worker died finds it `running` and leaves
@@ -183,9 +190,12 @@ def _finish_cancelled(
         return {"outcome": "deleted"}
     writer.flush(interrupted=True)
     _end_cancelled(tid, sid, turn_id, "Cancelled; the turn was interrupted and its partial output kept.")
-    noticed = cancel.noticed_at
-    log.info("turn %s of session %s stopped on cancel", turn_id, sid)
-    return {"outcome": "cancelled", "noticedAt": noticed}
+    ended = repo.find_session(tid, sid)
+    if ended and ended.get("cancelledAt") and ended.get("endedAt"):
+        seconds = (ended["endedAt"] - ended["cancelledAt"]).total_seconds()
+        metrics.observe(get_redis(), "cancel_to_stop_seconds", max(seconds, 0.0))
+        log.info("turn %s of session %s stopped %.3f s after the cancel", turn_id, sid, seconds)
+    return {"outcome": "cancelled"}
 
 
 def reap_lost_turns(timeout: float | None = None) -> list[str]:
@@ -193,13 +203,8 @@ def reap_lost_turns(timeout: float | None = None) -> list[str]:
 
     A system-wide sweep (it spans teams by design); each update still names the session's own team and is
     conditional, so several reapers racing end a session once."""
-    from ..db import get_db
-
     timeout = float(timeout if timeout is not None else current_app.config["HEARTBEAT_TIMEOUT"])
-    cutoff = utcnow().timestamp() - timeout
-    from datetime import UTC, datetime
-
-    cutoff_dt = datetime.fromtimestamp(cutoff, UTC)
+    cutoff_dt = utcnow() - timedelta(seconds=timeout)
     stale_heartbeat = {"$or": [{"heartbeatAt": {"$lt": cutoff_dt}}, {"heartbeatAt": None}]}
     query = {
         "status": {"$in": list(repo.LIVE_STATUSES)},

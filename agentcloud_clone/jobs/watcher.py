@@ -17,6 +17,7 @@ from typing import Any
 import redis
 from bson import ObjectId
 
+from .. import metrics
 from ..db import client_for, database_name
 from ..queueing import CANCEL_CHANNEL, redis_for
 from ..timeutil import utcnow
@@ -131,6 +132,7 @@ class CancelWatcher:
             {"cancelledAt": 1, "status": 1},
         )
         self.polls += 1
+        metrics.increment(redis_for(self.redis_url), "cancel_poll_queries_total")
         seen = set()
         for doc in docs:
             seen.add(doc["_id"])

@@ -10,8 +10,8 @@ from datetime import datetime
 
 import pytest
 
+from agentcloud_clone.devstack import Stack
 from tests.fakes.openai_server import FakeOpenAI
-from tests.integration.stack import Stack
 
 pytestmark = pytest.mark.integration
 

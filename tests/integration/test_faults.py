@@ -1,0 +1,166 @@
+"""Faults across processes: Redis restarted, MongoDB stopped, a web instance killed mid-storm, scale-out."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from agentcloud_clone.devservers import start_mongo, start_redis
+from agentcloud_clone.devstack import Stack
+
+pytestmark = pytest.mark.integration
+POLL = 0.5
+SLOW_APP = '{"steps": 5000, "stepDelay": 0.02}'
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except requests.RequestException:
+            value = None
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _start_running(stack: Stack, app_id: str, url: str | None = None) -> str:
+    team = stack.demo["teamId"]
+    sid = stack.api("POST", f"/{team}/forms/session/add", {"appId": app_id, "message": "go"}, url=url).json()["_id"]
+    _wait(lambda: _session(stack, sid)["status"] == "running", 30, "the turn to start")
+    return sid
+
+
+def _session(stack: Stack, sid: str, url: str | None = None) -> dict:
+    return stack.api("GET", f"/{stack.demo['teamId']}/session/{sid}.json", url=url).json()["session"]
+
+
+@pytest.fixture
+def own_servers(tmp_path) -> Iterator[tuple]:
+    """Servers of this test's own, since it restarts them (MongoDB keeps its data on disk across a stop)."""
+    with start_mongo(data_dir=str(tmp_path / "mongo")) as mongo, start_redis() as redis:
+        yield mongo, redis
+
+
+def test_redis_restart_mid_turn_cancel_still_observed_and_workers_reconnect(own_servers):
+    mongo, redis = own_servers
+    stack = Stack(mongo.url, redis.url, CANCEL_POLL_INTERVAL=POLL)
+    try:
+        stack.start(webs=1, workers=1)
+        team = stack.demo["teamId"]
+        app_id = stack.cli("apps", "create", team, "--name", "slow", "--config", SLOW_APP)["appId"]
+        sid = _start_running(stack, app_id)
+        redis.restart()
+        cancel = stack.api("POST", f"/{team}/forms/session/{sid}/cancel")
+        assert cancel.status_code == 200 and cancel.json()["ok"] is True
+        _wait(lambda: _session(stack, sid)["status"] == "terminated", POLL + 3, "the worker to see the cancel")
+        # The worker reconnected: a new session's turn runs to completion.
+        fast = stack.cli("apps", "create", team, "--name", "fast", "--config", '{"steps": 3, "stepDelay": 0.01}')
+        new = stack.api("POST", f"/{team}/forms/session/add", {"appId": fast["appId"], "message": "again"}).json()
+        _wait(lambda: _session(stack, new["_id"])["status"] == "waiting", 30, "a turn after the restart")
+    finally:
+        stack.stop()
+
+
+def test_rate_limiting_degrades_to_per_instance_memory_while_redis_is_down(own_servers):
+    mongo, redis = own_servers
+    stack = Stack(mongo.url, redis.url, CANCEL_RATE_LIMIT="5 per minute")
+    try:
+        stack.start(webs=1, workers=0)
+        redis.stop()
+        path = f"/{stack.demo['teamId']}/forms/session/{'a' * 24}/cancel"
+        codes = [stack.api("POST", path).status_code for _ in range(12)]
+        # Served throughout (404: no such session); each gunicorn process counts on its own meanwhile.
+        assert set(codes) <= {404, 429} and codes[:5] == [404] * 5 and 429 in codes
+    finally:
+        stack.stop()
+
+
+def test_mongodb_down_gives_503_then_recovers(own_servers):
+    mongo, redis = own_servers
+    stack = Stack(mongo.url, redis.url)
+    try:
+        stack.start(webs=1, workers=0)
+        team = stack.demo["teamId"]
+        path = f"/{team}/sessions.json"
+        assert stack.api("GET", path).status_code == 200
+        mongo.stop()
+        down = stack.api("GET", path)
+        assert down.status_code == 503
+        assert set(down.json()) == {"message", "code"} and down.json()["code"] == 503
+        assert requests.get(f"{stack.url}/readyz", timeout=10).status_code == 503
+        mongo.restart()
+        _wait(lambda: stack.api("GET", path).status_code == 200, 20, "recovery")
+        assert requests.get(f"{stack.url}/readyz", timeout=10).status_code == 200
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def scaled(mongo_server, redis_server) -> Iterator[Stack]:
+    stack = Stack(mongo_server.url, redis_server.url, CANCEL_POLL_INTERVAL=POLL, CANCEL_RATE_LIMIT="100000 per minute")
+    try:
+        yield stack.start(webs=2, workers=3)
+    finally:
+        stack.stop()
+
+
+def test_web_instance_killed_during_cancel_storm_leaves_exactly_one_stamp(scaled):
+    stack = scaled
+    team = stack.demo["teamId"]
+    app_id = stack.cli("apps", "create", team, "--name", "slow", "--config", SLOW_APP)["appId"]
+    sid = _start_running(stack, app_id)
+    (victim, victim_url), (_, survivor_url) = stack.webs
+    path = f"/{team}/forms/session/{sid}/cancel"
+    headers = {"Authorization": f"Bearer {stack.demo['apiKey']}"}
+
+    def cancel(i: int):
+        url = victim_url if i % 2 else survivor_url
+        try:
+            return requests.post(f"{url}{path}", headers=headers, timeout=10)
+        except requests.RequestException:
+            return None
+
+    with ThreadPoolExecutor(32) as pool:
+        futures = [pool.submit(cancel, i) for i in range(300)]
+        time.sleep(0.05)
+        os.killpg(victim.pid, signal.SIGKILL)
+        responses = [f.result() for f in futures]
+    answered = [r for r in responses if r is not None]
+    assert answered and all(r.status_code == 200 for r in answered)
+    stamps = {r.json()["cancelledAt"] for r in answered}
+    assert len(stamps) == 1
+    assert sum(1 for r in answered if not r.json().get("alreadyCancelled")) <= 1
+    events = stack.api("GET", f"/{team}/session/{sid}/messages.json", url=survivor_url).json()["messages"]
+    assert sum(1 for e in events if e["type"] == "cancel") == 1
+    ended = _wait(lambda: (s := _session(stack, sid, survivor_url))["status"] == "terminated" and s, POLL + 3, "end")
+    assert ended["cancelledAt"] == stamps.pop()
+
+
+def test_two_webs_three_workers_share_cancels_and_rate_limits(mongo_server, redis_server):
+    stack = Stack(mongo_server.url, redis_server.url, CANCEL_POLL_INTERVAL=POLL)
+    try:
+        stack.start(webs=2, workers=3)
+        team = stack.demo["teamId"]
+        app_id = stack.cli("apps", "create", team, "--name", "slow", "--config", SLOW_APP)["appId"]
+        urls = [url for _, url in stack.webs]
+        sids = [_start_running(stack, app_id, url=urls[i % 2]) for i in range(3)]
+        for i, sid in enumerate(sids):
+            # Started through one instance, cancelled through the other.
+            assert stack.api("POST", f"/{team}/forms/session/{sid}/cancel", url=urls[(i + 1) % 2]).status_code == 200
+        for sid in sids:
+            _wait(lambda sid=sid: _session(stack, sid)["status"] == "terminated", POLL + 3, "each session to end")
+        # The rate limit is one budget across both instances: 3 used above, 27 more are allowed.
+        path = f"/{team}/forms/session/{'a' * 24}/cancel"
+        codes = [stack.api("POST", path, url=urls[i % 2]).status_code for i in range(28)]
+        assert codes[:27] == [404] * 27 and codes[27] == 429
+    finally:
+        stack.stop()
