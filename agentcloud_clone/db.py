@@ -9,9 +9,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pymongo
-from pymongo.errors import PyMongoError
 from flask import Flask, current_app
 from pymongo.database import Database
+from pymongo.errors import PyMongoError
 
 # mongomock stores live inside a client object; keep one per URI so the web app and in-process
 # workers of the fast test tier see the same data.
