@@ -211,3 +211,10 @@ def watcher_for(config: Any) -> CancelWatcher:
             watcher.start()
             _watchers[key] = watcher
         return watcher
+
+
+def stop_watchers() -> None:
+    """Stop this process's watchers (a worker shutting down, or a test tearing down its app)."""
+    with _watchers_lock:
+        for key in [k for k in _watchers if k[0] == os.getpid()]:
+            _watchers.pop(key).stop()

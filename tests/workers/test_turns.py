@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from flask import Flask
 
 from agentcloud_clone.db import get_db
 from agentcloud_clone.jobs.turns import reap_lost_turns, run_turn
+from agentcloud_clone.jobs.watcher import stop_watchers
 from agentcloud_clone.repositories.accounts import find_team
 from agentcloud_clone.services import sessions as service
 
@@ -19,11 +21,12 @@ FAST = {"CANCEL_POLL_INTERVAL": 0.05, "OUTPUT_FLUSH_INTERVAL": 0.05, "HEARTBEAT_
 
 
 @pytest.fixture
-def app(redis_server) -> Flask:
+def app(redis_server) -> Iterator[Flask]:
     from agentcloud_clone import create_app
     from tests.conftest import make_test_config
 
-    return create_app(make_test_config(redis_server.url, "mongomock://localhost/{db}", **FAST))
+    yield create_app(make_test_config(redis_server.url, "mongomock://localhost/{db}", **FAST))
+    stop_watchers()
 
 
 class Harness:
@@ -280,3 +283,48 @@ def test_openai_runner_cancel_closes_the_upstream_stream(harness):
     assert fake.streams[0]["closed_at"] - cancelled_at < 0.05 + 0.5
     assert not fake.streams[0]["done"]
     assert harness.doc(session)["status"] == "terminated"
+
+
+def test_cancel_interrupts_the_openai_retry_back_off(harness):
+    from agentcloud_clone.devservers import free_port
+
+    unreachable = f"http://127.0.0.1:{free_port()}/v1"
+    session = harness.start(runner="openai", model="m", baseUrl=unreachable, apiKey="sk-test")
+    thread, result = harness.run_in_thread(session)
+    harness.wait_for(lambda: harness.doc(session)["status"] == "running")
+    time.sleep(0.6)  # inside the second back-off wait (0.5 s, then 1 s)
+    cancelled_at = time.monotonic()
+    harness.cancel(session)
+    thread.join(5)
+    assert time.monotonic() - cancelled_at < 0.5
+    assert result[0]["outcome"] == "cancelled" and harness.doc(session)["status"] == "terminated"
+
+
+def test_unreachable_model_ends_the_session_error_with_a_clear_message(harness):
+    from agentcloud_clone.devservers import free_port
+
+    session = harness.start(runner="openai", model="m", baseUrl=f"http://127.0.0.1:{free_port()}/v1", apiKey="k")
+    assert harness.run(session)["outcome"] == "error"
+    assert "upstream model unavailable" in harness.events(session)[-1]["message"]
+
+
+def test_turn_over_the_job_timeout_ends_the_session_error(harness, monkeypatch):
+    """RQ raises JobTimeoutException inside the job when TURN_TIMEOUT passes; the session ends `error`."""
+    from rq.timeouts import JobTimeoutException
+
+    from agentcloud_clone.jobs import runners
+
+    def too_slow(ctx):
+        yield "partial "
+        raise JobTimeoutException("Task exceeded maximum timeout value")
+
+    monkeypatch.setitem(runners.RUNNERS, "scripted", too_slow)
+    from agentcloud_clone.jobs import turns
+
+    monkeypatch.setattr(turns, "RUNNERS", runners.RUNNERS)
+    session = harness.start()
+    assert harness.run(session)["outcome"] == "timeout"
+    doc = harness.doc(session)
+    events = harness.events(session)
+    assert doc["status"] == "error" and "timed out" in events[-1]["message"]
+    assert "".join(e["text"] for e in events if e["type"] == "output") == "partial "

@@ -1,0 +1,53 @@
+"""Every list query has an index that serves its filter and its sort, so none of them scans a collection.
+
+There is no query planner to ask on mongomock, and the MongoDB-wire server used in tests reports plans in
+a format of its own; so each query shape the repositories issue is checked against the index definitions
+created at start-up: equality fields first, then the sort key, as MongoDB's planner needs them.
+"""
+
+from __future__ import annotations
+
+from agentcloud_clone.db import get_db
+
+# (collection, equality fields, range/sort fields) of each list or poll query in the repositories.
+QUERY_SHAPES = [
+    ("sessions", ["teamId"], ["_id"]),  # sessions.json, newest first, ?before=
+    ("sessions", ["teamId", "status"], ["_id"]),  # sessions.json?status=
+    ("sessions", ["status"], ["heartbeatAt"]),  # the reaper
+    ("session_events", ["sessionId"], ["seq"]),  # messages.json?after=
+    ("apps", ["teamId"], ["_id"]),  # apps.json
+    ("api_keys", ["lookup"], []),  # API-key sign-in
+    ("api_keys", ["accountId"], ["_id"]),  # apikeys.json
+    ("accounts", ["email"], []),  # sign-in
+    ("idempotency_keys", ["accountId", "key"], []),
+]
+
+
+def _prefix_serves(index_keys: list[str], equality: list[str], ordered: list[str]) -> bool:
+    head = index_keys[: len(equality)]
+    return sorted(head) == sorted(equality) and index_keys[len(equality) : len(equality) + len(ordered)] == ordered
+
+
+def test_every_query_shape_has_a_serving_index(app):
+    with app.app_context():
+        db = get_db()
+        for collection, equality, ordered in QUERY_SHAPES:
+            indexes = [[key for key, _ in spec["key"]] for spec in db[collection].index_information().values()]
+            assert any(_prefix_serves(keys, equality, ordered) for keys in indexes), (collection, equality, ordered)
+
+
+def test_unique_indexes_are_enforced(app):
+    with app.app_context():
+        info = get_db().session_events.index_information()
+        assert any(spec.get("unique") and [k for k, _ in spec["key"]] == ["sessionId", "seq"] for spec in info.values())
+        assert any(spec.get("unique") for spec in get_db().accounts.index_information().values())
+        assert any(spec.get("unique") for spec in get_db().api_keys.index_information().values())
+
+
+def test_indexes_are_created_idempotently(app):
+    from agentcloud_clone.db import ensure_indexes
+
+    with app.app_context():
+        before = {name: spec["key"] for name, spec in get_db().sessions.index_information().items()}
+        ensure_indexes(get_db())
+        assert {name: spec["key"] for name, spec in get_db().sessions.index_information().items()} == before
