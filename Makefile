@@ -55,6 +55,7 @@ format: install
 	$(BIN)/ruff check --fix .
 
 bench: install
+	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk >/dev/null; }
 	$(BIN)/python -m bench
 
 clean:
