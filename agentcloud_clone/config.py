@@ -95,6 +95,7 @@ class Config:
             "PAGE_SIZE_MAX": 100,
             "OPENAI_BASE_URL": os.environ.get("OPENAI_BASE_URL"),
             "OPENAI_API_KEY": os.environ.get("OPENAI_API_KEY"),
+            "METRICS_TOKEN": os.environ.get("METRICS_TOKEN") or None,
             "LOG_LEVEL": os.environ.get("LOG_LEVEL", "INFO").upper(),
             "LOG_FORMAT": os.environ.get("LOG_FORMAT", "json").lower(),
             "TESTING": False,

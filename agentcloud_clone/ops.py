@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 import uuid
 from typing import Any
 
-from flask import Blueprint, Flask, Response, g, has_request_context, jsonify, request
+from flask import Blueprint, Flask, Response, current_app, g, has_request_context, jsonify, request
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pythonjsonlogger.json import JsonFormatter
@@ -15,6 +16,7 @@ from pythonjsonlogger.json import JsonFormatter
 from . import metrics
 from .db import get_db
 from .queueing import get_redis
+from .responses import ApiError
 
 bp = Blueprint("ops", __name__)
 log = logging.getLogger(__name__)
@@ -49,7 +51,12 @@ def readyz() -> Any:
 
 @bp.get("/metrics")
 def metrics_view() -> Any:
-    """Prometheus text format: request latency, cancel-to-stop latency, sessions by status, poll queries."""
+    """Prometheus text format: request latency, cancel-to-stop latency, sessions by status, poll queries.
+
+    With METRICS_TOKEN set, scrapers must send `Authorization: Bearer <token>`."""
+    token = current_app.config.get("METRICS_TOKEN")
+    if token and not hmac.compare_digest(request.headers.get("Authorization", ""), f"Bearer {token}"):
+        raise ApiError(401, "A metrics token is required.")
     registry = CollectorRegistry(auto_describe=False)
     registry.register(metrics.RedisCollector(get_redis(), get_db()))
     return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)

@@ -62,3 +62,11 @@ def test_app_boots_while_mongodb_is_down_and_reports_not_ready(redis_server):
     assert client.get("/healthz").status_code == 200
     ready = client.get("/readyz")
     assert ready.status_code == 503 and ready.get_json()["checks"]["mongo"] == "unavailable"
+
+
+def test_metrics_token_guards_the_scrape(redis_server):
+    app = create_app(make_test_config(redis_server.url, "mongomock://localhost/{db}", METRICS_TOKEN="scrape-me"))
+    client = app.test_client()
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert client.get("/metrics", headers={"Authorization": "Bearer scrape-me"}).status_code == 200
