@@ -12,6 +12,8 @@ from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
+# Paths only programs call (scrapers, probes, spec readers): always JSON errors, never a login redirect.
+PROGRAM_PATHS = frozenset({"/openapi.yaml", "/metrics", "/healthz", "/readyz"})
 
 
 class ApiError(Exception):
@@ -31,7 +33,7 @@ def wants_json() -> bool:
         return True
     if request.method not in ("GET", "HEAD", "POST"):
         return True  # HTML forms only GET and POST; anything else comes from a program
-    if request.path.endswith(".json") or request.path.startswith("/api/") or request.path == "/openapi.yaml":
+    if request.path.endswith(".json") or request.path.startswith("/api/") or request.path in PROGRAM_PATHS:
         return True
     best = request.accept_mimetypes.best_match(["text/html", "application/json"])
     return best == "application/json" and request.accept_mimetypes[best] > request.accept_mimetypes["text/html"]
