@@ -46,6 +46,7 @@ class OutputWriter:
         self.tokens = 0
         self.last_flush = time.monotonic()
         self.chars_written = 0
+        self.last_event_id: ObjectId | None = None
 
     def add(self, piece: Any) -> None:
         piece = piece if isinstance(piece, Piece) else Piece(str(piece))
@@ -55,10 +56,15 @@ class OutputWriter:
             self.flush()
 
     def flush(self, *, interrupted: bool = False) -> None:
-        """Write what is buffered; a missing session means it was deleted, which counts as a cancel."""
+        """Write what is buffered; a missing session means it was deleted, which counts as a cancel.
+
+        `interrupted` marks the turn's last output event (the one written now, or the previous one when
+        nothing is buffered) so readers can tell a cut-off reply from a finished one."""
         self.last_flush = time.monotonic()
         text = "".join(self.buffer)
-        if not text and not self.tokens and not interrupted:
+        if not text and not self.tokens:
+            if interrupted and self.last_event_id is not None:
+                repo.mark_event(self.session_id, self.last_event_id, interrupted=True)
             return
         fields: dict[str, Any] = {"role": "agent", "text": text, "turnId": self.turn_id}
         if interrupted:
@@ -68,6 +74,8 @@ class OutputWriter:
         self.chars_written += len(text)
         if event is None:
             self.cancel.trigger("deleted")
+        else:
+            self.last_event_id = event["_id"]
 
 
 def _history(session_id: ObjectId) -> list[dict[str, str]]:
