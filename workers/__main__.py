@@ -13,7 +13,7 @@ import threading
 from rq import Worker
 
 from agentcloud_clone import create_app
-from agentcloud_clone.jobs.turns import reap_lost_turns
+from agentcloud_clone.jobs.turns import end_turn_of_killed_job, reap_lost_turns
 from agentcloud_clone.queueing import get_redis
 
 log = logging.getLogger("workers")
@@ -27,6 +27,14 @@ def _reaper_loop(app, stop: threading.Event) -> None:  # type: ignore[no-untyped
                 reap_lost_turns()
         except Exception:
             log.exception("reaper pass failed; retrying next interval")
+
+
+def _end_turn(app, job, pid: int, status: int) -> None:  # type: ignore[no-untyped-def]
+    try:
+        with app.app_context():
+            end_turn_of_killed_job(job, pid, status)
+    except Exception:
+        log.exception("could not end the session of killed job %s; the reaper will", job.id)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         queues = args.queues or [app.config["TURN_QUEUE"]]
         if not args.no_reaper:
             threading.Thread(target=_reaper_loop, args=(app, stop), name="reaper", daemon=True).start()
-        worker = Worker(queues, connection=get_redis(), name=args.name)
+        worker = Worker(
+            queues,
+            connection=get_redis(),
+            name=args.name,
+            work_horse_killed_handler=lambda job, pid, status, _rusage: _end_turn(app, job, pid, status),
+        )
         log.info("worker %s serving %s", worker.name, ", ".join(queues))
         try:
             worker.work(burst=args.burst, logging_level=app.config.get("LOG_LEVEL", "INFO"))

@@ -206,6 +206,26 @@ def _finish_cancelled(
     return {"outcome": "cancelled"}
 
 
+def end_turn_of_killed_job(job: Any, pid: int, status: int) -> bool:
+    """Called in a worker when the process running a turn died (killed, out of memory): end the session
+    `error` at once instead of waiting for its heartbeat to go stale. True when this ended it."""
+    if job.func_name != "agentcloud_clone.jobs.turns.run_turn":
+        return False
+    team_id, session_id, turn_id = (ObjectId(arg) for arg in job.args)
+    message = f"Worker lost: the process running this turn died (pid {pid}, status {status})."
+    # A turn that was being cancelled ends as cancelled; otherwise the loss is an error.
+    this_turn = {"activeTurnId": turn_id}
+    ended = repo.end_session(
+        team_id, session_id, "terminated", extra_filter={**this_turn, "cancelledAt": {"$exists": True}}
+    )
+    if ended is None:
+        ended = repo.end_session(team_id, session_id, "error", extra_filter=this_turn)
+    if ended is not None:
+        repo.append_event(team_id, session_id, "error", turnId=str(turn_id), message=message)
+        log.warning("session %s ended: %s", session_id, message)
+    return ended is not None
+
+
 def reap_lost_turns(timeout: float | None = None) -> list[str]:
     """End live sessions whose worker stopped heartbeating (or that were cancelled and never finished).
 

@@ -153,3 +153,18 @@ def test_killed_worker_is_reaped_with_transcript_intact(reaper_stack):
     events = _events(stack, sid)
     assert [e["seq"] for e in events[: len(before)]] == [e["seq"] for e in before]
     assert "Worker lost" in events[-1]["message"] and ended["endedAt"]
+
+
+def test_killed_job_process_ends_its_session_at_once(polling_stack):
+    """Only the forked process running the turn dies (say, the OOM killer): its worker ends the session
+    `error` straight away, without waiting for the heartbeat bound (30 s here)."""
+    stack = polling_stack
+    team = stack.demo["teamId"]
+    app_id = stack.cli("apps", "create", team, "--name", "slow", "--config", '{"steps": 2000, "stepDelay": 0.02}')[
+        "appId"
+    ]
+    sid = _start_running(stack, app_id)
+    os.kill(int(_session_doc_worker(stack, sid).rsplit(":", 1)[1]), signal.SIGKILL)
+    ended = _wait(lambda: (s := _session(stack, sid))["status"] == "error" and s, 5, "the worker to end the session")
+    assert ended["endedAt"]
+    assert "process running this turn died" in _events(stack, sid)[-1]["message"]
