@@ -93,6 +93,7 @@ def session_page(team: dict[str, Any], sessionId: str) -> Any:
         app_name=app["name"] if app else None,
         items=transcript(event_out.dump(events, many=True)),
         last_seq=events[-1]["seq"] if events else 0,
+        last_type=events[-1]["type"] if events else "",
         confirm_delete=confirm_delete,
     )
 
@@ -216,9 +217,14 @@ def _user_teams() -> list[dict[str, Any]]:
 
 
 def _current_team() -> dict[str, Any] | None:
-    """The team whose pages are being shown, when the page belongs to one."""
+    """The team whose pages are shown; on account pages, the team last visited (or the first one)."""
     team = g.get("team")
-    return {"_id": str(team["_id"]), "name": team.get("name") or str(team["_id"])} if team else None
+    if team is not None:
+        if session.get("web_team") != str(team["_id"]):
+            session["web_team"] = str(team["_id"])
+        return {"_id": str(team["_id"]), "name": team.get("name") or str(team["_id"])}
+    teams = _user_teams()
+    return next((t for t in teams if t["_id"] == session.get("web_team")), teams[0] if teams else None)
 
 
 def _can(team_id: str | ObjectId, permission: Permission) -> bool:
