@@ -91,8 +91,6 @@ class Config:
             "REMEMBER_COOKIE_HTTPONLY": True,
             "REMEMBER_COOKIE_SAMESITE": "Lax",
             "TRUSTED_ORIGINS": [o for o in os.environ.get("TRUSTED_ORIGINS", "").split(",") if o],
-            "PAGE_SIZE_DEFAULT": 10,
-            "PAGE_SIZE_MAX": 100,
             "OPENAI_BASE_URL": os.environ.get("OPENAI_BASE_URL"),
             "OPENAI_API_KEY": os.environ.get("OPENAI_API_KEY"),
             "METRICS_TOKEN": os.environ.get("METRICS_TOKEN") or None,

@@ -59,6 +59,10 @@ def rate_limited(setting: str, *, scope: str, key_func: Callable[[], str] | None
 def bind_rate_limits(app: Flask) -> Limiter:
     """Create the app's limiter (counters in Redis) and apply every view's `rate_limited` markers."""
     limiter = Limiter(key_func=rate_limit_key, app=app)
+    # Probes and scrapes are not users: no limit, and no sign-in lookups on their hot path.
+    for name in ("ops",):
+        if name in app.blueprints:
+            limiter.exempt(app.blueprints[name])
     shared: dict[str, Callable[[F], F]] = {}
     for endpoint, view in list(app.view_functions.items()):
         wrapped = view

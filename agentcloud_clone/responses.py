@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import Flask, flash, g, jsonify, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
@@ -37,6 +38,12 @@ def wants_json() -> bool:
         return True
     best = request.accept_mimetypes.best_match(["text/html", "application/json"])
     return best == "application/json" and request.accept_mimetypes[best] > request.accept_mimetypes["text/html"]
+
+
+def safe_next(target: str | None, fallback: str) -> str:
+    """`target` when it is a path on this site, else `fallback`: redirects never bounce users elsewhere."""
+    local = target and target.startswith("/") and not target.startswith("//") and "\\" not in target
+    return target if local and not urlsplit(target).netloc else fallback
 
 
 def redirect_or_json(path: str, *, flash_message: str | None = None, **fields: Any) -> ResponseReturnValue:

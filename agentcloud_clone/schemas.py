@@ -10,6 +10,7 @@ from bson import ObjectId
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, post_load, validate
 
 OBJECT_ID_RE = re.compile(r"^[a-f0-9]{24}$")
+MASKED_SECRET = "********"
 
 
 def parse_object_id(value: Any) -> ObjectId | None:
@@ -135,7 +136,7 @@ class ListEventsArgs(Schema):
 class ScriptedRunnerConfig(Strict):
     """The built-in deterministic agent: streams `steps` pieces, `stepDelay` seconds apart."""
 
-    steps = fields.Integer(load_default=8, validate=validate.Range(min=1, max=10_000))
+    steps = fields.Integer(load_default=8, validate=validate.Range(min=1, max=1_000_000))
     stepDelay = fields.Float(load_default=0.25, validate=validate.Range(min=0, max=60))
     reply = fields.String(load_default=None, validate=validate.Length(max=10_000))
     endAfterTurns = fields.Integer(load_default=None, validate=validate.Range(min=1, max=10_000))
@@ -250,7 +251,7 @@ class AppOut(Out):
         # An upstream API key is a secret: say that one is set, never what it is.
         config = dict(obj.get("config") or {})
         if config.get("apiKey"):
-            config["apiKey"] = "********"
+            config["apiKey"] = MASKED_SECRET
         return config
 
 

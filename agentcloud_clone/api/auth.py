@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
 
 from flask import Blueprint, jsonify, redirect, render_template, request, session, url_for
 from flask_login import login_user, logout_user
@@ -11,7 +10,7 @@ from flask_login import login_user, logout_user
 from ..auth import Account, current_account
 from ..extensions import address_key, login_rate_limit_key, rate_limited
 from ..repositories import accounts as accounts_repo
-from ..responses import ApiError, redirect_or_json, wants_json
+from ..responses import ApiError, redirect_or_json, safe_next, wants_json
 from ..schemas import ApiKeyCreateSchema, LoginSchema, api_key_out, team_out
 from ..services import accounts as service
 from .common import csrf_field, load_body, path_id
@@ -23,13 +22,6 @@ def _rate_limited(view: Any) -> Any:
     """Sign-in attempts: per address, and per target account so spreading over addresses does not help."""
     view = rate_limited("LOGIN_RATE_LIMIT", scope="login-ip", key_func=address_key)(view)
     return rate_limited("LOGIN_RATE_LIMIT", scope="login-account", key_func=login_rate_limit_key)(view)
-
-
-def _safe_next(target: str | None, fallback: str) -> str:
-    """Only same-site relative paths, so the login page cannot be used to bounce users elsewhere."""
-    if target and target.startswith("/") and not target.startswith("//") and not urlsplit(target).netloc:
-        return target
-    return fallback
 
 
 def _home_for(account: Account) -> str:
@@ -61,7 +53,7 @@ def login() -> Any:
         if wants_json() or exc.code != 401:
             raise
         return render_template("login.html", error=exc.message, next=request.form.get("next", "")), 401
-    target = _safe_next(request.environ.get("agentcloud.next"), _home_for(account))
+    target = safe_next(request.environ.get("agentcloud.next"), _home_for(account))
     return redirect_or_json(target, _id=account.id)
 
 
@@ -70,7 +62,7 @@ def login() -> Any:
 def login_json() -> Any:
     """Sign in with a JSON body; the response sets the session cookie."""
     account = _sign_in()
-    target = _safe_next(request.environ.get("agentcloud.next"), _home_for(account))
+    target = safe_next(request.environ.get("agentcloud.next"), _home_for(account))
     return redirect_or_json(target, _id=account.id, **csrf_field())
 
 

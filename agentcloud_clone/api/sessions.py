@@ -10,7 +10,7 @@ from ..auth import current_account, require_team
 from ..extensions import rate_limited
 from ..permissions import Permission
 from ..repositories import sessions as sessions_repo
-from ..responses import redirect_or_json
+from ..responses import redirect_or_json, safe_next
 from ..schemas import ListEventsArgs, ListSessionsArgs, SendMessageSchema, SessionCreateSchema, event_out, session_out
 from ..services import idempotency
 from ..services import sessions as service
@@ -79,6 +79,7 @@ def session_messages(team: dict[str, Any], sessionId: str) -> Any:
         lastSeq=last_seq,
         status=session["status"],
         cancelling=session_out.dump(session)["cancelling"],
+        final=service.transcript_is_final(session),
     )
 
 
@@ -107,7 +108,9 @@ def cancel_session(team: dict[str, Any], sessionId: str) -> Any:
     else:
         message = "Session cancelled." if outcome.session["status"] == "terminated" else "Cancelling the session…"
     fields["cancelledAt"] = session_out.dump(outcome.session).get("cancelledAt")
-    return redirect_or_json(f"/{team['_id']}/sessions", flash_message=message, **fields)
+    # A browser form may name where to go next (the session page, say); only paths on this site count.
+    back = safe_next(request.form.get("next") if not request.is_json else None, f"/{team['_id']}/sessions")
+    return redirect_or_json(back, flash_message=message, **fields)
 
 
 def _delete(team: dict[str, Any], sessionId: str) -> Any:

@@ -153,9 +153,12 @@ class CancelWatcher:
                 )
 
     def _poll_loop(self) -> None:
+        # Polls keep to a fixed schedule, so the time a poll takes does not stretch the interval.
+        next_poll = time.monotonic() + self.poll_interval
         while not self._stop.is_set():
-            self._wake.wait(self.poll_interval)
+            self._wake.wait(max(0.0, next_poll - time.monotonic()))
             self._wake.clear()
+            next_poll = max(next_poll + self.poll_interval, time.monotonic())
             try:
                 self.check_once()
             except Exception:

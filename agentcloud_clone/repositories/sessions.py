@@ -135,6 +135,11 @@ def mark_event(session_id: ObjectId, event_id: ObjectId, **fields: Any) -> None:
     get_db().session_events.update_one({"_id": event_id, "sessionId": session_id}, {"$set": fields})
 
 
+def last_event(session_id: ObjectId) -> dict[str, Any] | None:
+    """The session's newest transcript event."""
+    return get_db().session_events.find_one({"sessionId": session_id}, sort=[("seq", -1)])
+
+
 def list_events(session_id: ObjectId, *, after: int, limit: int) -> list[dict[str, Any]]:
     """Transcript events with `seq > after`, oldest first; served by the `(sessionId, seq)` index."""
     cursor = get_db().session_events.find({"sessionId": session_id, "seq": {"$gt": after}}).sort("seq", 1)

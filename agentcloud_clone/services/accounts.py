@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from datetime import timedelta
 from typing import Any
 
 from bson import ObjectId
@@ -17,6 +18,7 @@ from ..responses import ApiError
 from ..timeutil import utcnow
 
 API_KEY_PREFIX = "ak_"
+LAST_USED_GRANULARITY = timedelta(minutes=1)
 # A hash to compare against when the email is unknown, so a miss costs as long as a wrong password.
 _DUMMY_HASH = generate_password_hash("not-a-real-password")
 
@@ -79,7 +81,11 @@ def verify_api_key(key: str) -> dict[str, Any] | None:
     record = repo.find_api_key_by_lookup(lookup)
     if record is None or record.get("revokedAt") or not hmac.compare_digest(record["keyHash"], _hash_key(key)):
         return None
-    repo.touch_api_key(record["_id"], utcnow())
+    now = utcnow()
+    last_used = record.get("lastUsedAt")
+    if last_used is None or now - last_used > LAST_USED_GRANULARITY:
+        # Record use at most once a minute per key: a write on every request would cost more than it tells.
+        repo.touch_api_key(record["_id"], now)
     return repo.find_account(record["accountId"])
 
 

@@ -10,7 +10,7 @@ from marshmallow import ValidationError
 from ..repositories import apps as repo
 from ..repositories import sessions as sessions_repo
 from ..responses import ApiError
-from ..schemas import validate_runner_config
+from ..schemas import MASKED_SECRET, validate_runner_config
 
 
 def _checked_config(runner: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -40,9 +40,12 @@ def edit_app(team_id: ObjectId, app_id: ObjectId, changes: dict[str, Any]) -> di
     current = get_app(team_id, app_id)
     runner = changes.get("runner", current["runner"])
     if "config" in changes or "runner" in changes:
-        config = changes.get("config", current.get("config", {}))
+        config = dict(changes.get("config", current.get("config", {})))
         if "config" not in changes and runner != current["runner"]:
             config = {}
+        if config.get("apiKey") == MASKED_SECRET:
+            # The form showed the mask, not the key: keep the stored key rather than saving the mask.
+            config["apiKey"] = (current.get("config") or {}).get("apiKey")
         changes["config"] = _checked_config(runner, config)
     updated = repo.update_app(team_id, app_id, changes)
     if updated is None:

@@ -124,6 +124,17 @@ def cancel_session(team_id: ObjectId, session_id: ObjectId, account_id: ObjectId
     return CancelOutcome(repo.find_session(team_id, session_id) or stamped)
 
 
+def transcript_is_final(session: dict[str, Any]) -> bool:
+    """True once the session has ended and its closing event is written, so readers can stop polling.
+
+    The status flips first and the closing event follows a moment later; a reader that stops at the
+    status alone could miss that event."""
+    if session["status"] not in repo.ENDED_STATUSES:
+        return False
+    last = repo.last_event(session["_id"])
+    return last is not None and last["type"] in ("status", "error", "turn_end")
+
+
 def delete_session(team_id: ObjectId, session_id: ObjectId) -> None:
     """Remove an ended session and its whole transcript; 409 while it is live, 404 when not in the team."""
     if repo.delete_ended_session(team_id, session_id):

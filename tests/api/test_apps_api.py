@@ -83,3 +83,23 @@ def test_app_with_live_sessions_cannot_be_deleted(factory, login):
     admin.json("POST", f"/{admin.user.team_id}/forms/session/add", {"appId": app_id})
     response = admin.json("DELETE", f"/{admin.user.team_id}/forms/app/{app_id}")
     assert response.status_code == 409
+
+
+def test_saving_the_masked_upstream_key_keeps_the_stored_one(factory, login, app):
+    from bson import ObjectId
+
+    from agentcloud_clone.db import get_db
+
+    admin = login(factory.user("admin"))
+    team = admin.user.team_id
+    config = {"model": "m", "apiKey": "sk-real-secret"}
+    app_id = admin.json(
+        "POST", f"/{team}/forms/app/add", {"name": "llm", "runner": "openai", "config": config}
+    ).get_json()["_id"]
+    shown = admin.client.get(f"/{team}/app/{app_id}.json").get_json()["app"]["config"]
+    assert (
+        admin.json("POST", f"/{team}/forms/app/{app_id}/edit", {"config": {**shown, "model": "m2"}}).status_code == 200
+    )
+    with app.app_context():
+        stored = get_db().apps.find_one({"_id": ObjectId(app_id)})["config"]
+    assert stored["apiKey"] == "sk-real-secret" and stored["model"] == "m2"

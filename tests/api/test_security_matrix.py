@@ -23,11 +23,11 @@ PUBLIC = {
     "auth.login",
     "auth.logout",
     "web.index",
-    "docs.openapi_spec",
+    "docs.openapi_yaml",
     "docs.docs_page",
     "ops.healthz",
     "ops.readyz",
-    "ops.metrics",
+    "ops.metrics_view",
 }
 ID_PARAMS = {"sessionId": "session", "appId": "app", "keyId": "key"}
 # Bodies that reach each route's logic; `{x}` is replaced by the id under test (for ids carried in bodies).

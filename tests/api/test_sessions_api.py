@@ -334,3 +334,30 @@ def test_browser_gets_html_error_page(factory, login):
     me = login(factory.user("member"))
     response = me.client.get(f"/{me.user.team_id}/nothing-here", headers={"Accept": "text/html"})
     assert response.status_code == 404 and response.mimetype == "text/html"
+
+
+def test_cancel_form_may_return_to_a_local_page_only(factory, login):
+    me = login(factory.user("member"))
+    sid = _start(me, factory.app_record(me.user.team_id))
+    back = f"/{me.user.team_id}/session/{sid}"
+    response = me.form(f"/{me.user.team_id}/forms/session/{sid}/cancel", {"next": back})
+    assert response.status_code == 302 and response.headers["Location"] == back
+    other = _start(me, factory.app_record(me.user.team_id))
+    for evil in ("https://evil.example/", "//evil.example/x", "/\\evil.example"):
+        response = me.form(f"/{me.user.team_id}/forms/session/{other}/cancel", {"next": evil})
+        assert response.headers["Location"] == f"/{me.user.team_id}/sessions"
+
+
+def test_messages_report_final_only_once_the_closing_event_is_written(factory, login, app):
+    me = login(factory.user("member"))
+    sid = _start(me, factory.app_record(me.user.team_id), None)
+    path = f"/{me.user.team_id}/session/{sid}/messages.json"
+    assert me.client.get(path).get_json()["final"] is False
+    with app.app_context():
+        get_db().sessions.update_one({"_id": ObjectId(sid)}, {"$set": {"status": "terminated"}})
+    assert me.client.get(path).get_json()["final"] is False  # ended, closing event not yet written
+    with app.app_context():
+        from agentcloud_clone.repositories.sessions import append_event
+
+        append_event(ObjectId(me.user.team_id), ObjectId(sid), "status", status="terminated")
+    assert me.client.get(path).get_json()["final"] is True
