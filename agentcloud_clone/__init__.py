@@ -24,7 +24,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from . import auth, cli, db, ops, responses, web
 
     ops.configure_logging(app.config["LOG_LEVEL"], json_logs=app.config["LOG_FORMAT"] == "json")
-    from .api import apps, managed_agents, sessions
+    from .api import apps, docs, managed_agents, sessions
     from .api import auth as auth_api
     from .extensions import bind_rate_limits
 
@@ -32,9 +32,11 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     auth.init_app(app)
     db.init_app(app)
     cli.init_app(app)
-    for blueprint in (auth_api.bp, apps.bp, sessions.bp, managed_agents.bp, web.bp, ops.bp):
+    for blueprint in (auth_api.bp, apps.bp, sessions.bp, managed_agents.bp, web.bp, ops.bp, docs.bp):
         app.register_blueprint(blueprint)
-    bind_rate_limits(app)
+    # Registered before the limiter so their after-request hooks run after its own (Flask runs them in
+    # reverse): the security-header hook must see the headers the limiter adds.
     ops.init_app(app)
     web.init_app(app)
+    bind_rate_limits(app)
     return app

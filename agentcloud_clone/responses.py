@@ -6,7 +6,7 @@ import logging
 from typing import Any
 from urllib.parse import urlsplit
 
-from flask import Flask, flash, g, jsonify, redirect, render_template, request, url_for
+from flask import Flask, flash, jsonify, redirect, render_template, request, url_for
 from flask.typing import ResponseReturnValue
 from pymongo.errors import ConnectionFailure, ServerSelectionTimeoutError
 from redis.exceptions import RedisError
@@ -30,8 +30,8 @@ class ApiError(Exception):
 
 def wants_json() -> bool:
     """True for programs: JSON bodies, API keys, `Accept: application/json`, and the `.json`/`/api/` routes."""
-    if getattr(g, "auth_via_api_key", False) or request.is_json:
-        return True
+    if request.is_json or request.headers.get("Authorization", "").lower().startswith("bearer "):
+        return True  # a JSON body, or an API key (valid or not): a program, not a browser
     if request.method not in ("GET", "HEAD", "POST"):
         return True  # HTML forms only GET and POST; anything else comes from a program
     if request.path.endswith(".json") or request.path.startswith("/api/") or request.path in PROGRAM_PATHS:

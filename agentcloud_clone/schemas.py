@@ -35,6 +35,23 @@ class ObjectIdField(fields.Field):
         return None if value is None else str(value)
 
 
+def _bad_key(value: Any) -> str | None:
+    """The first key, at any depth, that MongoDB cannot store or would read as an operator."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str) or key.startswith("$") or "." in key or "\x00" in key:
+                return str(key)
+            found = _bad_key(item)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for item in value:
+            found = _bad_key(item)
+            if found is not None:
+                return found
+    return None
+
+
 class JsonObjectField(fields.Field):
     """A JSON object, given as an object (JSON clients) or as JSON text (HTML forms)."""
 
@@ -50,6 +67,9 @@ class JsonObjectField(fields.Field):
                 raise self.make_error("invalid") from None
         if not isinstance(value, dict):
             raise self.make_error("invalid")
+        bad = _bad_key(value)
+        if bad is not None:
+            raise ValidationError(f"Key {bad!r} is not allowed: keys may not start with '$' or contain '.' or NUL.")
         return value
 
 
@@ -126,7 +146,8 @@ class ListEventsArgs(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    after = fields.Integer(load_default=0, validate=validate.Range(min=0))
+    # MongoDB integers are 8 bytes; anything larger could never match and would not encode.
+    after = fields.Integer(load_default=0, validate=validate.Range(min=0, max=2**63 - 1))
     limit = fields.Integer(load_default=500, validate=validate.Range(min=1, max=1000))
 
 

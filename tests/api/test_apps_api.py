@@ -103,3 +103,12 @@ def test_saving_the_masked_upstream_key_keeps_the_stored_one(factory, login, app
     with app.app_context():
         stored = get_db().apps.find_one({"_id": ObjectId(app_id)})["config"]
     assert stored["apiKey"] == "sk-real-secret" and stored["model"] == "m2"
+
+
+def test_settings_keys_mongodb_cannot_store_are_refused(factory, login):
+    admin = login(factory.user("admin"))
+    path = f"/{admin.user.team_id}/forms/app/add"
+    for options in ({"a\u0000b": 1}, {"$where": "x"}, {"nested": [{"a.b": 1}]}):
+        config = {"callable": "m:f", "options": options}
+        response = admin.json("POST", path, {"name": "n", "runner": "python", "config": config})
+        assert response.status_code == 400 and response.get_json()["errors"]["config"], options

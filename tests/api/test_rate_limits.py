@@ -65,3 +65,18 @@ def test_app_keeps_serving_when_redis_is_unreachable(factory, app):
     path = f"/{user.team_id}/forms/session/{'a' * 24}/cancel"
     codes = [broken.test_client().post(path, headers=headers).status_code for _ in range(31)]
     assert codes[:30] == [404] * 30 and codes[30] == 429
+
+
+def test_retry_after_appears_only_on_429(factory, api_key_client):
+    user = factory.user("member", api_key=True)
+    call = api_key_client(user)
+    ok = call("GET", f"/{user.team_id}/sessions.json")
+    assert ok.status_code == 200 and "Retry-After" not in ok.headers and "X-RateLimit-Limit" in ok.headers
+
+
+def test_wrong_api_key_on_a_form_route_is_401_json_not_a_login_redirect(app):
+    response = app.test_client().post(
+        f"/{'a' * 24}/forms/session/{'b' * 24}/cancel", headers={"Authorization": "Bearer ak_wrong_key"}
+    )
+    assert response.status_code == 401
+    assert response.get_json() == {"message": "Invalid or revoked API key.", "code": 401}

@@ -361,3 +361,10 @@ def test_messages_report_final_only_once_the_closing_event_is_written(factory, l
 
         append_event(ObjectId(me.user.team_id), ObjectId(sid), "status", status="terminated")
     assert me.client.get(path).get_json()["final"] is True
+
+
+def test_messages_after_beyond_64_bits_is_400(factory, login):
+    me = login(factory.user("member"))
+    sid = _start(me, factory.app_record(me.user.team_id), None)
+    response = me.client.get(f"/{me.user.team_id}/session/{sid}/messages.json?after={2**63}")
+    assert response.status_code == 400 and response.get_json()["errors"]["after"]

@@ -1,0 +1,142 @@
+"""`openapi.yaml` describes exactly the routes the app serves, is a valid document, and is served with its docs."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import yaml
+from flask import Flask
+from flask.testing import FlaskClient
+from openapi_spec_validator import validate
+
+from agentcloud_clone.api.docs import SPEC_PATH
+
+from .conftest import spec_operations
+
+pytestmark = pytest.mark.contract
+
+OBJECT_ID_PATTERN = "^[a-f0-9]{24}$"
+# Pages for people, not the API: server-rendered HTML, static files, the sign-in form and these docs.
+HTML_ONLY_ENDPOINTS = frozenset({"static", "auth.login", "auth.logout", "docs.docs_page"})
+
+
+def is_html_only(endpoint: str) -> bool:
+    return endpoint.startswith("web.") or endpoint in HTML_ONLY_ENDPOINTS
+
+
+def served_operations(app: Flask) -> dict[tuple[str, str], str]:
+    """Every (METHOD, OpenAPI path) the app routes, except HTML-only pages, with its endpoint name."""
+    served = {}
+    for rule in app.url_map.iter_rules():
+        if is_html_only(rule.endpoint):
+            continue
+        path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            served[(method, path)] = rule.endpoint
+    return served
+
+
+def _resolve(spec: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in node:
+        target: Any = spec
+        for part in node["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        node = target
+    return node
+
+
+def test_every_served_route_is_in_the_spec(app: Flask, spec: dict[str, Any]) -> None:
+    missing = sorted(set(served_operations(app)) - set(spec_operations(spec)))
+    assert not missing, f"routes the app serves but openapi.yaml does not describe: {missing}"
+
+
+def test_every_spec_operation_is_served(app: Flask, spec: dict[str, Any]) -> None:
+    unserved = sorted(set(spec_operations(spec)) - set(served_operations(app)))
+    assert not unserved, f"operations in openapi.yaml that the app does not serve: {unserved}"
+
+
+def test_the_spec_is_a_valid_openapi_document(spec: dict[str, Any]) -> None:
+    validate(spec)
+
+
+def test_operation_ids_are_unique_and_every_operation_is_tagged(spec: dict[str, Any]) -> None:
+    operations = spec_operations(spec).values()
+    ids = [op["operationId"] for op in operations]
+    assert len(ids) == len(set(ids))
+    declared_tags = {tag["name"] for tag in spec["tags"]}
+    assert all(op.get("tags") and set(op["tags"]) <= declared_tags for op in operations)
+
+
+def test_path_parameters_are_object_ids(spec: dict[str, Any]) -> None:
+    for (method, path), op in spec_operations(spec).items():
+        for parameter in (_resolve(spec, p) for p in op.get("parameters", [])):
+            if parameter["in"] == "path":
+                schema = _resolve(spec, parameter["schema"])
+                assert schema.get("pattern") == OBJECT_ID_PATTERN, (method, path, parameter["name"])
+
+
+def test_every_operation_documents_its_failure_codes(spec: dict[str, Any]) -> None:
+    for (method, path), op in spec_operations(spec).items():
+        codes = set(op["responses"])
+        assert {"429", "500"} <= codes, (method, path)
+        if op.get("security", spec["security"]):
+            assert "401" in codes, (method, path)
+        if "requestBody" in op or method == "DELETE":
+            assert {"413"} <= codes, (method, path)
+        if any(_resolve(spec, p)["in"] in ("path", "query") for p in op.get("parameters", [])):
+            assert "400" in codes, (method, path)
+
+
+def test_form_routes_document_the_browser_redirect(app: Flask, spec: dict[str, Any]) -> None:
+    operations = spec_operations(spec)
+    for (method, path), endpoint in served_operations(app).items():
+        body = _resolve(spec, operations[(method, path)].get("requestBody", {"content": {}}))
+        if "application/x-www-form-urlencoded" in body["content"]:
+            assert "302" in operations[(method, path)]["responses"], (method, path, endpoint)
+
+
+def test_cancel_documents_the_rate_limit_and_the_idempotent_repeat(spec: dict[str, Any]) -> None:
+    cancel = spec["paths"]["/{resourceSlug}/forms/session/{sessionId}/cancel"]["post"]
+    too_many = _resolve(spec, cancel["responses"]["429"])
+    assert "Retry-After" in too_many["headers"]
+    repeat = cancel["responses"]["200"]["content"]["application/json"]["examples"]["repeat"]["value"]
+    assert repeat["ok"] is True and repeat["alreadyCancelled"] is True
+    managed = spec["paths"]["/api/managed-agents/cancel"]["post"]["responses"]["200"]
+    assert managed["content"]["application/json"]["examples"]["repeat"]["value"] == {
+        "ok": True,
+        "alreadyCancelled": True,
+    }
+
+
+def test_the_spec_is_served_as_yaml(client: FlaskClient) -> None:
+    response = client.get("/openapi.yaml")
+    assert response.status_code == 200
+    assert response.mimetype == "application/yaml"
+    assert response.data == SPEC_PATH.read_bytes()
+    assert yaml.safe_load(response.data)["openapi"].startswith("3.")
+
+
+def test_the_docs_page_lists_every_operation(client: FlaskClient, spec: dict[str, Any]) -> None:
+    response = client.get("/docs")
+    assert response.status_code == 200
+    assert response.mimetype == "text/html"
+    html = response.get_data(as_text=True)
+    for (method, path), op in spec_operations(spec).items():
+        assert f'id="op-{op["operationId"]}"' in html, (method, path)
+        assert f'<code class="docs-path">{path}</code>' in html, (method, path)
+    for name in spec["components"]["schemas"]:
+        assert f'id="schema-{name}"' in html
+
+
+def test_the_docs_page_needs_nothing_but_the_app(client: FlaskClient) -> None:
+    """No CDN and nothing inline, so it renders offline under the app's content security policy."""
+    response = client.get("/docs")
+    html = response.get_data(as_text=True)
+    assert "script-src 'self'" in response.headers["Content-Security-Policy"]
+    assert "<style" not in html and " style=" not in html
+    assert all("src=" in tag for tag in re.findall(r"<script[^>]*>", html))
+    assert not re.search(r"""(?:src|href)=["']?(?:https?:)?//""", html)
+    stylesheet = re.search(r'href="(/static/docs/[^"]+\.css)"', html)
+    assert stylesheet and client.get(stylesheet.group(1)).status_code == 200
