@@ -41,6 +41,7 @@ class Stack:
         }
         self.webs: list[tuple[subprocess.Popen[bytes], str]] = []
         self.workers: list[subprocess.Popen[bytes]] = []
+        self.spawned: list[subprocess.Popen[bytes]] = []
         self.demo: dict[str, str] = {}
         self.logs = Path(ROOT, "test-artifacts", "integration", tag)
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -48,9 +49,11 @@ class Stack:
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
         log = open(self.logs / log_name, "wb")  # noqa: SIM115 - kept open for the child's lifetime
         # Own process group, so a kill takes the worker's forked job process with it (a lost machine).
-        return subprocess.Popen(
+        process = subprocess.Popen(
             args, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
+        self.spawned.append(process)
+        return process
 
     def cli(self, *args: str) -> dict[str, Any]:
         out = subprocess.run(
@@ -123,7 +126,8 @@ class Stack:
         process.wait(10)
 
     def stop(self) -> None:
-        for process in [p for p, _ in self.webs] + self.workers:
+        """Stop every process this stack spawned, including any that never became ready."""
+        for process in self.spawned:
             if process.poll() is None:
                 try:
                     os.killpg(process.pid, signal.SIGTERM)
