@@ -12,21 +12,12 @@ import pytest
 
 from agentcloud_clone.devstack import Stack
 from tests.fakes.openai_server import FakeOpenAI
+from tests.integration.common import events_of, session_of, start_running, wait_until
 
 pytestmark = pytest.mark.integration
 
 POLL = 0.5
 MARGIN = 0.5
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _stack(mongo_server, redis_server, **settings) -> Iterator[Stack]:
@@ -55,32 +46,19 @@ def _session_doc_worker(stack: Stack, sid: str) -> str:
         client.close()
 
 
-def _session(stack: Stack, sid: str) -> dict:
-    return stack.api("GET", f"/{stack.demo['teamId']}/session/{sid}.json").json()["session"]
-
-
-def _events(stack: Stack, sid: str) -> list[dict]:
-    return stack.api("GET", f"/{stack.demo['teamId']}/session/{sid}/messages.json").json()["messages"]
-
-
-def _start_running(stack: Stack, app_id: str) -> str:
-    team = stack.demo["teamId"]
-    sid = stack.api("POST", f"/{team}/forms/session/add", {"appId": app_id, "message": "go"}).json()["_id"]
-    _wait(lambda: any(e["type"] == "output" for e in _events(stack, sid)), 30, "streamed output")
-    return sid
-
-
 def test_cancel_over_http_stops_the_worker_within_one_poll_interval(stack):
     team = stack.demo["teamId"]
     app_id = stack.cli("apps", "create", team, "--name", "slow", "--config", '{"steps": 2000, "stepDelay": 0.02}')[
         "appId"
     ]
-    sid = _start_running(stack, app_id)
-    assert _session(stack, sid)["status"] == "running"
+    sid = start_running(stack, app_id)
+    assert session_of(stack, sid)["status"] == "running"
     response = stack.api("POST", f"/{team}/forms/session/{sid}/cancel")
     assert response.status_code == 200 and response.json()["ok"] is True
-    ended = _wait(lambda: (s := _session(stack, sid))["status"] == "terminated" and s, POLL + MARGIN + 2, "the end")
-    events = _events(stack, sid)
+    ended = wait_until(
+        lambda: (s := session_of(stack, sid))["status"] == "terminated" and s, POLL + MARGIN + 2, "the end"
+    )
+    events = events_of(stack, sid)
     cancel_at = datetime.fromisoformat(next(e for e in events if e["type"] == "cancel")["createdAt"])
     ended_at = datetime.fromisoformat(ended["endedAt"])
     assert (ended_at - cancel_at).total_seconds() < POLL + MARGIN
@@ -103,15 +81,15 @@ def test_cancel_closes_the_upstream_openai_stream(polling_stack):
         team = stack.demo["teamId"]
         config = f'{{"model": "fake", "baseUrl": "{fake.base_url}", "apiKey": "sk-test"}}'
         app_id = stack.cli("apps", "create", team, "--name", "llm", "--runner", "openai", "--config", config)["appId"]
-        sid = _start_running(stack, app_id)
+        sid = start_running(stack, app_id)
         cancelled_at = time.monotonic()
         stack.api("POST", f"/{team}/forms/session/{sid}/cancel")
-        _wait(lambda: fake.streams[0]["closed_by_client"], POLL + MARGIN + 2, "the upstream stream to close")
+        wait_until(lambda: fake.streams[0]["closed_by_client"], POLL + MARGIN + 2, "the upstream stream to close")
         assert fake.streams[0]["closed_at"] - cancelled_at < POLL + MARGIN
         sent_at_close = fake.streams[0]["sent"]
         time.sleep(0.3)
         assert fake.streams[0]["sent"] == sent_at_close and not fake.streams[0]["done"]
-        _wait(lambda: _session(stack, sid)["status"] == "terminated", 5, "the session to end")
+        wait_until(lambda: session_of(stack, sid)["status"] == "terminated", 5, "the session to end")
     finally:
         fake.stop()
 
@@ -138,8 +116,8 @@ def test_killed_worker_is_reaped_with_transcript_intact(reaper_stack):
     app_id = stack.cli("apps", "create", team, "--name", "slow", "--config", '{"steps": 2000, "stepDelay": 0.02}')[
         "appId"
     ]
-    sid = _start_running(stack, app_id)
-    before = _events(stack, sid)
+    sid = start_running(stack, app_id)
+    before = events_of(stack, sid)
     victim = stack.workers[0]
     stack.start_worker()  # the survivor, whose reaper notices the loss
     # The machine running the turn is lost: the worker and the job process it forked (which RQ puts in a
@@ -148,9 +126,9 @@ def test_killed_worker_is_reaped_with_transcript_intact(reaper_stack):
     killed_at = time.monotonic()
     stack.kill(victim)
     os.kill(job_pid, signal.SIGKILL)
-    ended = _wait(lambda: (s := _session(stack, sid))["status"] == "error" and s, 2 + 0.5 + 5, "the reaper")
+    ended = wait_until(lambda: (s := session_of(stack, sid))["status"] == "error" and s, 2 + 0.5 + 5, "the reaper")
     assert time.monotonic() - killed_at < 2 + 0.5 + 3
-    events = _events(stack, sid)
+    events = events_of(stack, sid)
     assert [e["seq"] for e in events[: len(before)]] == [e["seq"] for e in before]
     assert "Worker lost" in events[-1]["message"] and ended["endedAt"]
 
@@ -163,8 +141,10 @@ def test_killed_job_process_ends_its_session_at_once(polling_stack):
     app_id = stack.cli("apps", "create", team, "--name", "slow", "--config", '{"steps": 2000, "stepDelay": 0.02}')[
         "appId"
     ]
-    sid = _start_running(stack, app_id)
+    sid = start_running(stack, app_id)
     os.kill(int(_session_doc_worker(stack, sid).rsplit(":", 1)[1]), signal.SIGKILL)
-    ended = _wait(lambda: (s := _session(stack, sid))["status"] == "error" and s, 5, "the worker to end the session")
+    ended = wait_until(
+        lambda: (s := session_of(stack, sid))["status"] == "error" and s, 5, "the worker to end the session"
+    )
     assert ended["endedAt"]
-    assert "process running this turn died" in _events(stack, sid)[-1]["message"]
+    assert "process running this turn died" in events_of(stack, sid)[-1]["message"]

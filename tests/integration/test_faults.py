@@ -13,34 +13,11 @@ import requests
 
 from agentcloud_clone.devservers import start_mongo, start_redis
 from agentcloud_clone.devstack import Stack
+from tests.integration.common import session_of, start_running, wait_until
 
 pytestmark = pytest.mark.integration
 POLL = 0.5
 SLOW_APP = '{"steps": 5000, "stepDelay": 0.02}'
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-        except requests.RequestException:
-            value = None
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _start_running(stack: Stack, app_id: str, url: str | None = None) -> str:
-    team = stack.demo["teamId"]
-    sid = stack.api("POST", f"/{team}/forms/session/add", {"appId": app_id, "message": "go"}, url=url).json()["_id"]
-    _wait(lambda: _session(stack, sid)["status"] == "running", 30, "the turn to start")
-    return sid
-
-
-def _session(stack: Stack, sid: str, url: str | None = None) -> dict:
-    return stack.api("GET", f"/{stack.demo['teamId']}/session/{sid}.json", url=url).json()["session"]
 
 
 @pytest.fixture
@@ -57,15 +34,15 @@ def test_redis_restart_mid_turn_cancel_still_observed_and_workers_reconnect(own_
         stack.start(webs=1, workers=1)
         team = stack.demo["teamId"]
         app_id = stack.cli("apps", "create", team, "--name", "slow", "--config", SLOW_APP)["appId"]
-        sid = _start_running(stack, app_id)
+        sid = start_running(stack, app_id)
         redis.restart()
         cancel = stack.api("POST", f"/{team}/forms/session/{sid}/cancel")
         assert cancel.status_code == 200 and cancel.json()["ok"] is True
-        _wait(lambda: _session(stack, sid)["status"] == "terminated", POLL + 3, "the worker to see the cancel")
+        wait_until(lambda: session_of(stack, sid)["status"] == "terminated", POLL + 3, "the worker to see the cancel")
         # The worker reconnected: a new session's turn runs to completion.
         fast = stack.cli("apps", "create", team, "--name", "fast", "--config", '{"steps": 3, "stepDelay": 0.01}')
         new = stack.api("POST", f"/{team}/forms/session/add", {"appId": fast["appId"], "message": "again"}).json()
-        _wait(lambda: _session(stack, new["_id"])["status"] == "waiting", 30, "a turn after the restart")
+        wait_until(lambda: session_of(stack, new["_id"])["status"] == "waiting", 30, "a turn after the restart")
     finally:
         stack.stop()
 
@@ -98,7 +75,7 @@ def test_mongodb_down_gives_503_then_recovers(own_servers):
         assert set(down.json()) == {"message", "code"} and down.json()["code"] == 503
         assert requests.get(f"{stack.url}/readyz", timeout=10).status_code == 503
         mongo.restart()
-        _wait(lambda: stack.api("GET", path).status_code == 200, 20, "recovery")
+        wait_until(lambda: stack.api("GET", path).status_code == 200, 20, "recovery")
         assert requests.get(f"{stack.url}/readyz", timeout=10).status_code == 200
     finally:
         stack.stop()
@@ -117,7 +94,7 @@ def test_web_instance_killed_during_cancel_storm_leaves_exactly_one_stamp(scaled
     stack = scaled
     team = stack.demo["teamId"]
     app_id = stack.cli("apps", "create", team, "--name", "slow", "--config", SLOW_APP)["appId"]
-    sid = _start_running(stack, app_id)
+    sid = start_running(stack, app_id)
     (victim, victim_url), (_, survivor_url) = stack.webs
     path = f"/{team}/forms/session/{sid}/cancel"
     headers = {"Authorization": f"Bearer {stack.demo['apiKey']}"}
@@ -141,7 +118,9 @@ def test_web_instance_killed_during_cancel_storm_leaves_exactly_one_stamp(scaled
     assert sum(1 for r in answered if not r.json().get("alreadyCancelled")) <= 1
     events = stack.api("GET", f"/{team}/session/{sid}/messages.json", url=survivor_url).json()["messages"]
     assert sum(1 for e in events if e["type"] == "cancel") == 1
-    ended = _wait(lambda: (s := _session(stack, sid, survivor_url))["status"] == "terminated" and s, POLL + 3, "end")
+    ended = wait_until(
+        lambda: (s := session_of(stack, sid, survivor_url))["status"] == "terminated" and s, POLL + 3, "end"
+    )
     assert ended["cancelledAt"] == stamps.pop()
 
 
@@ -152,12 +131,14 @@ def test_two_webs_three_workers_share_cancels_and_rate_limits(mongo_server, redi
         team = stack.demo["teamId"]
         app_id = stack.cli("apps", "create", team, "--name", "slow", "--config", SLOW_APP)["appId"]
         urls = [url for _, url in stack.webs]
-        sids = [_start_running(stack, app_id, url=urls[i % 2]) for i in range(3)]
+        sids = [start_running(stack, app_id, url=urls[i % 2]) for i in range(3)]
         for i, sid in enumerate(sids):
             # Started through one instance, cancelled through the other.
             assert stack.api("POST", f"/{team}/forms/session/{sid}/cancel", url=urls[(i + 1) % 2]).status_code == 200
         for sid in sids:
-            _wait(lambda sid=sid: _session(stack, sid)["status"] == "terminated", POLL + 3, "each session to end")
+            wait_until(
+                lambda sid=sid: session_of(stack, sid)["status"] == "terminated", POLL + 3, "each session to end"
+            )
         # The rate limit is one budget across both instances: 3 used above, 27 more are allowed.
         path = f"/{team}/forms/session/{'a' * 24}/cancel"
         codes = [stack.api("POST", path, url=urls[i % 2]).status_code for i in range(28)]
