@@ -72,6 +72,8 @@ class Config:
             "SECRET_KEY": os.environ.get("SECRET_KEY"),
             "MONGO_URI": os.environ.get("MONGO_URI", "mongodb://127.0.0.1:27017/agentcloud"),
             "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+            # Namespaces this deployment's metrics and cancel channel on a shared Redis.
+            "REDIS_PREFIX": os.environ.get("REDIS_PREFIX", "agentcloud"),
             "CANCEL_POLL_INTERVAL": _env_float("CANCEL_POLL_INTERVAL", 1.0, *self.POLL_INTERVAL_BOUNDS),
             "CANCEL_PUBSUB": _env_bool("CANCEL_PUBSUB", True),
             "HEARTBEAT_INTERVAL": _env_float("HEARTBEAT_INTERVAL", 5.0, 0.05, 300.0),

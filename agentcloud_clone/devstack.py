@@ -36,6 +36,7 @@ class Stack:
             "TURN_QUEUE": f"turns-{tag}",
             "SECRET_KEY": "integration-secret",
             "RATELIMIT_KEY_PREFIX": f"rl-{tag}",
+            "REDIS_PREFIX": f"ac-{tag}",
             "PYTHONUNBUFFERED": "1",
             **{key: str(value) for key, value in settings.items()},
         }

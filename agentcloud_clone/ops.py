@@ -58,7 +58,7 @@ def metrics_view() -> Any:
     if token and not hmac.compare_digest(request.headers.get("Authorization", ""), f"Bearer {token}"):
         raise ApiError(401, "A metrics token is required.")
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(metrics.RedisCollector(get_redis(), get_db()))
+    registry.register(metrics.RedisCollector(metrics.store_for(current_app.config), get_db()))
     return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
 
 
@@ -111,7 +111,8 @@ def init_app(app: Flask) -> None:
                 "status": str(response.status_code),
             }
             try:
-                metrics.observe(get_redis(), "http_request_duration_seconds", time.perf_counter() - started, **labels)
+                store = metrics.store_for(current_app.config)
+                store.observe("http_request_duration_seconds", time.perf_counter() - started, **labels)
             except Exception:
                 log.debug("request metric dropped")
         return response

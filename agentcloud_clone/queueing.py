@@ -12,7 +12,6 @@ from rq import Queue
 
 log = logging.getLogger(__name__)
 
-CANCEL_CHANNEL = "agentcloud:cancel"
 _clients: dict[tuple[int, str], redis.Redis] = {}
 _lock = threading.Lock()
 
@@ -54,11 +53,16 @@ def enqueue_turn(team_id: str, session_id: str, turn_id: str) -> str:
     return job.id
 
 
+def cancel_channel(prefix: str) -> str:
+    """The pub/sub channel cancel notices travel on, per deployment (REDIS_PREFIX)."""
+    return f"{prefix}:cancel"
+
+
 def publish_cancel(session_id: str) -> None:
     """Wake the worker running this session now; MongoDB polling stays the source of truth if this is lost."""
     if not current_app.config["CANCEL_PUBSUB"]:
         return
     try:
-        get_redis().publish(CANCEL_CHANNEL, session_id)
+        get_redis().publish(cancel_channel(current_app.config["REDIS_PREFIX"]), session_id)
     except redis.RedisError:
         log.warning("cancel notice for session %s not published; the worker will see it by polling", session_id)

@@ -42,6 +42,7 @@ def make_test_config(redis_url: str, mongo_uri: str, **overrides: Any) -> dict[s
         "REDIS_URL": redis_url,
         "TURN_QUEUE": f"turns-{tag}",
         "RATELIMIT_KEY_PREFIX": f"rl-{tag}",
+        "REDIS_PREFIX": f"ac-{tag}",
         "LOGIN_RATE_LIMIT": "1000 per minute",
         "SECRET_KEY": "test-secret",
         **overrides,

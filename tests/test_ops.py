@@ -70,3 +70,13 @@ def test_metrics_token_guards_the_scrape(redis_server):
     assert client.get("/metrics").status_code == 401
     assert client.get("/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
     assert client.get("/metrics", headers={"Authorization": "Bearer scrape-me"}).status_code == 200
+
+
+def test_metrics_of_deployments_sharing_a_redis_stay_apart(redis_server):
+    first = create_app(make_test_config(redis_server.url, "mongomock://localhost/{db}"))
+    second = create_app(make_test_config(redis_server.url, "mongomock://localhost/{db}"))
+    for _ in range(3):
+        first.test_client().get("/readyz")
+    text = second.test_client().get("/metrics").get_data(as_text=True)
+    assert 'endpoint="/readyz"' not in text
+    assert 'endpoint="/readyz"' in first.test_client().get("/metrics").get_data(as_text=True)

@@ -16,7 +16,6 @@ from rq.timeouts import JobTimeoutException
 
 from .. import metrics
 from ..db import get_db
-from ..queueing import get_redis
 from ..repositories import apps as apps_repo
 from ..repositories import sessions as repo
 from ..timeutil import utcnow
@@ -201,7 +200,7 @@ def _finish_cancelled(
     ended = repo.find_session(tid, sid)
     if ended and ended.get("cancelledAt") and ended.get("endedAt"):
         seconds = (ended["endedAt"] - ended["cancelledAt"]).total_seconds()
-        metrics.observe(get_redis(), "cancel_to_stop_seconds", max(seconds, 0.0))
+        metrics.store_for(current_app.config).observe("cancel_to_stop_seconds", max(seconds, 0.0))
         log.info("turn %s of session %s stopped %.3f s after the cancel", turn_id, sid, seconds)
     return {"outcome": "cancelled"}
 

@@ -19,7 +19,7 @@ from bson import ObjectId
 
 from .. import metrics
 from ..db import client_for, database_name
-from ..queueing import CANCEL_CHANNEL, redis_for
+from ..queueing import cancel_channel, redis_for
 from ..timeutil import utcnow
 
 log = logging.getLogger(__name__)
@@ -75,9 +75,15 @@ class CancelWatcher:
     """Polls MongoDB for the turns this process runs; see the module docstring."""
 
     def __init__(
-        self, mongo_uri: str, redis_url: str, poll_interval: float, heartbeat_interval: float, pubsub: bool
+        self,
+        mongo_uri: str,
+        redis_url: str,
+        poll_interval: float,
+        heartbeat_interval: float,
+        pubsub: bool,
+        redis_prefix: str = "agentcloud",
     ) -> None:
-        self.mongo_uri, self.redis_url = mongo_uri, redis_url
+        self.mongo_uri, self.redis_url, self.redis_prefix = mongo_uri, redis_url, redis_prefix
         self.poll_interval, self.heartbeat_interval, self.pubsub = poll_interval, heartbeat_interval, pubsub
         self._handles: dict[ObjectId, tuple[ObjectId, CancelHandle]] = {}
         self._lock = threading.Lock()
@@ -132,7 +138,7 @@ class CancelWatcher:
             {"cancelledAt": 1, "status": 1},
         )
         self.polls += 1
-        metrics.increment(redis_for(self.redis_url), "cancel_poll_queries_total")
+        metrics.MetricsStore(redis_for(self.redis_url), self.redis_prefix).increment("cancel_poll_queries_total")
         seen = set()
         for doc in docs:
             seen.add(doc["_id"])
@@ -170,7 +176,7 @@ class CancelWatcher:
         while not self._stop.is_set():
             try:
                 pubsub = redis_for(self.redis_url).pubsub(ignore_subscribe_messages=True)
-                pubsub.subscribe(CANCEL_CHANNEL)
+                pubsub.subscribe(cancel_channel(self.redis_prefix))
                 if outage:
                     log.info("cancel notices restored")
                 backoff, outage = 0.1, False
@@ -210,6 +216,7 @@ def watcher_for(config: Any) -> CancelWatcher:
                 float(config["CANCEL_POLL_INTERVAL"]),
                 float(config["HEARTBEAT_INTERVAL"]),
                 bool(config["CANCEL_PUBSUB"]),
+                config["REDIS_PREFIX"],
             )
             watcher.start()
             _watchers[key] = watcher
