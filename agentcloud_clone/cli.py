@@ -165,10 +165,6 @@ def init_app(app: Flask) -> None:
         """Create (or reuse) the demo user, team, app and a fresh API key."""
         _emit(seed_demo())
 
-    _register_reap(app)
-
-
-def _register_reap(app: Flask) -> None:
     @app.cli.command("reap")
     @click.option("--timeout", type=float, default=None, help="Heartbeat age in seconds (default HEARTBEAT_TIMEOUT).")
     def reap_command(timeout: float | None) -> None:

@@ -18,6 +18,11 @@ from .config import PROJECT_ROOT
 from .devservers import ManagedProcess, start_mongo, start_redis
 
 
+def _stop_on_sigterm(*_: object) -> None:
+    """SIGTERM stops everything the same way Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
 def main() -> int:
     host = os.environ.get("HOST", "127.0.0.1")
     port = int(os.environ.get("PORT", "5000"))
@@ -73,7 +78,7 @@ def main() -> int:
             "  Ctrl-C stops everything.\n",
             flush=True,
         )
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
         web.wait()
     except KeyboardInterrupt:
         pass

@@ -95,8 +95,6 @@ def init_app(app: Flask) -> None:
     def _unexpected(exc: Exception) -> ResponseReturnValue:
         # Log the detail for operators; the caller learns only that it failed.
         log.exception("unhandled error on %s %s", request.method, request.path)
-        if isinstance(exc, ApiError):  # raised from inside another handler's code path
-            return error_response(exc.code, exc.message, exc.errors)
         if isinstance(exc, (ConnectionFailure, ServerSelectionTimeoutError)):
             return error_response(503, "The database is unavailable; try again shortly.")
         if isinstance(exc, RedisError):

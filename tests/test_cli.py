@@ -59,3 +59,15 @@ def test_seed_demo_is_repeatable(runner):
     second = _json(runner.invoke(args=["seed-demo"]))
     assert first["teamId"] == second["teamId"] and first["appId"] == second["appId"]
     assert first["apiKey"] != second["apiKey"] and first["email"] == "demo@example.com"
+
+
+def test_reap_reports_what_it_ended(runner, app):
+    from datetime import UTC, datetime, timedelta
+
+    with app.app_context():
+        stale = datetime.now(UTC) - timedelta(minutes=5)
+        sid = (
+            get_db().sessions.insert_one({"teamId": ObjectId(), "status": "running", "heartbeatAt": stale}).inserted_id
+        )
+    assert _json(runner.invoke(args=["reap", "--timeout", "30"])) == {"reaped": [str(sid)]}
+    assert _json(runner.invoke(args=["reap"])) == {"reaped": []}
