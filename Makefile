@@ -26,11 +26,11 @@ $(VENV)/.installed: pyproject.toml
 	@if [ -z "$(PYTHON313)" ]; then echo "Python 3.13 not found: install it (e.g. 'pyenv install 3.13') or set PYTHON313=/path/to/python3.13" >&2; exit 1; fi
 	@[ -x $(BIN)/python ] || $(PYTHON313) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[embedded,test]'
 	@touch $@
 
 run: install
-	$(BIN)/python -m agentcloud_clone.local
+	$(BIN)/python -m devtools.run
 
 worker: install
 	$(BIN)/python -m workers
@@ -45,7 +45,7 @@ test-integration: install
 	$(BIN)/python -m pytest -q -m integration $(PYTEST_ARGS)
 
 contract: install
-	$(BIN)/python -m agentcloud_clone.contract
+	$(BIN)/python -m devtools.contract
 
 lint: install
 	$(BIN)/ruff check .

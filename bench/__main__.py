@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from agentcloud_clone.devservers import start_mongo, start_redis
+from devtools.servers import start_mongo, start_redis
 
 from . import api, cancel_latency, poll_cost, report, storm
 

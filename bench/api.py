@@ -11,7 +11,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from agentcloud_clone.devstack import Stack
+from devtools.stack import Stack
 
 from .harness import BenchError, cpu_seconds, running_stack
 from .load import run_load, wrk_version

@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from agentcloud_clone.devstack import Stack
+from devtools.stack import Stack
 
 from .harness import (
     BenchError,

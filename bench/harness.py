@@ -13,7 +13,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from agentcloud_clone.devstack import Stack
+from devtools.stack import Stack
 
 # A scripted turn that streams for longer than any benchmark waits (the app schema caps `steps` at 10,000).
 LONG_TURN = {"steps": 10_000, "stepDelay": 0.05}

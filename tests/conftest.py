@@ -12,9 +12,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from agentcloud_clone import create_app
-from agentcloud_clone.devservers import ManagedProcess, start_mongo, start_redis
 from agentcloud_clone.services import accounts as accounts_service
 from agentcloud_clone.services import apps as apps_service
+from devtools.servers import ManagedProcess, start_mongo, start_redis
 
 PASSWORD = "correct horse battery"
 

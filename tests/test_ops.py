@@ -54,7 +54,7 @@ def test_log_records_carry_request_and_job_ids(app):
 
 
 def test_app_boots_while_mongodb_is_down_and_reports_not_ready(redis_server):
-    from agentcloud_clone.devservers import free_port
+    from devtools.servers import free_port
 
     dead = f"mongodb://127.0.0.1:{free_port()}/x?serverSelectionTimeoutMS=300&connectTimeoutMS=300"
     app = create_app(make_test_config(redis_server.url, dead))

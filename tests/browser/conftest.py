@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
-from agentcloud_clone.devstack import Stack
+from devtools.stack import Stack
 
 # The worker's cancel poll; the page polls the transcript every UI_POLL seconds while a turn runs.
 POLL = 0.5

@@ -10,7 +10,7 @@ import pytest
 import requests
 from playwright.sync_api import Page, expect
 
-from agentcloud_clone.devstack import Stack
+from devtools.stack import Stack
 
 from .conftest import POLL, SLOW_AGENT, UI_POLL, check_page, sign_in
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agentcloud_clone import contract
-from agentcloud_clone.devservers import ManagedProcess
+from devtools import contract
+from devtools.servers import ManagedProcess
 
 pytestmark = pytest.mark.contract
 

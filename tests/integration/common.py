@@ -8,7 +8,7 @@ from typing import Any
 
 import requests
 
-from agentcloud_clone.devstack import Stack
+from devtools.stack import Stack
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:

@@ -10,7 +10,7 @@ from datetime import datetime
 
 import pytest
 
-from agentcloud_clone.devstack import Stack
+from devtools.stack import Stack
 from tests.fakes.openai_server import FakeOpenAI
 from tests.integration.common import events_of, session_of, start_running, wait_until
 

@@ -16,7 +16,7 @@ import redis
 from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
-from agentcloud_clone.devservers import ManagedProcess, free_port, start_mongo, start_redis
+from devtools.servers import ManagedProcess, free_port, start_mongo, start_redis
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -168,7 +168,7 @@ def test_mongo_stop_and_kill_end_the_process_and_restart_after_a_kill_works() ->
 def test_mongo_cli_prints_one_ready_line_and_exits_cleanly_on_sigint() -> None:
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "agentcloud_clone.devservers", "mongo", "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "devtools.servers", "mongo", "--host", "127.0.0.1", "--port", str(port),
          "--memory"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
     )  # fmt: skip
@@ -187,7 +187,7 @@ def test_mongo_cli_prints_one_ready_line_and_exits_cleanly_on_sigint() -> None:
 
 def test_mongo_cli_refuses_a_non_loopback_host() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "agentcloud_clone.devservers", "mongo", "--host", "0.0.0.0", "--port", "0"],
+        [sys.executable, "-m", "devtools.servers", "mongo", "--host", "0.0.0.0", "--port", "0"],
         capture_output=True, text=True, cwd=ROOT, timeout=30,
     )  # fmt: skip
     assert result.returncode == 2

@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from agentcloud_clone.devservers import start_mongo, start_redis
-from agentcloud_clone.devstack import Stack
+from devtools.servers import start_mongo, start_redis
+from devtools.stack import Stack
 from tests.integration.common import session_of, start_running, wait_until
 
 pytestmark = pytest.mark.integration

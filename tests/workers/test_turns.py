@@ -286,7 +286,7 @@ def test_openai_runner_cancel_closes_the_upstream_stream(harness):
 
 
 def test_cancel_interrupts_the_openai_retry_back_off(harness):
-    from agentcloud_clone.devservers import free_port
+    from devtools.servers import free_port
 
     unreachable = f"http://127.0.0.1:{free_port()}/v1"
     session = harness.start(runner="openai", model="m", baseUrl=unreachable, apiKey="sk-test")
@@ -301,7 +301,7 @@ def test_cancel_interrupts_the_openai_retry_back_off(harness):
 
 
 def test_unreachable_model_ends_the_session_error_with_a_clear_message(harness):
-    from agentcloud_clone.devservers import free_port
+    from devtools.servers import free_port
 
     session = harness.start(runner="openai", model="m", baseUrl=f"http://127.0.0.1:{free_port()}/v1", apiKey="k")
     assert harness.run(session)["outcome"] == "error"

@@ -14,8 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from .config import PROJECT_ROOT
-from .devservers import ManagedProcess, start_mongo, start_redis
+from agentcloud_clone.config import PROJECT_ROOT
+
+from .servers import ManagedProcess, start_mongo, start_redis
 
 
 def _stop_on_sigterm(*_: object) -> None:

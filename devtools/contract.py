@@ -1,7 +1,7 @@
 """`make contract`: schemathesis checks every response against `openapi.yaml`.
 
-    python -m agentcloud_clone.contract                  # starts its own stack on loopback, seeded
-    BASE_URL=http://host:port API_KEY=ak_... python -m agentcloud_clone.contract   # any running instance
+    python -m devtools.contract                  # starts its own stack on loopback, seeded
+    BASE_URL=http://host:port API_KEY=ak_... python -m devtools.contract   # any running instance
 
 The self-started stack is gunicorn plus a turn worker on a MongoDB-wire server and redis-server (see
 `devstack.Stack`), with rate limits raised so the run measures conformance, not the limiter. Path parameters
@@ -27,7 +27,7 @@ from typing import Any
 
 import requests
 
-from .config import PROJECT_ROOT
+from agentcloud_clone.config import PROJECT_ROOT
 
 SPEC_PATH = PROJECT_ROOT / "openapi.yaml"
 REPORT_ROOT = PROJECT_ROOT / "test-artifacts" / "contract"
@@ -196,8 +196,8 @@ def run_schemathesis(targets: Targets, options: Options) -> int:
 @contextlib.contextmanager
 def self_started_stack(mongo_url: str | None = None, redis_url: str | None = None) -> Iterator[tuple[str, str]]:
     """A seeded stack on loopback, on the given servers or on ones started here; yields (base URL, API key)."""
-    from .devservers import start_mongo, start_redis
-    from .devstack import Stack
+    from .servers import start_mongo, start_redis
+    from .stack import Stack
 
     with contextlib.ExitStack() as cleanup:
         if redis_url is None:
@@ -218,7 +218,7 @@ def run_self_started(options: Options, mongo_url: str | None = None, redis_url: 
 
 def _parse_args(argv: Sequence[str] | None) -> Options:
     parser = argparse.ArgumentParser(
-        prog="python -m agentcloud_clone.contract",
+        prog="python -m devtools.contract",
         description="Check every response against openapi.yaml (schemathesis). Set BASE_URL and API_KEY to "
         "test a running instance; otherwise a seeded stack is started on loopback.",
     )

@@ -19,7 +19,7 @@ from typing import Any
 
 import requests
 
-from .devservers import free_port
+from .servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

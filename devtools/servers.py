@@ -2,7 +2,7 @@
 
 CLI (runs the MongoDB-wire server in the foreground until SIGTERM/SIGINT):
 
-    python -m agentcloud_clone.devservers mongo --host 127.0.0.1 --port N [--data-dir DIR | --memory]
+    python -m devtools.servers mongo --host 127.0.0.1 --port N [--data-dir DIR | --memory]
 
 It prints exactly one line, `ready mongodb://127.0.0.1:N`, once it accepts connections.
 """
@@ -37,7 +37,7 @@ READY_PREFIX = "ready "
 REDIS_START_TIMEOUT = 10.0
 MONGO_START_TIMEOUT = 20.0
 SQLITE_FILENAME = "mongoeco.sqlite3"
-# The directory that holds the `agentcloud_clone` package, so `python -m` works in the child from any cwd.
+# The project root (it holds `devtools` and the product packages), so `python -m` works in the child from any cwd.
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[1])
 # Auto-chosen ports can be taken by someone else between free_port() and the server's bind; retry that.
 _AUTO_PORT_ATTEMPTS = 3
@@ -145,6 +145,7 @@ class ManagedProcess:
         )
         self._reader.start()
         _live.add(self)
+        _register_cleanup()
         try:
             self._wait_ready(self, time.monotonic() + self._timeout)
         except BaseException:
@@ -235,11 +236,21 @@ class ManagedProcess:
             raise self._fail(f"exited with code {self.process.returncode} during start-up")
 
 
-@atexit.register
 def _stop_leftovers() -> None:
     # Children live in their own session, so nothing else would stop them if the owner forgot to.
     for server in list(_live):
         server.stop(timeout=2)
+
+
+_cleanup_registered = False
+
+
+def _register_cleanup() -> None:
+    """Stop this process's servers at interpreter exit; registered with the first server, not at import."""
+    global _cleanup_registered
+    if not _cleanup_registered:
+        atexit.register(_stop_leftovers)
+        _cleanup_registered = True
 
 
 def _child_env() -> dict[str, str]:
@@ -372,7 +383,7 @@ def start_mongo(port: int | None = None, *, data_dir: str | None = None) -> Mana
         storage = ["--data-dir", str(Path(data_dir).resolve())]
 
     def build(port: int) -> list[str]:
-        return [sys.executable, "-m", "agentcloud_clone.devservers", "mongo", "--host", LOOPBACK, "--port", str(port),
+        return [sys.executable, "-m", "devtools.servers", "mongo", "--host", LOOPBACK, "--port", str(port),
                 *storage]  # fmt: skip
 
     server = ManagedProcess(
@@ -409,7 +420,7 @@ async def _serve_mongo(host: str, port: int, data_dir: str | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: `mongo` runs the MongoDB-wire server in the foreground until SIGTERM/SIGINT; exits 0 then."""
-    parser = argparse.ArgumentParser(prog="python -m agentcloud_clone.devservers", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m devtools.servers", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     mongo = commands.add_parser("mongo", help="run the mongoeco MongoDB-wire server")
     # No authentication on these servers, so listening anywhere but loopback is refused outright.
