@@ -9,15 +9,21 @@ from collections.abc import Callable
 from typing import Any
 
 import click
-from flask import Flask
+from flask import Flask, current_app
 from flask.cli import AppGroup
+from pymongo.errors import PyMongoError
+from redis.exceptions import RedisError
 
-from .permissions import ROLES
+from .access import ROLES, parse_id
+from .db import ensure_indexes_once
+from .errors import DomainError, InvalidInput, NotFound
 from .repositories import accounts as accounts_repo
-from .responses import ApiError
-from .schemas import parse_object_id
+from .repositories import apps as apps_repo
 from .services import accounts as accounts_service
 from .services import apps as apps_service
+from .services import sessions as sessions_service
+from .vocabulary import RUNNER_NAMES
+from .web.errors import status_for
 
 users_cli = AppGroup("users", help="Manage user accounts.")
 teams_cli = AppGroup("teams", help="Manage teams and their members.")
@@ -33,28 +39,39 @@ def _emit(payload: dict[str, Any]) -> None:
     click.echo(json.dumps(payload, default=str))
 
 
+def _fail(message: str, code: int, errors: Any = None) -> None:
+    body: dict[str, Any] = {"message": message, "code": code}
+    if errors:
+        body["errors"] = errors
+    click.echo(json.dumps(body, default=str), err=True)
+    sys.exit(1)
+
+
 def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a service's ApiError into a JSON error on stderr and exit status 1."""
+    """A domain error, or a server that cannot be reached, is one `{message, code}` line on stderr, exit 1."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            ensure_indexes_once(current_app._get_current_object())  # type: ignore[attr-defined]
             return command(*args, **kwargs)
-        except ApiError as exc:
-            click.echo(json.dumps({"message": exc.message, "code": exc.code, "errors": exc.errors}), err=True)
-            sys.exit(1)
+        except DomainError as exc:
+            _fail(exc.message, status_for(exc), exc.errors)
+        except PyMongoError as exc:
+            uri = current_app.config["MONGO_URI"]
+            _fail(f"MongoDB at {uri} cannot be reached ({exc.__class__.__name__}); start it or set MONGO_URI.", 503)
+        except RedisError as exc:
+            url = current_app.config["REDIS_URL"]
+            _fail(f"Redis at {url} cannot be reached ({exc.__class__.__name__}); start it or set REDIS_URL.", 503)
 
     return wrapper
 
 
-def _team_id(value: str) -> Any:
-    oid = parse_object_id(value)
-    if oid is None:
-        raise ApiError(400, "TEAM_ID must be 24 hexadecimal characters.")
-    return oid
+def _team(value: str | None) -> dict[str, Any]:
+    return accounts_service.get_team(parse_id(value, "team"))
 
 
-def create_user(email: str, password: str, name: str | None, team_name: str | None, role: str) -> dict[str, str]:
+def create_user(email: str, password: str, name: str | None, team_name: str | None, role: str) -> dict[str, str | None]:
     """An account, optionally on a team (created with its org when new), as the CLI reports it."""
     account = accounts_service.create_account(email, password, name)
     result = {"accountId": str(account["_id"]), "orgId": None, "teamId": None}
@@ -83,9 +100,32 @@ def users_create(email: str, password: str, name: str | None, team_name: str | N
 @click.option("--role", type=click.Choice(ROLES), required=True)
 @_reports_errors
 def teams_add_member(team_id: str, email: str, role: str) -> None:
-    """Give an existing account a role on a team."""
-    account = accounts_service.add_member(_team_id(team_id), email, role)
+    """Give an existing account a role on a team, or change its role there."""
+    account = accounts_service.add_member(_team(team_id)["_id"], email, role)
     _emit({"accountId": str(account["_id"]), "teamId": team_id, "role": role})
+
+
+@teams_cli.command("remove-member")
+@click.argument("team_id")
+@click.argument("email")
+@_reports_errors
+def teams_remove_member(team_id: str, email: str) -> None:
+    """Take an account off a team; its next request no longer reaches the team."""
+    team = _team(team_id)
+    account = accounts_repo.find_account_by_email(email)
+    if account is None:
+        raise NotFound(f"No account with email {email}.")
+    accounts_service.remove_member(team["_id"], account)
+    _emit({"accountId": str(account["_id"]), "teamId": team_id, "removed": True})
+
+
+@teams_cli.command("members")
+@click.argument("team_id")
+@_reports_errors
+def teams_members(team_id: str) -> None:
+    """List a team's members and their roles."""
+    members = accounts_service.team_members(_team(team_id)["_id"])
+    _emit({"members": [{"accountId": str(m["_id"]), "email": m["email"], "role": m["role"]} for m in members]})
 
 
 @apikeys_cli.command("create")
@@ -96,7 +136,7 @@ def apikeys_create(email: str, name: str) -> None:
     """Create an API key for an account → {"id", "key"} (the key is shown only now)."""
     account = accounts_repo.find_account_by_email(email)
     if account is None:
-        raise ApiError(404, f"No account with email {email}.")
+        raise NotFound(f"No account with email {email}.")
     record, key = accounts_service.create_api_key(account["_id"], name)
     _emit({"id": str(record["_id"]), "key": key})
 
@@ -104,25 +144,23 @@ def apikeys_create(email: str, name: str) -> None:
 @apps_cli.command("create")
 @click.argument("team_id")
 @click.option("--name", required=True)
-@click.option("--runner", type=click.Choice(["scripted", "openai", "python"]), default="scripted", show_default=True)
+@click.option("--runner", type=click.Choice(RUNNER_NAMES), default="scripted", show_default=True)
 @click.option("--config", "config_json", default="{}", help="Runner settings as a JSON object.")
 @_reports_errors
 def apps_create(team_id: str, name: str, runner: str, config_json: str) -> None:
     """Create an app in a team → {"appId"}."""
-    team = accounts_repo.find_team(_team_id(team_id))
-    if team is None:
-        raise ApiError(404, "No such team.")
+    team = _team(team_id)
     try:
         config = json.loads(config_json)
     except ValueError:
-        raise ApiError(400, "--config must be a JSON object.") from None
+        raise InvalidInput("--config must be a JSON object.") from None
     if not isinstance(config, dict):
-        raise ApiError(400, "--config must be a JSON object.")
+        raise InvalidInput("--config must be a JSON object.")
     app = apps_service.create_app_record(team, name, runner, config, None)
     _emit({"appId": str(app["_id"])})
 
 
-def seed_demo() -> dict[str, str]:
+def seed_demo() -> dict[str, str | None]:
     """The demo user, team, scripted app and API key; reuses them when they exist."""
     account = accounts_repo.find_account_by_email(DEMO_EMAIL)
     if account is None:
@@ -131,10 +169,7 @@ def seed_demo() -> dict[str, str]:
         team = accounts_service.ensure_team(DEMO_TEAM)
         accounts_service.add_member(team["_id"], DEMO_EMAIL, "owner")
         ids = {"accountId": str(account["_id"]), "orgId": str(team["orgId"]), "teamId": str(team["_id"])}
-    team = accounts_repo.find_team(parse_object_id(ids["teamId"]))
-    assert team is not None
-    from .repositories import apps as apps_repo
-
+    team = _team(ids["teamId"])
     existing = [a for a in apps_repo.list_apps(team["_id"]) if a["name"] == "Scripted demo agent"]
     app = (
         existing[0]
@@ -143,7 +178,7 @@ def seed_demo() -> dict[str, str]:
             team, "Scripted demo agent", "scripted", {"steps": 20, "stepDelay": 0.3}, None
         )
     )
-    record, key = accounts_service.create_api_key(parse_object_id(ids["accountId"]), "demo key")
+    record, key = accounts_service.create_api_key(parse_id(ids["accountId"], "account"), "demo key")
     return {
         **ids,
         "appId": str(app["_id"]),
@@ -167,8 +202,8 @@ def init_app(app: Flask) -> None:
 
     @app.cli.command("reap")
     @click.option("--timeout", type=float, default=None, help="Heartbeat age in seconds (default HEARTBEAT_TIMEOUT).")
+    @_reports_errors
     def reap_command(timeout: float | None) -> None:
         """End sessions whose worker was lost → {"reaped": [sessionId, ...]}."""
-        from .jobs.turns import reap_lost_turns
-
-        _emit({"reaped": reap_lost_turns(timeout)})
+        seconds = timeout if timeout is not None else float(current_app.config["HEARTBEAT_TIMEOUT"])
+        _emit({"reaped": sessions_service.reap_lost_turns(seconds)})

@@ -28,14 +28,20 @@ def _env_float(name: str, default: float, low: float, high: float) -> float:
     return value
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_int(name: str, default: int, low: int = 0, high: int = 2**31) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if not raw.strip().isascii() or not raw.strip().lstrip("-").isdigit():
+        raise ConfigError(f"{name} must be an integer, got {raw!r}")
+    value = int(raw)
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _env_list(name: str, default: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
 
 
 def _env_bool(name: str, default: bool) -> bool:
@@ -66,6 +72,7 @@ class Config:
     def __init__(self, overrides: Mapping[str, Any] | None = None) -> None:
         env = os.environ.get("AGENTCLOUD_ENV", "development").lower()
         var_dir = Path(os.environ.get("VAR_DIR", PROJECT_ROOT / "var"))
+        redis_prefix = os.environ.get("REDIS_PREFIX", "agentcloud")
         values: dict[str, Any] = {
             "ENV": env,
             "VAR_DIR": str(var_dir),
@@ -73,20 +80,33 @@ class Config:
             "MONGO_URI": os.environ.get("MONGO_URI", "mongodb://127.0.0.1:27017/agentcloud"),
             "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
             # Namespaces this deployment's metrics and cancel channel on a shared Redis.
-            "REDIS_PREFIX": os.environ.get("REDIS_PREFIX", "agentcloud"),
+            "REDIS_PREFIX": redis_prefix,
             "CANCEL_POLL_INTERVAL": _env_float("CANCEL_POLL_INTERVAL", 1.0, *self.POLL_INTERVAL_BOUNDS),
             "CANCEL_PUBSUB": _env_bool("CANCEL_PUBSUB", True),
             "HEARTBEAT_INTERVAL": _env_float("HEARTBEAT_INTERVAL", 5.0, 0.05, 300.0),
             "HEARTBEAT_TIMEOUT": _env_float("HEARTBEAT_TIMEOUT", 30.0, 0.5, 3600.0),
             "REAPER_INTERVAL": _env_float("REAPER_INTERVAL", 10.0, 0.1, 3600.0),
-            "TURN_TIMEOUT": _env_int("TURN_TIMEOUT", 600),
+            "TURN_TIMEOUT": _env_int("TURN_TIMEOUT", 600, 1, 7 * 24 * 3600),
+            "TURN_MAX_OUTPUT_CHARS": _env_int("TURN_MAX_OUTPUT_CHARS", 2_000_000, 1000, 100_000_000),
             "OUTPUT_FLUSH_INTERVAL": _env_float("OUTPUT_FLUSH_INTERVAL", 0.25, 0.01, 5.0),
             "TURN_QUEUE": os.environ.get("TURN_QUEUE", "turns"),
+            # Modules `python` runner callables may come from; anything else is refused when an app is saved
+            # and again when a turn runs.
+            "PYTHON_RUNNER_MODULES": _env_list("PYTHON_RUNNER_MODULES", "agentcloud_clone.examples"),
+            # Rate limits (web/ratelimits.py reads these; flask-limiter reads the RATELIMIT_* ones itself).
             "CANCEL_RATE_LIMIT": os.environ.get("CANCEL_RATE_LIMIT", "30 per minute"),
             "LOGIN_RATE_LIMIT": os.environ.get("LOGIN_RATE_LIMIT", "10 per minute"),
+            "LOGIN_ADDRESS_RATE_LIMIT": os.environ.get("LOGIN_ADDRESS_RATE_LIMIT", "100 per minute"),
             "DEFAULT_RATE_LIMIT": os.environ.get("DEFAULT_RATE_LIMIT", "600 per minute"),
             "RATELIMIT_ENABLED": _env_bool("RATELIMIT_ENABLED", True),
-            "MAX_CONTENT_LENGTH": _env_int("MAX_CONTENT_LENGTH", 1024 * 1024),
+            "RATELIMIT_HEADERS_ENABLED": True,
+            # When Redis is unreachable the limiter keeps serving, counting in process memory meanwhile.
+            "RATELIMIT_SWALLOW_ERRORS": True,
+            "RATELIMIT_IN_MEMORY_FALLBACK_ENABLED": True,
+            "RATELIMIT_STORAGE_OPTIONS": {"socket_connect_timeout": 1, "socket_timeout": 1},
+            "MAX_CONTENT_LENGTH": _env_int("MAX_CONTENT_LENGTH", 1024 * 1024, 1024, 1024**3),
+            # werkzeug's password hashing; tests use a cheap method, production keeps the strong default.
+            "PASSWORD_HASH_METHOD": os.environ.get("PASSWORD_HASH_METHOD", "scrypt"),
             "SESSION_COOKIE_SECURE": _env_bool("SESSION_COOKIE_SECURE", False),
             "SESSION_COOKIE_HTTPONLY": True,
             "SESSION_COOKIE_SAMESITE": "Lax",
@@ -108,6 +128,12 @@ class Config:
                     "SECRET_KEY=$(python -c 'import secrets; print(secrets.token_hex(32))')"
                 )
             values["SECRET_KEY"] = _dev_secret_key(Path(values["VAR_DIR"]))
+        # Limiter counters are namespaced per deployment like everything else this app keeps in Redis.
+        values.setdefault(
+            "RATELIMIT_KEY_PREFIX", os.environ.get("RATELIMIT_KEY_PREFIX") or f"{values['REDIS_PREFIX']}:rl"
+        )
+        values.setdefault("RATELIMIT_STORAGE_URI", values["REDIS_URL"])
+        values.setdefault("RATELIMIT_DEFAULT", values["DEFAULT_RATE_LIMIT"])
         low, high = self.POLL_INTERVAL_BOUNDS
         if not low <= float(values["CANCEL_POLL_INTERVAL"]) <= high:
             raise ConfigError(f"CANCEL_POLL_INTERVAL must be between {low} and {high} seconds")

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+
+from .vocabulary import STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -65,25 +68,33 @@ class MetricsStore:
             log.debug("metric %s dropped: Redis unavailable", name)
 
 
+_stores: dict[tuple[int, str, str], MetricsStore] = {}
+
+
 def store_for(config: Any) -> MetricsStore:
-    """The metrics store of an app's (or worker's) configuration."""
+    """The metrics store of an app's (or worker's) configuration, built once per process."""
     from .queueing import redis_for
 
-    return MetricsStore(redis_for(config["REDIS_URL"]), config["REDIS_PREFIX"])
+    key = (os.getpid(), config["REDIS_URL"], config["REDIS_PREFIX"])
+    store = _stores.get(key)
+    if store is None:
+        store = _stores[key] = MetricsStore(redis_for(config["REDIS_URL"]), config["REDIS_PREFIX"])
+    return store
 
 
 class RedisCollector(Collector):
     """Reads the shared series from Redis, plus sessions by status from MongoDB, at scrape time."""
 
-    def __init__(self, store: MetricsStore, db: Any) -> None:
-        self.store, self.db = store, db
+    def __init__(self, store: MetricsStore, sessions_by_status: Callable[[], dict[str, int]]) -> None:
+        self.store, self.sessions_by_status = store, sessions_by_status
 
     def collect(self) -> Iterator[Any]:
         for name, (help_text, label_names) in HISTOGRAMS.items():
             family = HistogramMetricFamily(f"agentcloud_{name}", help_text, labels=list(label_names))
             series: dict[str, dict[str, float]] = {}
             for field, value in self.store.client.hgetall(self.store.key(name)).items():
-                key, _, part = field.decode().rpartition("|")
+                text = field.decode() if isinstance(field, bytes) else str(field)
+                key, _, part = text.rpartition("|")
                 series.setdefault(key, {})[part] = float(value)
             for key, parts in sorted(series.items()):
                 labels = json.loads(key)
@@ -91,14 +102,11 @@ class RedisCollector(Collector):
                 family.add_metric([labels.get(n, "") for n in label_names], buckets, parts.get("sum", 0.0))
             yield family
         for name, help_text in COUNTERS.items():
-            family = CounterMetricFamily(f"agentcloud_{name}", help_text)
-            family.add_metric([], float(self.store.client.hget(self.store.key(name), "{}") or 0))
-            yield family
+            counter = CounterMetricFamily(f"agentcloud_{name}", help_text)
+            counter.add_metric([], float(self.store.client.hget(self.store.key(name), "{}") or 0))
+            yield counter
         sessions = GaugeMetricFamily("agentcloud_sessions", "Sessions by status.", labels=["status"])
-        counts = {
-            row["_id"]: row["n"]
-            for row in self.db.sessions.aggregate([{"$group": {"_id": "$status", "n": {"$sum": 1}}}])
-        }
-        for status in ("started", "running", "waiting", "warning", "error", "terminated"):
+        counts = self.sessions_by_status()
+        for status in STATUSES:
             sessions.add_metric([status], float(counts.get(status, 0)))
         yield sessions

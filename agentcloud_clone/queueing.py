@@ -1,4 +1,4 @@
-"""Redis: the turn queue and the cancel notice channel."""
+"""Redis: the turn queue (RQ) and the notice channel that wakes workers when a session they run is cancelled."""
 
 from __future__ import annotations
 
@@ -9,8 +9,14 @@ import threading
 import redis
 from flask import current_app
 from rq import Queue
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job
 
 log = logging.getLogger(__name__)
+
+# The turn job, by the dotted path RQ stores; jobs/turns.py asserts it names `run_turn`, so a rename cannot
+# silently break the handler that ends the session of a killed job.
+TURN_JOB = "agentcloud_clone.jobs.turns.run_turn"
 
 _clients: dict[tuple[int, str], redis.Redis] = {}
 _lock = threading.Lock()
@@ -37,20 +43,36 @@ def turn_queue() -> Queue:
     return Queue(current_app.config["TURN_QUEUE"], connection=get_redis())
 
 
+def turn_job_id(turn_id: str) -> str:
+    """The RQ job id of a turn: found from the session's `activeTurnId` alone."""
+    return f"turn-{turn_id}"
+
+
 def enqueue_turn(team_id: str, session_id: str, turn_id: str) -> str:
-    """Queue one turn of a session; the job id is the turn id, so a turn can be found from its session."""
+    """Queue one turn of a session; raises RedisError when the queue is unreachable."""
     job = turn_queue().enqueue(
-        "agentcloud_clone.jobs.turns.run_turn",
+        TURN_JOB,
         team_id,
         session_id,
         turn_id,
-        job_id=f"turn-{turn_id}",
+        job_id=turn_job_id(turn_id),
         job_timeout=current_app.config["TURN_TIMEOUT"],
         result_ttl=3600,
         failure_ttl=86400,
         description=f"session {session_id} turn {turn_id}",
     )
-    return job.id
+    return str(job.id)
+
+
+def drop_queued_turn(turn_id: str) -> None:
+    """Take a turn that will never run out of the queue (RQ's own job cancel). Best effort: a job left behind
+    finds its session ended when a worker picks it up, and skips it."""
+    try:
+        Job.fetch(turn_job_id(turn_id), connection=get_redis()).cancel()
+    except (NoSuchJobError, InvalidJobOperation):
+        pass
+    except redis.RedisError:
+        log.warning("queued turn %s not removed from the queue (Redis unavailable); a worker will skip it", turn_id)
 
 
 def cancel_channel(prefix: str) -> str:

@@ -3,32 +3,24 @@
 from __future__ import annotations
 
 import json
-import re
-from typing import Any, ClassVar
+from typing import Any
 
 from bson import ObjectId
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, post_load, validate
 
-OBJECT_ID_RE = re.compile(r"^[a-f0-9]{24}$")
+from .ids import parse_object_id
+from .vocabulary import CANCEL_SOURCES, END_REASONS, MAX_CANCEL_REASON, RUNNER_NAMES, STATUSES
+
 MASKED_SECRET = "********"
 
 
-def parse_object_id(value: Any) -> ObjectId | None:
-    """The ObjectId spelled by `value` (24 lowercase hex characters), or None."""
-    if isinstance(value, str) and OBJECT_ID_RE.match(value):
-        return ObjectId(value)
-    return None
-
-
-class ObjectIdField(fields.Field):
+class ObjectIdField(fields.Field[ObjectId]):
     """An ObjectId given as 24 lowercase hex characters; anything else (objects, numbers, `$ne`) is refused."""
-
-    default_error_messages: ClassVar[dict[str, str]] = {"invalid": "Must be an id of 24 hexadecimal characters."}
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> ObjectId:
         oid = parse_object_id(value)
         if oid is None:
-            raise self.make_error("invalid")
+            raise ValidationError("Must be an id of 24 hexadecimal characters.")
         return oid
 
     def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> str | None:
@@ -52,10 +44,17 @@ def _bad_key(value: Any) -> str | None:
     return None
 
 
-class JsonObjectField(fields.Field):
-    """A JSON object, given as an object (JSON clients) or as JSON text (HTML forms)."""
+class QueryInteger(fields.Integer):
+    """An integer in a query string: ASCII digits only (`int()` would also take other scripts' digits)."""
 
-    default_error_messages: ClassVar[dict[str, str]] = {"invalid": "Must be a JSON object."}
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+        if isinstance(value, str) and not (value.isascii() and value.lstrip("-").isdigit()):
+            raise self.make_error("invalid")
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
+class JsonObjectField(fields.Field[dict[str, Any]]):
+    """A JSON object, given as an object (JSON clients) or as JSON text (HTML forms)."""
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> dict[str, Any]:
         if isinstance(value, str):
@@ -64,9 +63,9 @@ class JsonObjectField(fields.Field):
             try:
                 value = json.loads(value)
             except ValueError:
-                raise self.make_error("invalid") from None
+                raise ValidationError("Must be a JSON object.") from None
         if not isinstance(value, dict):
-            raise self.make_error("invalid")
+            raise ValidationError("Must be a JSON object.")
         bad = _bad_key(value)
         if bad is not None:
             raise ValidationError(f"Key {bad!r} is not allowed: keys may not start with '$' or contain '.' or NUL.")
@@ -95,13 +94,13 @@ class LoginSchema(Strict):
 
 class AppCreateSchema(Strict):
     name = fields.String(required=True, validate=validate.Length(min=1, max=200))
-    runner = fields.String(load_default="scripted", validate=validate.OneOf(["scripted", "openai", "python"]))
+    runner = fields.String(load_default="scripted", validate=validate.OneOf(RUNNER_NAMES))
     config = JsonObjectField(load_default=dict)
 
 
 class AppEditSchema(Strict):
     name = fields.String(validate=validate.Length(min=1, max=200))
-    runner = fields.String(validate=validate.OneOf(["scripted", "openai", "python"]))
+    runner = fields.String(validate=validate.OneOf(RUNNER_NAMES))
     config = JsonObjectField()
 
 
@@ -122,8 +121,22 @@ class SendMessageSchema(Strict):
     message = fields.String(required=True, validate=validate.Length(min=1, max=100_000))
 
 
+CancelReason = fields.String(load_default=None, validate=validate.Length(max=MAX_CANCEL_REASON))
+
+
+class CancelSchema(Strict):
+    """Agentcloud's cancel body: its UI repeats the path's ids (and a CSRF field) in the body."""
+
+    reason = CancelReason
+    next = fields.String(load_default=None, validate=validate.Length(max=2000))
+    sessionId = ObjectIdField(load_default=None)
+    resourceSlug = ObjectIdField(load_default=None)
+    _csrf = fields.String(load_default=None, validate=validate.Length(max=500))
+
+
 class ManagedCancelSchema(Strict):
     sessionId = ObjectIdField(required=True)
+    reason = CancelReason
 
 
 class ApiKeyCreateSchema(Strict):
@@ -135,11 +148,8 @@ class ListSessionsArgs(Schema):
         unknown = EXCLUDE
 
     before = ObjectIdField(load_default=None)
-    limit = fields.Integer(load_default=10, validate=validate.Range(min=1, max=100))
-    status = fields.String(
-        load_default=None,
-        validate=validate.OneOf(["started", "running", "waiting", "warning", "error", "terminated"]),
-    )
+    limit = QueryInteger(load_default=10, validate=validate.Range(min=1, max=100))
+    status = fields.String(load_default=None, validate=validate.OneOf(STATUSES))
 
 
 class ListEventsArgs(Schema):
@@ -147,8 +157,8 @@ class ListEventsArgs(Schema):
         unknown = EXCLUDE
 
     # MongoDB integers are 8 bytes; anything larger could never match and would not encode.
-    after = fields.Integer(load_default=0, validate=validate.Range(min=0, max=2**63 - 1))
-    limit = fields.Integer(load_default=500, validate=validate.Range(min=1, max=1000))
+    after = QueryInteger(load_default=0, validate=validate.Range(min=0, max=2**63 - 1))
+    limit = QueryInteger(load_default=500, validate=validate.Range(min=1, max=1000))
 
 
 # --- runner settings --------------------------------------------------------------------------------------
@@ -170,7 +180,6 @@ class OpenAIRunnerConfig(Strict):
     model = fields.String(required=True, validate=validate.Length(min=1, max=200))
     baseUrl = fields.Url(load_default=None, require_tld=False, schemes={"http", "https"})
     apiKey = fields.String(load_default=None, validate=validate.Length(max=500))
-    apiKeyEnv = fields.String(load_default=None, validate=validate.Regexp(r"^[A-Z_][A-Z0-9_]{0,100}$"))
     systemPrompt = fields.String(load_default=None, validate=validate.Length(max=20_000))
     temperature = fields.Float(load_default=None, validate=validate.Range(min=0, max=2))
     maxTokens = fields.Integer(load_default=None, validate=validate.Range(min=1, max=1_000_000))
@@ -220,13 +229,15 @@ class SessionOut(Out):
     appId = ObjectIdField()
     name = fields.String()
     status = fields.String()
-    cancelling = fields.Method("_cancelling")
-    turnInFlight = fields.Method("_turn_in_flight")
+    endReason = fields.String(allow_none=True)
+    cancelling = fields.Boolean(dump_default=False)
+    turnInFlight = fields.Boolean(dump_default=False)
     startDate = fields.DateTime()
     lastUpdatedDate = fields.DateTime()
     endedAt = fields.DateTime(allow_none=True)
     cancelledAt = fields.DateTime(allow_none=True)
     cancelledBy = ObjectIdField(allow_none=True)
+    cancellation = fields.Nested(lambda: CancellationOut(), allow_none=True)
     heartbeatAt = fields.DateTime(allow_none=True)
     tokensUsed = fields.Integer()
     previewLabel = fields.String(allow_none=True)
@@ -234,11 +245,22 @@ class SessionOut(Out):
     sharingConfig = fields.Dict()
     lastSeq = fields.Integer(attribute="eventSeq", dump_default=0)
 
-    def _cancelling(self, obj: dict[str, Any]) -> bool:
-        return bool(obj.get("cancelledAt")) and obj.get("status") not in ("terminated", "error")
 
-    def _turn_in_flight(self, obj: dict[str, Any]) -> bool:
-        return obj.get("activeTurnId") is not None and obj.get("status") not in ("terminated", "error")
+class ActorOut(Out):
+    kind = fields.String()
+    accountId = ObjectIdField()
+    apiKeyId = ObjectIdField()
+
+
+class CancellationOut(Out):
+    """Who asked for the cancel, from where, why, and when it was asked for and completed."""
+
+    by = fields.Nested(ActorOut)
+    source = fields.String(validate=validate.OneOf(CANCEL_SOURCES))
+    reason = fields.String()
+    endReason = fields.String(validate=validate.OneOf(END_REASONS))
+    requestedAt = fields.DateTime()
+    completedAt = fields.DateTime(allow_none=True)
 
 
 class EventOut(Out):
@@ -252,6 +274,9 @@ class EventOut(Out):
     interrupted = fields.Boolean()
     by = ObjectIdField()
     status = fields.String()
+    endReason = fields.String()
+    source = fields.String()
+    reason = fields.String()
     message = fields.String()
     tokens = fields.Integer()
     createdAt = fields.DateTime()
@@ -292,7 +317,15 @@ class TeamOut(Out):
     role = fields.String()
 
 
+class MemberOut(Out):
+    _id = ObjectIdField()
+    email = fields.String()
+    name = fields.String()
+    role = fields.String()
+
+
 session_out = SessionOut()
+member_out = MemberOut()
 event_out = EventOut()
 app_out = AppOut()
 api_key_out = ApiKeyOut()

@@ -1,22 +1,21 @@
-"""Fixtures shared by every tier: real servers on loopback, apps, and users who sign in like users do."""
+"""Fixtures shared by every tier: real servers on loopback, one app per test on its own database, and users
+who sign in like users do. Helpers live in tests/support.py."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from flask import Flask
-from flask.testing import FlaskClient
+from pymongo.errors import PyMongoError
 
 from agentcloud_clone import create_app
-from agentcloud_clone.services import accounts as accounts_service
-from agentcloud_clone.services import apps as apps_service
+from agentcloud_clone.db import client_for, database_name, ensure_indexes_once
+from agentcloud_clone.jobs.watcher import stop_watchers
 from devtools.servers import ManagedProcess, start_mongo, start_redis
-
-PASSWORD = "correct horse battery"
+from tests.support import Client, Factory, User, make_test_config
 
 
 @pytest.fixture(scope="session")
@@ -33,22 +32,6 @@ def mongo_server() -> Iterator[ManagedProcess]:
         yield server
 
 
-def make_test_config(redis_url: str, mongo_uri: str, **overrides: Any) -> dict[str, Any]:
-    """Settings for one isolated app: its own database, queue and rate-limit counters; limits stay on."""
-    tag = uuid.uuid4().hex[:12]
-    return {
-        "TESTING": True,
-        "MONGO_URI": mongo_uri.replace("{db}", f"test_{tag}"),
-        "REDIS_URL": redis_url,
-        "TURN_QUEUE": f"turns-{tag}",
-        "RATELIMIT_KEY_PREFIX": f"rl-{tag}",
-        "REDIS_PREFIX": f"ac-{tag}",
-        "LOGIN_RATE_LIMIT": "1000 per minute",
-        "SECRET_KEY": "test-secret",
-        **overrides,
-    }
-
-
 @pytest.fixture(params=["mongomock"])
 def mongo_uri_template(request: pytest.FixtureRequest) -> str:
     """Which MongoDB the app talks to; API test modules parametrise this to add the wire server."""
@@ -59,60 +42,40 @@ def mongo_uri_template(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def app(redis_server: ManagedProcess, mongo_uri_template: str) -> Flask:
-    """A fresh app on its own database."""
-    return create_app(make_test_config(redis_server.url, mongo_uri_template))
+def app_settings() -> dict[str, Any]:
+    """Extra settings for this module's apps; override the fixture in a module to change them."""
+    return {}
 
 
 @pytest.fixture
-def client(app: Flask) -> FlaskClient:
+def make_app(redis_server: ManagedProcess, mongo_uri_template: str) -> Iterator[Callable[..., Flask]]:
+    """`make_app(**settings)` → a fresh app on its own database, dropped (with its watchers) afterwards."""
+    made: list[Flask] = []
+
+    def _make(**settings: Any) -> Flask:
+        app = create_app(make_test_config(redis_server.url, mongo_uri_template, **settings))
+        made.append(app)
+        with contextlib.suppress(PyMongoError):  # as a served app does before its first request
+            ensure_indexes_once(app)
+        return app
+
+    yield _make
+    stop_watchers()
+    for app in made:
+        uri = app.config["MONGO_URI"]
+        with contextlib.suppress(PyMongoError):  # some tests point an app at a server that is not there
+            client_for(uri).drop_database(database_name(uri))
+
+
+@pytest.fixture
+def app(make_app: Callable[..., Flask], app_settings: dict[str, Any]) -> Flask:
+    """The test's app."""
+    return make_app(**app_settings)
+
+
+@pytest.fixture
+def client(app: Flask) -> Any:
     return app.test_client()
-
-
-@dataclass
-class User:
-    """A user created through the services, with what a test needs to act as them."""
-
-    email: str
-    account_id: str
-    team_id: str
-    role: str
-    password: str = PASSWORD
-    api_key: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class Factory:
-    """Creates real accounts, teams and apps through the services."""
-
-    def __init__(self, app: Flask) -> None:
-        self.app = app
-
-    def team(self, name: str | None = None) -> dict[str, Any]:
-        with self.app.app_context():
-            return accounts_service.ensure_team(name or f"team-{uuid.uuid4().hex[:8]}")
-
-    def user(self, role: str = "member", team: dict[str, Any] | None = None, *, api_key: bool = False) -> User:
-        team = team or self.team()
-        email = f"{role}-{uuid.uuid4().hex[:8]}@example.com"
-        with self.app.app_context():
-            account = accounts_service.create_account(email, PASSWORD, role.title())
-            accounts_service.add_member(team["_id"], email, role)
-            key = accounts_service.create_api_key(account["_id"], "test")[1] if api_key else None
-        return User(email, str(account["_id"]), str(team["_id"]), role, api_key=key)
-
-    def app_record(self, team_id: str, runner: str = "scripted", **config: Any) -> str:
-        from bson import ObjectId
-
-        with self.app.app_context():
-            from agentcloud_clone.repositories.accounts import find_team
-
-            team = find_team(ObjectId(team_id))
-            assert team is not None
-            settings = config or {"steps": 3, "stepDelay": 0.01}
-            return str(
-                apps_service.create_app_record(team, f"app-{uuid.uuid4().hex[:6]}", runner, settings, None)["_id"]
-            )
 
 
 @pytest.fixture
@@ -120,47 +83,21 @@ def factory(app: Flask) -> Factory:
     return Factory(app)
 
 
-class Session:
-    """A signed-in browser-like or JSON client for one user."""
-
-    def __init__(self, client: FlaskClient, user: User) -> None:
-        self.client = client
-        self.user = user
-        self.csrf: str | None = None
-
-    def login(self) -> Session:
-        response = self.client.post(
-            "/forms/account/login", json={"email": self.user.email, "password": self.user.password}
-        )
-        assert response.status_code == 200, response.get_json()
-        self.csrf = response.get_json()["csrf"]
-        return self
-
-    def json(self, method: str, path: str, body: Any = None, **kwargs: Any) -> Any:
-        """A JSON request carrying the CSRF header, as the web UI's scripts send it."""
-        headers = {"X-CSRFToken": self.csrf or "", "Accept": "application/json", **kwargs.pop("headers", {})}
-        return self.client.open(path, method=method, json=body, headers=headers, **kwargs)
-
-    def form(self, path: str, data: dict[str, Any] | None = None, **kwargs: Any) -> Any:
-        """An HTML form post with the CSRF field, as a browser sends it."""
-        return self.client.post(path, data={"csrf_token": self.csrf or "", **(data or {})}, **kwargs)
-
-
 @pytest.fixture
-def login(app: Flask):
+def login(app: Flask) -> Callable[..., Client]:
     """`login(user)` → a signed-in client of its own (cookies are per client)."""
 
-    def _login(user: User) -> Session:
-        return Session(app.test_client(), user).login()
+    def _login(user: User, **extra: Any) -> Client:
+        return Client(app.test_client(), user).login(**extra)
 
     return _login
 
 
 @pytest.fixture
-def api_key_client(app: Flask):
+def api_key_client(app: Flask) -> Callable[[User], Callable[..., Any]]:
     """`api_key_client(user)` → a callable making requests with the user's API key and no cookies."""
 
-    def _make(user: User):
+    def _make(user: User) -> Callable[..., Any]:
         assert user.api_key, "create the user with api_key=True"
         test_client = app.test_client()
 

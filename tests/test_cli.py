@@ -8,6 +8,7 @@ import pytest
 from bson import ObjectId
 
 from agentcloud_clone.db import get_db
+from tests.support import wait_until
 
 
 @pytest.fixture
@@ -61,13 +62,39 @@ def test_seed_demo_is_repeatable(runner):
     assert first["apiKey"] != second["apiKey"] and first["email"] == "demo@example.com"
 
 
-def test_reap_reports_what_it_ended(runner, app):
-    from datetime import UTC, datetime, timedelta
+def test_reap_reports_what_it_ended(runner, app, factory):
+    from agentcloud_clone.services.sessions import claim_turn
 
+    user = factory.user("member")
+    session = factory.session(user, factory.app_record(user.team_id), "hello")
     with app.app_context():
-        stale = datetime.now(UTC) - timedelta(minutes=5)
-        sid = (
-            get_db().sessions.insert_one({"teamId": ObjectId(), "status": "running", "heartbeatAt": stale}).inserted_id
-        )
-    assert _json(runner.invoke(args=["reap", "--timeout", "30"])) == {"reaped": [str(sid)]}
+        # A worker claims the turn and is never heard of again.
+        assert claim_turn(user.team_oid, session["_id"], session["activeTurnId"], "gone:1") is not None
     assert _json(runner.invoke(args=["reap"])) == {"reaped": []}
+    # At timeout 0 any heartbeat older than now is lost (one stamped this very millisecond is not, yet).
+    reaped = wait_until(lambda: _json(runner.invoke(args=["reap", "--timeout", "0"]))["reaped"], what="a reap")
+    assert reaped == [str(session["_id"])]
+    with app.app_context():
+        assert get_db().sessions.find_one({"_id": session["_id"]})["endReason"] == "worker_lost"
+
+
+def test_members_can_be_listed_removed_and_change_role(runner, app):
+    team = _json(runner.invoke(args=["users", "create", "own@example.com", "--password", "longenough", "--team", "M"]))
+    runner.invoke(args=["users", "create", "m@example.com", "--password", "longenough"])
+    _json(runner.invoke(args=["teams", "add-member", team["teamId"], "m@example.com", "--role", "member"]))
+    _json(runner.invoke(args=["teams", "add-member", team["teamId"], "m@example.com", "--role", "admin"]))
+    members = _json(runner.invoke(args=["teams", "members", team["teamId"]]))["members"]
+    assert {(m["email"], m["role"]) for m in members} == {("own@example.com", "owner"), ("m@example.com", "admin")}
+    assert _json(runner.invoke(args=["teams", "remove-member", team["teamId"], "m@example.com"]))["removed"] is True
+    last_owner = runner.invoke(args=["teams", "remove-member", team["teamId"], "own@example.com"])
+    assert last_owner.exit_code == 1 and json.loads(last_owner.stderr)["code"] == 409
+
+
+def test_unreachable_database_is_one_json_line(make_app):
+    from devtools.servers import free_port
+
+    dead = f"mongodb://127.0.0.1:{free_port()}/x?serverSelectionTimeoutMS=300&connectTimeoutMS=300"
+    result = make_app(MONGO_URI=dead).test_cli_runner().invoke(args=["apikeys", "create", "a@example.com"])
+    assert result.exit_code == 1
+    error = json.loads(result.stderr.strip().splitlines()[-1])
+    assert error["code"] == 503 and "MONGO_URI" in error["message"]

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
-from agentcloud_clone import create_app
-from agentcloud_clone.ops import ContextFilter
-from tests.conftest import make_test_config
+from agentcloud_clone.logs import ContextFilter, set_job_context
+from tests.support import run_queued_turn
+
+
+def _sample(text: str, name: str, labels: str = "") -> float:
+    """The value of one series in Prometheus text (0 when absent)."""
+    match = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
 
 
 def test_healthz_and_readyz(client):
@@ -16,21 +22,27 @@ def test_healthz_and_readyz(client):
     assert ready.status_code == 200 and ready.get_json()["checks"] == {"mongo": "ok", "redis": "ok"}
 
 
-def test_readyz_is_503_when_redis_is_unreachable(redis_server):
-    app = create_app(make_test_config("redis://127.0.0.1:1/0", "mongomock://localhost/{db}"))
+def test_readyz_is_503_when_redis_is_unreachable(make_app):
+    app = make_app(REDIS_URL="redis://127.0.0.1:1/0")
     response = app.test_client().get("/readyz")
     body = response.get_json()
     assert response.status_code == 503 and body["code"] == 503 and body["checks"]["redis"] == "unavailable"
 
 
-def test_metrics_exposes_the_shared_series(factory, login, client):
+def test_metrics_count_requests_sessions_and_polls(factory, login, client, app):
     me = login(factory.user("member"))
-    me.client.get(f"/{me.user.team_id}/sessions.json")
+    for _ in range(3):
+        me.client.get(f"/{me.user.team_id}/sessions.json")
+    app_id = factory.app_record(me.user.team_id, steps=2, stepDelay=0)
+    waiting = factory.session(me.user, app_id, "hello")
+    run_queued_turn(app, waiting["_id"])
+    factory.session(me.user, app_id)
     text = client.get("/metrics").get_data(as_text=True)
-    assert 'agentcloud_http_request_duration_seconds_count{endpoint="/<resourceSlug>/sessions.json"' in text
-    assert "agentcloud_cancel_to_stop_seconds" in text
-    assert 'agentcloud_sessions{status="running"}' in text
-    assert "agentcloud_cancel_poll_queries_total" in text
+    labels = '{endpoint="/<resourceSlug>/sessions.json",method="GET",status="200"}'
+    assert _sample(text, "agentcloud_http_request_duration_seconds_count", labels) == 3
+    assert _sample(text, "agentcloud_sessions", '{status="waiting"}') == 1
+    assert _sample(text, "agentcloud_sessions", '{status="started"}') == 1
+    assert _sample(text, "agentcloud_sessions", '{status="running"}') == 0
 
 
 def test_request_id_is_echoed_or_made(client):
@@ -40,8 +52,6 @@ def test_request_id_is_echoed_or_made(client):
 
 def test_log_records_carry_request_and_job_ids(app):
     from pythonjsonlogger.json import JsonFormatter
-
-    from agentcloud_clone.jobs.context import set_job_context
 
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "hello", None, None)
     with app.test_request_context("/", headers={"X-Request-ID": "req-1"}):
@@ -53,28 +63,27 @@ def test_log_records_carry_request_and_job_ids(app):
     assert line["request_id"] == "req-1" and line["session_id"] == "s1" and line["job_id"] == "j1"
 
 
-def test_app_boots_while_mongodb_is_down_and_reports_not_ready(redis_server):
+def test_app_boots_while_mongodb_is_down_and_reports_not_ready(make_app):
     from devtools.servers import free_port
 
     dead = f"mongodb://127.0.0.1:{free_port()}/x?serverSelectionTimeoutMS=300&connectTimeoutMS=300"
-    app = create_app(make_test_config(redis_server.url, dead))
+    app = make_app(MONGO_URI=dead)
     client = app.test_client()
     assert client.get("/healthz").status_code == 200
     ready = client.get("/readyz")
     assert ready.status_code == 503 and ready.get_json()["checks"]["mongo"] == "unavailable"
 
 
-def test_metrics_token_guards_the_scrape(redis_server):
-    app = create_app(make_test_config(redis_server.url, "mongomock://localhost/{db}", METRICS_TOKEN="scrape-me"))
+def test_metrics_token_guards_the_scrape(make_app):
+    app = make_app(METRICS_TOKEN="scrape-me")
     client = app.test_client()
     assert client.get("/metrics").status_code == 401
     assert client.get("/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
     assert client.get("/metrics", headers={"Authorization": "Bearer scrape-me"}).status_code == 200
 
 
-def test_metrics_of_deployments_sharing_a_redis_stay_apart(redis_server):
-    first = create_app(make_test_config(redis_server.url, "mongomock://localhost/{db}"))
-    second = create_app(make_test_config(redis_server.url, "mongomock://localhost/{db}"))
+def test_metrics_of_deployments_sharing_a_redis_stay_apart(make_app):
+    first, second = make_app(), make_app()
     for _ in range(3):
         first.test_client().get("/readyz")
     text = second.test_client().get("/metrics").get_data(as_text=True)

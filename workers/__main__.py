@@ -10,11 +10,14 @@ import argparse
 import logging
 import threading
 
+from pymongo.errors import PyMongoError
 from rq import Worker
 
 from agentcloud_clone import create_app
-from agentcloud_clone.jobs.turns import end_turn_of_killed_job, reap_lost_turns
+from agentcloud_clone.db import ensure_indexes_once
+from agentcloud_clone.jobs.turns import end_turn_of_killed_job
 from agentcloud_clone.queueing import get_redis
+from agentcloud_clone.services.sessions import reap_lost_turns
 
 log = logging.getLogger("workers")
 
@@ -23,8 +26,9 @@ def _reaper_loop(app, stop: threading.Event) -> None:  # type: ignore[no-untyped
     interval = float(app.config["REAPER_INTERVAL"])
     while not stop.wait(interval):
         try:
+            ensure_indexes_once(app)
             with app.app_context():
-                reap_lost_turns()
+                reap_lost_turns(float(app.config["HEARTBEAT_TIMEOUT"]))
         except Exception:
             log.exception("reaper pass failed; retrying next interval")
 
@@ -45,8 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-reaper", action="store_true", help="do not run the periodic reaper here")
     args = parser.parse_args(argv)
 
-    app = create_app({"CREATE_INDEXES": True})
+    app = create_app()
     stop = threading.Event()
+    try:
+        ensure_indexes_once(app)
+    except PyMongoError as exc:
+        log.warning("indexes not ensured yet (MongoDB unavailable: %s); the reaper retries", exc)
     with app.app_context():
         queues = args.queues or [app.config["TURN_QUEUE"]]
         if not args.no_reaper:

@@ -6,20 +6,25 @@ hook with `ctx.cancel.on_cancel(close)` that unblocks it (the worker also stops 
 the handle is set, so a runner that ignores it only wastes its own work).
 
 User-supplied runners (`python`): an app with runner `python` and config
-`{"callable": "package.module:function", "options": {...}}` calls `function(ctx)`. It gets the same
-`TurnContext` (the user's message in `ctx.user_message`, earlier turns in `ctx.history`, its options in
-`ctx.options`) and yields strings or `Piece(text, tokens)`. Setting `ctx.end_session = True` ends the
-session after the turn instead of waiting for the next message.
+`{"callable": "package.module:function", "options": {...}}` calls `function(ctx)`, for callables in the
+modules the operator allows (PYTHON_RUNNER_MODULES). It gets the same `TurnContext` (the user's message in
+`ctx.user_message`, earlier turns in `ctx.history`, its options in `ctx.options`) and yields strings or
+`Piece(text, tokens)`. Setting `ctx.end_session = True` ends the session after the turn instead of waiting
+for the next message.
+
+The context holds no secrets: the upstream key of an `openai` app is handed to that runner alone, as an
+`TurnGrant` whose key never shows in a repr.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..services.apps import module_allowed
+from ..vocabulary import Runner
 from .watcher import CancelHandle
 
 
@@ -41,19 +46,30 @@ class TurnContext:
     history: list[dict[str, str]]
     cancel: CancelHandle
     turn_number: int
-    env: dict[str, Any] = field(default_factory=dict)
     end_session: bool = False
 
     @property
     def options(self) -> dict[str, Any]:
-        return (self.app.get("config") or {}).get("options", {})
+        options: dict[str, Any] = (self.app.get("config") or {}).get("options", {})
+        return options
+
+
+@dataclass(frozen=True)
+class TurnGrant:
+    """What the installation lets this turn use: the upstream endpoint and key of an `openai` app, and the
+    modules `python` callables may come from. Handed to the runner beside the context, never inside it, and
+    the key never shows in a repr."""
+
+    base_url: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    allowed_modules: Sequence[str] = ()
 
 
 class RunnerError(Exception):
     """A runner failed in a way worth showing the user verbatim."""
 
 
-def scripted(ctx: TurnContext) -> Iterator[Piece]:
+def scripted(ctx: TurnContext, grant: TurnGrant) -> Iterator[Piece]:
     """The deterministic demo and test agent: `steps` pieces, `stepDelay` seconds apart."""
     config = ctx.app.get("config") or {}
     steps, delay = int(config.get("steps", 8)), float(config.get("stepDelay", 0.25))
@@ -71,19 +87,16 @@ def scripted(ctx: TurnContext) -> Iterator[Piece]:
         ctx.end_session = True
 
 
-def openai_chat(ctx: TurnContext) -> Iterator[Piece]:
+def openai_chat(ctx: TurnContext, grant: TurnGrant) -> Iterator[Piece]:
     """Any OpenAI-compatible chat-completions endpoint, streamed; cancel closes the HTTP stream at once."""
     import openai
 
     config = ctx.app.get("config") or {}
-    api_key = (
-        config.get("apiKey")
-        or os.environ.get(config.get("apiKeyEnv") or "OPENAI_API_KEY")
-        or ctx.env.get("OPENAI_API_KEY")
-    )
-    base_url = config.get("baseUrl") or ctx.env.get("OPENAI_BASE_URL")
     client = openai.OpenAI(
-        api_key=api_key or "unset", base_url=base_url, timeout=float(config.get("timeout", 60)), max_retries=0
+        api_key=grant.api_key or "unset",
+        base_url=grant.base_url,
+        timeout=float(config.get("timeout", 60)),
+        max_retries=0,
     )
     messages: list[dict[str, str]] = []
     if config.get("systemPrompt"):
@@ -132,19 +145,22 @@ def openai_chat(ctx: TurnContext) -> Iterator[Piece]:
         stream.close()
 
 
-def python_callable(ctx: TurnContext) -> Iterable[Any]:
-    """A user callable named `module:function` in the app's settings."""
+def python_callable(ctx: TurnContext, grant: TurnGrant) -> Iterable[Any]:
+    """A user callable named `module:function` in the app's settings, from a module the operator allows."""
     target = (ctx.app.get("config") or {})["callable"]
+    if not module_allowed(target, grant.allowed_modules):
+        raise RunnerError(f"the runner callable {target!r} is not in a module this installation allows")
     module_name, _, function_name = target.partition(":")
     try:
         function = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError):
         raise RunnerError(f"cannot load the runner callable {target!r}") from None
-    return function(ctx)
+    pieces: Iterable[Any] = function(ctx)
+    return pieces
 
 
-RUNNERS: dict[str, Callable[[TurnContext], Iterable[Any]]] = {
-    "scripted": scripted,
-    "openai": openai_chat,
-    "python": python_callable,
+RUNNERS: dict[str, Callable[[TurnContext, TurnGrant], Iterable[Any]]] = {
+    Runner.SCRIPTED: scripted,
+    Runner.OPENAI: openai_chat,
+    Runner.PYTHON: python_callable,
 }

@@ -16,11 +16,14 @@ from typing import Any
 
 import redis
 from bson import ObjectId
+from flask import Flask
 
 from .. import metrics
-from ..db import client_for, database_name
+from ..ids import parse_object_id
 from ..queueing import cancel_channel, redis_for
+from ..repositories import sessions as sessions_repo
 from ..timeutil import utcnow
+from ..vocabulary import ENDED_STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +77,14 @@ def _run_quietly(callback: Callable[[], Any]) -> None:
 class CancelWatcher:
     """Polls MongoDB for the turns this process runs; see the module docstring."""
 
-    def __init__(
-        self,
-        mongo_uri: str,
-        redis_url: str,
-        poll_interval: float,
-        heartbeat_interval: float,
-        pubsub: bool,
-        redis_prefix: str = "agentcloud",
-    ) -> None:
-        self.mongo_uri, self.redis_url, self.redis_prefix = mongo_uri, redis_url, redis_prefix
-        self.poll_interval, self.heartbeat_interval, self.pubsub = poll_interval, heartbeat_interval, pubsub
+    def __init__(self, app: Flask) -> None:
+        config = app.config
+        self.app = app
+        self.redis_url, self.redis_prefix = config["REDIS_URL"], config["REDIS_PREFIX"]
+        self.poll_interval = float(config["CANCEL_POLL_INTERVAL"])
+        self.heartbeat_interval = float(config["HEARTBEAT_INTERVAL"])
+        self.pubsub = bool(config["CANCEL_PUBSUB"])
+        self.metrics = metrics.store_for(config)
         self._handles: dict[ObjectId, tuple[ObjectId, CancelHandle]] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -92,10 +92,6 @@ class CancelWatcher:
         self._threads: list[threading.Thread] = []
         self.polls = 0
         self._last_heartbeat = 0.0
-
-    @property
-    def _sessions(self) -> Any:
-        return client_for(self.mongo_uri)[database_name(self.mongo_uri)].sessions
 
     def start(self) -> None:
         """Start the poll thread (and the pub/sub listener when enabled)."""
@@ -106,7 +102,7 @@ class CancelWatcher:
             self._threads.append(thread)
 
     def stop(self) -> None:
-        """Stop the threads (used by tests; worker processes just exit)."""
+        """Stop the threads (a worker shutting down, or a test tearing down its app)."""
         self._stop.set()
         self._wake.set()
 
@@ -132,31 +128,29 @@ class CancelWatcher:
             watched = dict(self._handles)
         if not watched:
             return
-        team_ids = list({team_id for team_id, _ in watched.values()})
-        docs = self._sessions.find(
-            {"_id": {"$in": list(watched)}, "teamId": {"$in": team_ids}},
-            {"cancelledAt": 1, "status": 1},
-        )
-        self.polls += 1
-        metrics.MetricsStore(redis_for(self.redis_url), self.redis_prefix).increment("cancel_poll_queries_total")
-        seen = set()
-        for doc in docs:
-            seen.add(doc["_id"])
-            if doc.get("cancelledAt"):
-                watched[doc["_id"]][1].trigger("cancelled")
-            elif doc.get("status") in ("terminated", "error"):
-                watched[doc["_id"]][1].trigger("ended")
-        for session_id in set(watched) - seen:
-            watched[session_id][1].trigger("deleted")
-        now = time.monotonic()
-        if now - self._last_heartbeat >= self.heartbeat_interval:
-            self._last_heartbeat = now
-            live = [sid for sid, (_, h) in watched.items() if not h.is_set()]
-            if live:
-                self._sessions.update_many(
-                    {"_id": {"$in": live}, "teamId": {"$in": team_ids}, "status": "running"},
-                    {"$set": {"heartbeatAt": utcnow()}},
-                )
+        teams = {session_id: team_id for session_id, (team_id, _) in watched.items()}
+        with self.app.app_context():
+            docs = sessions_repo.watch_states(teams)
+            self.polls += 1
+            self.metrics.increment("cancel_poll_queries_total")
+            seen = set()
+            for doc in docs:
+                seen.add(doc["_id"])
+                handle = watched[doc["_id"]][1]
+                if doc.get("deletedAt"):
+                    handle.trigger("deleted")
+                elif doc.get("cancelledAt"):
+                    handle.trigger("cancelled")
+                elif doc.get("status") in ENDED_STATUSES:
+                    handle.trigger("ended")
+            for session_id in set(watched) - seen:
+                watched[session_id][1].trigger("deleted")
+            now = time.monotonic()
+            if now - self._last_heartbeat >= self.heartbeat_interval:
+                self._last_heartbeat = now
+                live = {sid: team for sid, team in teams.items() if not watched[sid][1].is_set()}
+                if live:
+                    sessions_repo.heartbeat(live, utcnow())
 
     def _poll_loop(self) -> None:
         # Polls keep to a fixed schedule, so the time a poll takes does not stretch the interval.
@@ -175,7 +169,7 @@ class CancelWatcher:
         backoff, outage = 0.1, False
         while not self._stop.is_set():
             try:
-                pubsub = redis_for(self.redis_url).pubsub(ignore_subscribe_messages=True)
+                pubsub = redis_for(self.redis_url).pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
                 pubsub.subscribe(cancel_channel(self.redis_prefix))
                 if outage:
                     log.info("cancel notices restored")
@@ -192,32 +186,22 @@ class CancelWatcher:
                 backoff = min(backoff * 2, 5.0)
 
     def _is_watched(self, data: Any) -> bool:
-        try:
-            session_id = ObjectId(data.decode() if isinstance(data, bytes) else data)
-        except Exception:
-            return False
+        session_id = parse_object_id(data.decode() if isinstance(data, bytes) else data)
         with self._lock:
-            return session_id in self._handles
+            return session_id is not None and session_id in self._handles
 
 
 _watchers: dict[tuple[int, str], CancelWatcher] = {}
 _watchers_lock = threading.Lock()
 
 
-def watcher_for(config: Any) -> CancelWatcher:
-    """This process's watcher for the app's settings, started on first use (after any fork)."""
-    key = (os.getpid(), config["MONGO_URI"])
+def watcher_for(app: Flask) -> CancelWatcher:
+    """This process's watcher for the app, started on first use (after any fork)."""
+    key = (os.getpid(), app.config["MONGO_URI"])
     with _watchers_lock:
         watcher = _watchers.get(key)
         if watcher is None:
-            watcher = CancelWatcher(
-                config["MONGO_URI"],
-                config["REDIS_URL"],
-                float(config["CANCEL_POLL_INTERVAL"]),
-                float(config["HEARTBEAT_INTERVAL"]),
-                bool(config["CANCEL_PUBSUB"]),
-                config["REDIS_PREFIX"],
-            )
+            watcher = CancelWatcher(app)
             watcher.start()
             _watchers[key] = watcher
         return watcher

@@ -52,6 +52,31 @@ def set_membership(account_id: ObjectId, team_id: ObjectId, role: str) -> dict[s
     return updated
 
 
+def remove_membership(account_id: ObjectId, team_id: ObjectId) -> dict[str, Any] | None:
+    """Take the account off the team; the account after, or None when it was not a member."""
+    return get_db().accounts.find_one_and_update(
+        {"_id": account_id, "teams.teamId": team_id},
+        {"$pull": {"teams": {"teamId": team_id}}},
+        return_document=ReturnDocument.AFTER,
+    )
+
+
+def count_team_owners(team_id: ObjectId) -> int:
+    """How many accounts own the team."""
+    return get_db().accounts.count_documents({"teams": {"$elemMatch": {"teamId": team_id, "role": "owner"}}})
+
+
+def add_signin(account_id: ObjectId, signin: dict[str, Any], keep: int) -> None:
+    """Record a sign-in on the account, keeping only the `keep` most recent ones."""
+    get_db().accounts.update_one({"_id": account_id}, {"$push": {"signins": {"$each": [signin], "$slice": -keep}}})
+
+
+def remove_signins(account_id: ObjectId, signin_id: str | None = None) -> None:
+    """Revoke one sign-in of the account, or all of them when `signin_id` is None."""
+    update: dict[str, Any] = {"$pull": {"signins": {"id": signin_id}}} if signin_id else {"$set": {"signins": []}}
+    get_db().accounts.update_one({"_id": account_id}, update)
+
+
 def find_team(team_id: ObjectId) -> dict[str, Any] | None:
     """The team with this id, if any."""
     return get_db().teams.find_one({"_id": team_id})
@@ -79,8 +104,8 @@ def insert_org_and_team(team_name: str) -> dict[str, Any]:
 
 def team_members(team_id: ObjectId) -> list[dict[str, Any]]:
     """Accounts belonging to the team, without secrets."""
-    cursor = get_db().accounts.find({"teams.teamId": team_id}, {"passwordHash": 0}).sort("email", 1)
-    return list(cursor)
+    projection = {"passwordHash": 0, "signins": 0}
+    return list(get_db().accounts.find({"teams.teamId": team_id}, projection).sort("email", 1).limit(1000))
 
 
 def insert_api_key(account_id: ObjectId, name: str, lookup: str, key_hash: str) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Accounts, teams, memberships and API keys."""
+"""Accounts, sign-ins, teams, memberships and API keys."""
 
 from __future__ import annotations
 
@@ -9,37 +9,86 @@ from datetime import timedelta
 from typing import Any
 
 from bson import ObjectId
+from flask import current_app
 from pymongo.errors import DuplicateKeyError
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from ..permissions import ROLES
+from ..access import ROLES
+from ..errors import Conflict, InvalidInput, NotFound, PermissionDenied
 from ..repositories import accounts as repo
-from ..responses import ApiError
 from ..timeutil import utcnow
 
 API_KEY_PREFIX = "ak_"
 LAST_USED_GRANULARITY = timedelta(minutes=1)
-# A hash to compare against when the email is unknown, so a miss costs as long as a wrong password.
-_DUMMY_HASH = generate_password_hash("not-a-real-password")
+# Sign-ins kept per account (each browser that signed in holds one); older ones are signed out.
+SIGNINS_KEPT = 20
+_dummy_hashes: dict[str, str] = {}
+
+
+def _password_method() -> str:
+    return str(current_app.config["PASSWORD_HASH_METHOD"])
+
+
+def _dummy_hash() -> str:
+    """A hash to compare against when the email is unknown, so a miss costs as long as a wrong password."""
+    method = _password_method()
+    if method not in _dummy_hashes:
+        _dummy_hashes[method] = generate_password_hash("not-a-real-password", method=method)
+    return _dummy_hashes[method]
 
 
 def create_account(email: str, password: str, name: str | None = None) -> dict[str, Any]:
-    """A new account with a hashed password; 409 when the email is taken."""
+    """A new account with a hashed password; Conflict when the email is taken."""
     if len(password) < 8:
-        raise ApiError(400, "Password must be at least 8 characters.", {"password": ["Too short."]})
+        raise InvalidInput("Password must be at least 8 characters.", {"password": ["Too short."]})
     try:
-        return repo.insert_account(email, name or email.split("@")[0], generate_password_hash(password))
+        password_hash = generate_password_hash(password, method=_password_method())
+        return repo.insert_account(email, name or email.split("@")[0], password_hash)
     except DuplicateKeyError:
-        raise ApiError(409, f"An account with email {email} already exists.") from None
+        raise Conflict(f"An account with email {email} already exists.") from None
 
 
 def authenticate(email: str, password: str) -> dict[str, Any] | None:
     """The account when the password matches; None otherwise (same cost either way)."""
     doc = repo.find_account_by_email(email)
     if doc is None:
-        check_password_hash(_DUMMY_HASH, password)
+        check_password_hash(_dummy_hash(), password)
         return None
     return doc if check_password_hash(doc["passwordHash"], password) else None
+
+
+def start_signin(account_id: ObjectId, remember: bool) -> str:
+    """Record a new sign-in and return its id, which the session (and remember) cookie carries."""
+    signin_id = secrets.token_urlsafe(16)
+    repo.add_signin(account_id, {"id": signin_id, "at": utcnow(), "remember": remember}, SIGNINS_KEPT)
+    return signin_id
+
+
+def end_signin(account_id: ObjectId, signin_id: str | None) -> None:
+    """Sign out one browser: its cookies stop working everywhere, replayed or not."""
+    if signin_id:
+        repo.remove_signins(account_id, signin_id)
+
+
+def end_all_signins(account_id: ObjectId) -> None:
+    """Sign the account out of every browser (sign out everywhere, or after a password change)."""
+    repo.remove_signins(account_id)
+
+
+def account_for_signin(account_id: ObjectId, signin_id: str) -> dict[str, Any] | None:
+    """The account, if this sign-in of it is still valid."""
+    doc = repo.find_account(account_id)
+    if doc is None or not any(s.get("id") == signin_id for s in doc.get("signins", [])):
+        return None
+    return doc
+
+
+def get_team(team_id: ObjectId) -> dict[str, Any]:
+    """The team; NotFound when there is none."""
+    team = repo.find_team(team_id)
+    if team is None:
+        raise NotFound("No such team.")
+    return team
 
 
 def ensure_team(team_name: str) -> dict[str, Any]:
@@ -47,18 +96,78 @@ def ensure_team(team_name: str) -> dict[str, Any]:
     return repo.find_team_by_name(team_name) or repo.insert_org_and_team(team_name)
 
 
-def add_member(team_id: ObjectId, email: str, role: str) -> dict[str, Any]:
-    """Give the account `role` on the team; 400 for an unknown role, 404 for an unknown account or team."""
+def _check_grant(granted_by: str | None, current: str | None, new: str | None) -> None:
+    """Only owners make, unmake or remove owners; anyone else managing the team handles the other roles.
+    `granted_by` None is the operator (CLI), who may do anything."""
+    if granted_by is not None and granted_by != "owner" and "owner" in (current, new):
+        raise PermissionDenied("Only an owner can grant, change or remove the owner role.")
+
+
+def add_member(team_id: ObjectId, email: str, role: str, *, granted_by: str | None = None) -> dict[str, Any]:
+    """Give the account `role` on the team (or change its role there); takes effect on its next request.
+
+    `granted_by` is the role of whoever grants it (None for the operator's CLI)."""
     if role not in ROLES:
-        raise ApiError(400, f"Unknown role {role!r}; choose one of {', '.join(ROLES)}.")
+        raise InvalidInput(f"Unknown role {role!r}; choose one of {', '.join(ROLES)}.", {"role": ["Unknown role."]})
     if repo.find_team(team_id) is None:
-        raise ApiError(404, "No such team.")
+        raise NotFound("No such team.")
     account = repo.find_account_by_email(email)
     if account is None:
-        raise ApiError(404, f"No account with email {email}.")
+        raise NotFound(f"No account with email {email}.")
+    return set_member_role(team_id, account, role, granted_by=granted_by)
+
+
+def set_member_role(
+    team_id: ObjectId, account: dict[str, Any], role: str, *, granted_by: str | None = None
+) -> dict[str, Any]:
+    """Set an account's role on the team; a team keeps at least one owner."""
+    if role not in ROLES:
+        raise InvalidInput(f"Unknown role {role!r}; choose one of {', '.join(ROLES)}.", {"role": ["Unknown role."]})
+    current = account_role(account, team_id)
+    _check_grant(granted_by, current, role)
+    if current == "owner" and role != "owner":
+        _keep_an_owner(team_id)
     updated = repo.set_membership(account["_id"], team_id, role)
-    assert updated is not None
+    if updated is None:
+        raise NotFound("No such account.")
     return updated
+
+
+def member(team_id: ObjectId, account_id: ObjectId) -> dict[str, Any]:
+    """A member of the team; NotFound for anyone else."""
+    account = repo.find_account(account_id)
+    if account is None or account_role(account, team_id) is None:
+        raise NotFound("No such member of this team.")
+    return account
+
+
+def remove_member(team_id: ObjectId, account: dict[str, Any], *, granted_by: str | None = None) -> dict[str, Any]:
+    """Take the account off the team; takes effect on its next request. A team keeps at least one owner."""
+    current = account_role(account, team_id)
+    if current is None:
+        raise NotFound("No such member of this team.")
+    _check_grant(granted_by, current, None)
+    if current == "owner":
+        _keep_an_owner(team_id)
+    updated = repo.remove_membership(account["_id"], team_id)
+    if updated is None:
+        raise NotFound("No such member of this team.")
+    return updated
+
+
+def account_role(account: dict[str, Any], team_id: ObjectId) -> str | None:
+    """The account document's role on the team, or None."""
+    return next((m["role"] for m in account.get("teams", []) if m["teamId"] == team_id), None)
+
+
+def _keep_an_owner(team_id: ObjectId) -> None:
+    if repo.count_team_owners(team_id) <= 1:
+        raise Conflict("A team needs at least one owner; make someone else owner first.")
+
+
+def team_members(team_id: ObjectId) -> list[dict[str, Any]]:
+    """The team's members with their role there, by email."""
+    return [{**doc, "role": account_role(doc, team_id)} for doc in repo.team_members(team_id)]
 
 
 def _hash_key(key: str) -> str:
@@ -73,8 +182,8 @@ def create_api_key(account_id: ObjectId, name: str) -> tuple[dict[str, Any], str
     return repo.insert_api_key(account_id, name, lookup, _hash_key(key)), key
 
 
-def verify_api_key(key: str) -> dict[str, Any] | None:
-    """The owning account for a valid, unrevoked key (recording its use), else None."""
+def verify_api_key(key: str) -> tuple[dict[str, Any], ObjectId] | None:
+    """The owning account and the key's id for a valid, unrevoked key (recording its use), else None."""
     if not key.startswith(API_KEY_PREFIX):
         return None
     lookup = key[len(API_KEY_PREFIX) :].split("_", 1)[0]
@@ -86,12 +195,13 @@ def verify_api_key(key: str) -> dict[str, Any] | None:
     if last_used is None or now - last_used > LAST_USED_GRANULARITY:
         # Record use at most once a minute per key: a write on every request would cost more than it tells.
         repo.touch_api_key(record["_id"], now)
-    return repo.find_account(record["accountId"])
+    account = repo.find_account(record["accountId"])
+    return (account, record["_id"]) if account else None
 
 
 def revoke_api_key(account_id: ObjectId, key_id: ObjectId) -> dict[str, Any]:
-    """Revoke one of the account's keys (idempotent); 404 when it has no such key."""
+    """Revoke one of the account's keys (idempotent); NotFound when it has no such key."""
     record = repo.revoke_api_key(account_id, key_id)
     if record is None:
-        raise ApiError(404, "No such API key.")
+        raise NotFound("No such API key.")
     return record

@@ -1,23 +1,45 @@
-"""Apps: validated runner settings, team-scoped."""
+"""Apps: the agent configurations sessions start from. Runner settings are validated when saved, and an app's
+upstream key goes only where the app said it goes when the key was entered."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bson import ObjectId
+from flask import current_app
 from marshmallow import ValidationError
 
+from ..errors import Conflict, InvalidInput, NotFound
 from ..repositories import apps as repo
 from ..repositories import sessions as sessions_repo
-from ..responses import ApiError
 from ..schemas import MASKED_SECRET, validate_runner_config
+from ..vocabulary import Runner
 
 
 def _checked_config(runner: str, config: dict[str, Any]) -> dict[str, Any]:
     try:
-        return validate_runner_config(runner, config)
+        checked = validate_runner_config(runner, config)
     except ValidationError as exc:
-        raise ApiError(400, "Invalid runner settings.", exc.messages) from None  # type: ignore[arg-type]
+        messages = exc.messages if isinstance(exc.messages, dict) else {"config": exc.messages}
+        raise InvalidInput("Invalid runner settings.", messages) from None
+    if runner == Runner.PYTHON and not module_allowed(checked["callable"], allowed_runner_modules()):
+        raise InvalidInput(
+            "Invalid runner settings.",
+            {"config": {"callable": ["Not in a module this installation allows (PYTHON_RUNNER_MODULES)."]}},
+        )
+    return checked
+
+
+def module_allowed(target: str, allowed_modules: Sequence[str]) -> bool:
+    """Whether `module:function` lies in one of the allowed modules (or their submodules)."""
+    module_name = target.partition(":")[0]
+    return any(module_name == m or module_name.startswith(f"{m}.") for m in allowed_modules)
+
+
+def allowed_runner_modules() -> list[str]:
+    """The modules `python` runner callables may come from (the operator's PYTHON_RUNNER_MODULES)."""
+    return list(current_app.config["PYTHON_RUNNER_MODULES"])
 
 
 def create_app_record(
@@ -28,35 +50,64 @@ def create_app_record(
 
 
 def get_app(team_id: ObjectId, app_id: ObjectId) -> dict[str, Any]:
-    """The team's app; 404 when it is not in the team."""
+    """The team's app; NotFound when it is not in the team."""
     app = repo.find_app(team_id, app_id)
     if app is None:
-        raise ApiError(404, "No such app in this team.")
+        raise NotFound("No such app in this team.")
     return app
 
 
 def edit_app(team_id: ObjectId, app_id: ObjectId, changes: dict[str, Any]) -> dict[str, Any]:
-    """Apply validated changes; the settings are checked against the (possibly new) runner."""
+    """Apply validated changes; the settings are checked against the (possibly new) runner.
+
+    A form shows an upstream key as a mask. Sent back unchanged it keeps the stored key, but only while the
+    key still goes to the same address: a new `baseUrl` needs the key entered again, so an admin cannot
+    redirect a key they never saw to a server of their choice."""
     current = get_app(team_id, app_id)
     runner = changes.get("runner", current["runner"])
     if "config" in changes or "runner" in changes:
-        config = dict(changes.get("config", current.get("config", {})))
+        stored = current.get("config") or {}
+        config = dict(changes.get("config", stored))
         if "config" not in changes and runner != current["runner"]:
             config = {}
         if config.get("apiKey") == MASKED_SECRET:
-            # The form showed the mask, not the key: keep the stored key rather than saving the mask.
-            config["apiKey"] = (current.get("config") or {}).get("apiKey")
+            if config.get("baseUrl") != stored.get("baseUrl") or runner != current["runner"]:
+                raise InvalidInput(
+                    "Enter the API key again: it would be sent to a different address than the one it was saved for.",
+                    {"config": {"apiKey": ["Re-enter the key when changing baseUrl."]}},
+                )
+            config["apiKey"] = stored.get("apiKey")
         changes["config"] = _checked_config(runner, config)
     updated = repo.update_app(team_id, app_id, changes)
     if updated is None:
-        raise ApiError(404, "No such app in this team.")
+        raise NotFound("No such app in this team.")
     return updated
 
 
 def delete_app(team_id: ObjectId, app_id: ObjectId) -> None:
-    """Remove the app; 409 while live sessions still run from it."""
+    """Remove the app; Conflict while live sessions still run from it."""
     get_app(team_id, app_id)
     if sessions_repo.count_live_sessions_for_app(team_id, app_id):
-        raise ApiError(409, "Sessions started from this app are still live; cancel them first.")
+        raise Conflict("Sessions started from this app are still live; cancel them first.")
     if not repo.delete_app(team_id, app_id):
-        raise ApiError(404, "No such app in this team.")
+        raise NotFound("No such app in this team.")
+
+
+def _same_endpoint(a: str | None, b: str | None) -> bool:
+    return (a or "").rstrip("/") == (b or "").rstrip("/")
+
+
+def upstream_for(app: dict[str, Any], settings: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """The base URL an `openai` app's turns connect to and the key they send.
+
+    The app's own key (entered by a team admin for it) goes to the app's address. With no key of its own,
+    the operator's OPENAI_API_KEY is sent only to the operator's OPENAI_BASE_URL, never to an address a team
+    chose. Nothing is ever read from the process environment on a team's behalf."""
+    config = app.get("config") or {}
+    operator_url = settings.get("OPENAI_BASE_URL")
+    base_url = config.get("baseUrl") or operator_url
+    if config.get("apiKey"):
+        return base_url, config["apiKey"]
+    if _same_endpoint(base_url, operator_url):
+        return base_url, settings.get("OPENAI_API_KEY")
+    return base_url, None

@@ -11,7 +11,7 @@ from bson import ObjectId
 from pymongo.errors import DuplicateKeyError
 
 from ..db import get_db
-from ..responses import ApiError
+from ..errors import Conflict, InvalidInput, Mismatch
 from ..timeutil import utcnow
 
 MAX_KEY_LENGTH = 255
@@ -23,16 +23,21 @@ def fingerprint(payload: Any) -> str:
 
 
 def run_once(
-    account_id: ObjectId, key: str | None, request_hash: str, action: Callable[[], dict[str, Any]]
+    account_id: ObjectId,
+    key: str | None,
+    request_hash: str,
+    action: Callable[[], tuple[dict[str, Any], ObjectId]],
 ) -> dict[str, Any]:
-    """Run `action` once per (account, key); later calls get its stored result. Keys live at least 24 hours.
+    """Run `action` once per (account, key); later calls get its stored result. Keys live 48 hours, or until
+    the session the action created is deleted.
 
-    409 while the first request with the key is still running; 422 when the key was used with another body.
-    A failed action stores nothing, so the caller may retry with the same key."""
+    `action` returns its result and the id of the session it created. Conflict while the first request with
+    the key is still running; Mismatch when the key was used with another body. A failed action stores
+    nothing, so the caller may retry with the same key."""
     if key is None:
-        return action()
-    if not key or len(key) > MAX_KEY_LENGTH:
-        raise ApiError(400, f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters.")
+        return action()[0]
+    if not key or len(key) > MAX_KEY_LENGTH or not key.isprintable():
+        raise InvalidInput(f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable characters.")
     keys = get_db().idempotency_keys
     try:
         record_id = keys.insert_one(
@@ -41,14 +46,14 @@ def run_once(
     except DuplicateKeyError:
         existing = keys.find_one({"accountId": account_id, "key": key}) or {}
         if existing.get("requestHash") != request_hash:
-            raise ApiError(422, "This Idempotency-Key was already used with a different request body.") from None
+            raise Mismatch("This Idempotency-Key was already used with a different request body.") from None
         if existing.get("result") is None:
-            raise ApiError(409, "A request with this Idempotency-Key is still in progress; retry shortly.") from None
+            raise Conflict("A request with this Idempotency-Key is still in progress; retry shortly.") from None
         return {**existing["result"], "idempotentReplay": True}
     try:
-        result = action()
+        result, session_id = action()
     except BaseException:
         keys.delete_one({"_id": record_id})
         raise
-    keys.update_one({"_id": record_id}, {"$set": {"result": result}})
+    keys.update_one({"_id": record_id}, {"$set": {"result": result, "sessionId": session_id}})
     return result

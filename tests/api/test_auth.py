@@ -92,3 +92,83 @@ def test_session_cookie_flags(factory, app):
     response = app.test_client().post("/forms/account/login", json={"email": user.email, "password": user.password})
     cookie = response.headers["Set-Cookie"]
     assert "HttpOnly" in cookie and "SameSite=Lax" in cookie
+
+
+def _cookie(response, name: str) -> str | None:
+    for header in response.headers.getlist("Set-Cookie"):
+        if header.startswith(f"{name}="):
+            return header.split(";", 1)[0].split("=", 1)[1]
+    return None
+
+
+def test_sign_out_after_keep_me_signed_in_clears_and_revokes_every_cookie(factory, app):
+    user = factory.user("member")
+    client = app.test_client()
+    signed_in = client.post(
+        "/forms/account/login", json={"email": user.email, "password": user.password, "remember": True}
+    )
+    session_cookie, remember_cookie = _cookie(signed_in, "session"), _cookie(signed_in, "remember_token")
+    assert session_cookie and remember_cookie
+    csrf = signed_in.get_json()["csrf"]
+    out = client.post("/logout", json={}, headers={"X-CSRFToken": csrf})
+    assert out.status_code == 200
+    cleared = [h for h in out.headers.getlist("Set-Cookie") if h.startswith("remember_token=")]
+    assert cleared and "Expires=Thu, 01 Jan 1970" in cleared[0]
+    assert client.get("/account.json").status_code == 401
+    # Cookies captured before sign-out, replayed by someone else.
+    for name, value in (("session", session_cookie), ("remember_token", remember_cookie)):
+        thief = app.test_client()
+        thief.set_cookie(name, value)
+        assert thief.get("/account.json").status_code == 401, name
+
+
+def test_remember_cookie_alone_signs_in_until_sign_out(factory, app):
+    user = factory.user("member")
+    signed_in = app.test_client().post(
+        "/forms/account/login", json={"email": user.email, "password": user.password, "remember": True}
+    )
+    browser_restarted = app.test_client()
+    browser_restarted.set_cookie("remember_token", _cookie(signed_in, "remember_token"))
+    assert browser_restarted.get("/account.json").status_code == 200
+
+
+def test_sign_out_everywhere_revokes_other_browsers(factory, login):
+    user = factory.user("member")
+    laptop, phone = login(user), login(user)
+    assert phone.client.get("/account.json").status_code == 200
+    assert laptop.json("POST", "/forms/account/signout-all").status_code == 200
+    assert phone.client.get("/account.json").status_code == 401
+    assert laptop.client.get("/account.json").status_code == 401
+
+
+def test_sign_out_on_one_browser_keeps_the_others(factory, login):
+    user = factory.user("member")
+    laptop, phone = login(user), login(user)
+    laptop.json("POST", "/logout")
+    assert laptop.client.get("/account.json").status_code == 401
+    assert phone.client.get("/account.json").status_code == 200
+
+
+def test_an_api_key_cannot_mint_or_revoke_keys(factory, api_key_client, login):
+    user = factory.user("member", api_key=True)
+    call = api_key_client(user)
+    minted = call("POST", "/forms/account/apikey/add", {"name": "more"})
+    assert minted.status_code == 403 and "browser" in minted.get_json()["message"]
+    key_id = call("GET", "/account/apikeys.json").get_json()["apiKeys"][0]["_id"]
+    assert call("POST", f"/forms/account/apikey/{key_id}/revoke").status_code == 403
+    browser = login(user)
+    assert browser.json("POST", "/forms/account/apikey/add", {"name": "more"}).status_code == 200
+
+
+def test_csrf_refusals_say_what_to_send(factory, login):
+    me = login(factory.user("member"))
+    path = f"/{me.user.team_id}/forms/session/{'a' * 24}/cancel"
+    no_origin = me.client.post(path, json={})
+    assert no_origin.status_code == 403 and "X-CSRFToken" in no_origin.get_json()["message"]
+    assert "Origin" in no_origin.get_json()["message"]
+    cross = me.client.post(path, json={}, headers={"Origin": "https://evil.example"})
+    assert "https://evil.example is not this site" in cross.get_json()["message"]
+    delete = me.client.delete(f"/{me.user.team_id}/forms/session/{'a' * 24}", headers={"Accept": "application/json"})
+    assert "Content-Type: application/json" in delete.get_json()["message"]
+    same_site = me.client.post(path, json={}, headers={"Origin": "http://localhost"})
+    assert same_site.status_code == 404

@@ -14,12 +14,15 @@ QUERY_SHAPES = [
     ("sessions", ["teamId"], ["_id"]),  # sessions.json, newest first, ?before=
     ("sessions", ["teamId", "status"], ["_id"]),  # sessions.json?status=
     ("sessions", ["status"], ["heartbeatAt"]),  # the reaper
+    ("sessions", [], ["deletedAt"]),  # the reaper's purge of deleted sessions
     ("session_events", ["sessionId"], ["seq"]),  # messages.json?after=
     ("apps", ["teamId"], ["_id"]),  # apps.json
     ("api_keys", ["lookup"], []),  # API-key sign-in
     ("api_keys", ["accountId"], ["_id"]),  # apikeys.json
     ("accounts", ["email"], []),  # sign-in
+    ("accounts", ["teams.teamId"], []),  # a team's members
     ("idempotency_keys", ["accountId", "key"], []),
+    ("idempotency_keys", ["sessionId"], []),  # records removed with their session
 ]
 
 
@@ -37,11 +40,25 @@ def test_every_query_shape_has_a_serving_index(app):
 
 
 def test_unique_indexes_are_enforced(app):
+    import pytest
+    from bson import ObjectId
+    from pymongo.errors import DuplicateKeyError
+
     with app.app_context():
-        info = get_db().session_events.index_information()
-        assert any(spec.get("unique") and [k for k, _ in spec["key"]] == ["sessionId", "seq"] for spec in info.values())
-        assert any(spec.get("unique") for spec in get_db().accounts.index_information().values())
-        assert any(spec.get("unique") for spec in get_db().api_keys.index_information().values())
+        db = get_db()
+        session_id = ObjectId()
+        db.session_events.insert_one({"sessionId": session_id, "seq": 1})
+        with pytest.raises(DuplicateKeyError):
+            db.session_events.insert_one({"sessionId": session_id, "seq": 1})
+        db.accounts.insert_one({"email": "same@example.com"})
+        with pytest.raises(DuplicateKeyError):
+            db.accounts.insert_one({"email": "same@example.com"})
+        db.api_keys.insert_one({"lookup": "abc"})
+        with pytest.raises(DuplicateKeyError):
+            db.api_keys.insert_one({"lookup": "abc"})
+        db.idempotency_keys.insert_one({"accountId": session_id, "key": "k"})
+        with pytest.raises(DuplicateKeyError):
+            db.idempotency_keys.insert_one({"accountId": session_id, "key": "k"})
 
 
 def test_indexes_are_created_idempotently(app):

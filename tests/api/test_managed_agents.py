@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from bson import ObjectId
 
 from agentcloud_clone.db import get_db
@@ -129,7 +131,25 @@ def test_idempotency_key_returns_original_session_in_both_families(factory, api_
     with app.app_context():
         assert get_db().sessions.count_documents({"teamId": ObjectId(user.team_id)}) == 2
         record = get_db().idempotency_keys.find_one({"key": "form-1"})
-    assert record["createdAt"] is not None  # the TTL index keeps keys 48 hours
+        ttl = [i for i in get_db().idempotency_keys.index_information().values() if "expireAfterSeconds" in i]
+    # MongoDB's TTL monitor removes a record 48 hours after its createdAt.
+    assert [(i["key"], i["expireAfterSeconds"]) for i in ttl] == [([("createdAt", 1)], 48 * 3600)]
+    assert abs((record["createdAt"] - datetime.now(UTC)).total_seconds()) < 600
+    assert str(record["sessionId"]) == one["_id"]
+
+
+def test_idempotency_record_goes_with_its_session(factory, api_key_client, app):
+    user = factory.user("member", api_key=True)
+    call = api_key_client(user)
+    app_id = factory.app_record(user.team_id)
+    created = call("POST", "/api/managed-agents/sessions", {"appId": app_id}, headers={"Idempotency-Key": "gone"})
+    sid = created.get_json()["session"]["_id"]
+    assert call("POST", "/api/managed-agents/cancel", {"sessionId": sid}).status_code == 200
+    assert call("DELETE", f"/api/managed-agents/sessions/{sid}").status_code == 200
+    with app.app_context():
+        assert get_db().idempotency_keys.count_documents({"key": "gone"}) == 0
+    again = call("POST", "/api/managed-agents/sessions", {"appId": app_id}, headers={"Idempotency-Key": "gone"})
+    assert again.status_code == 201 and again.get_json()["session"]["_id"] != sid
 
 
 def test_idempotency_key_is_per_user(factory, api_key_client):

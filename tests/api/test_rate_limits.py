@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from agentcloud_clone import create_app
-from tests.conftest import make_test_config
 
 
 def _cancel(call, user, n: int) -> list:
@@ -31,29 +30,64 @@ def test_budget_is_per_user_and_shared_by_both_families(factory, api_key_client)
     assert _cancel(api_key_client(second), second, 1)[0].status_code == 404
 
 
-def test_budget_is_shared_across_two_app_instances(redis_server, factory, app):
+def test_budget_is_shared_across_two_app_instances(factory, app):
     user = factory.user("member", api_key=True)
-    twin = create_app(
-        {
-            **make_test_config(redis_server.url, "mongomock://localhost/x"),
-            "MONGO_URI": app.config["MONGO_URI"],
-            "RATELIMIT_KEY_PREFIX": app.config["RATELIMIT_KEY_PREFIX"],
-        }
-    )
+    twin = create_app({k: v for k, v in app.config.items() if k.isupper()})
     headers = {"Authorization": f"Bearer {user.api_key}"}
     path = f"/{user.team_id}/forms/session/{'a' * 24}/cancel"
     codes = [(app if i % 2 else twin).test_client().post(path, headers=headers).status_code for i in range(31)]
     assert codes[:30] == [404] * 30 and codes[30] == 429
 
 
-def test_login_attempts_are_limited_per_account(redis_server, factory):
-    strict = create_app(
-        make_test_config(redis_server.url, "mongomock://localhost/{db}", LOGIN_RATE_LIMIT="3 per minute")
-    )
+def test_failed_sign_ins_are_limited_per_address_and_account(make_app):
+    strict = make_app(LOGIN_RATE_LIMIT="3 per minute")
     client = strict.test_client()
     body = {"email": "someone@example.com", "password": "wrong-password"}
     codes = [client.post("/forms/account/login", json=body).status_code for _ in range(4)]
     assert codes == [401, 401, 401, 429]
+    # Another account from the same address still gets its own attempts.
+    other = {"email": "other@example.com", "password": "wrong-password"}
+    assert client.post("/forms/account/login", json=other).status_code == 401
+
+
+def test_a_stranger_cannot_lock_an_owner_out(make_app):
+    from tests.support import Factory
+
+    strict = make_app(LOGIN_RATE_LIMIT="3 per minute")
+    owner = Factory(strict).user("owner")
+    attacker = strict.test_client()
+    wrong = {"email": owner.email, "password": "guessing-wrong"}
+    attack = [
+        attacker.post("/forms/account/login", json=wrong, environ_base={"REMOTE_ADDR": "203.0.113.9"}).status_code
+        for _ in range(5)
+    ]
+    assert attack[-1] == 429
+    right = {"email": owner.email, "password": owner.password}
+    response = strict.test_client().post(
+        "/forms/account/login", json=right, environ_base={"REMOTE_ADDR": "198.51.100.7"}
+    )
+    assert response.status_code == 200
+
+
+def test_successful_sign_ins_do_not_use_up_the_budget(make_app):
+    from tests.support import Factory
+
+    strict = make_app(LOGIN_RATE_LIMIT="3 per minute", LOGIN_ADDRESS_RATE_LIMIT="3 per minute")
+    user = Factory(strict).user("member")
+    body = {"email": user.email, "password": user.password}
+    codes = [strict.test_client().post("/forms/account/login", json=body).status_code for _ in range(6)]
+    assert codes == [200] * 6
+
+
+def test_limiter_counters_are_namespaced_per_deployment(make_app, factory, app):
+    user = factory.user("member", api_key=True)
+    neighbour = make_app()
+    assert neighbour.config["RATELIMIT_KEY_PREFIX"] != app.config["RATELIMIT_KEY_PREFIX"]
+    headers = {"Authorization": f"Bearer {user.api_key}"}
+    path = f"/{user.team_id}/forms/session/{'a' * 24}/cancel"
+    assert [app.test_client().post(path, headers=headers).status_code for _ in range(31)][-1] == 429
+    twin = create_app({**{k: v for k, v in app.config.items() if k.isupper()}, "RATELIMIT_KEY_PREFIX": "other"})
+    assert twin.test_client().post(path, headers=headers).status_code == 404
 
 
 def test_app_keeps_serving_when_redis_is_unreachable(factory, app):

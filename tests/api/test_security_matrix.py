@@ -1,82 +1,154 @@
 """Every route × every kind of caller × every kind of id, generated from the app's route table.
 
-A new route is covered without editing this file: its path parameters decide which ids are tried, and
-the permission its view declares (`required_permission`) decides who may use it. Only a route that needs
-a request body to reach its logic needs an entry in BODIES.
+A route missing from ROUTES fails the test, so nothing is skipped silently. Each entry gives the body that
+reaches the route's logic and the exact status an allowed caller gets on its own objects; who may use the
+route comes from the permission its view declares (`required_permission`). Objects a request changes
+(a session to cancel or delete, an app to delete, a member to remove) are made fresh for each request.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from bson import ObjectId
 
-from agentcloud_clone.permissions import Permission, permissions_for
+from agentcloud_clone.access import Permission, permissions_for
+from agentcloud_clone.services import accounts as accounts_service
+from agentcloud_clone.services import sessions as sessions_service
+from agentcloud_clone.vocabulary import CancelSource
+from tests.support import PASSWORD
 
 ACTORS = ["anonymous", "outsider", "viewer", "member", "admin"]
 CASES = ["own", "other-team", "nonexistent", "malformed"]
-# Routes served without signing in, and routes outside the team rules (asset and sign-in plumbing).
+# Served without signing in (sign-in plumbing, static files, docs and probes).
 PUBLIC = {
     "static",
-    "auth.login",
-    "auth.logout",
-    "web.index",
+    "account.login",
+    "account.login_json",
+    "account.logout",
+    "pages.index",
     "docs.openapi_yaml",
     "docs.docs_page",
-    "ops.healthz",
-    "ops.readyz",
-    "ops.metrics_view",
+    "probes.healthz",
+    "probes.readyz",
+    "probes.metrics_view",
 }
-ID_PARAMS = {"sessionId": "session", "appId": "app", "keyId": "key"}
-# Bodies that reach each route's logic; `{x}` is replaced by the id under test (for ids carried in bodies).
-BODIES: dict[str, Any] = {
-    "sessions.add_session": {"appId": "{app}", "message": "hi"},
-    "sessions.send_message": {"message": "next"},
-    "apps.add_app": {"name": "matrix app"},
-    "apps.edit_app": {"name": "renamed"},
-    "auth.add_api_key": {"name": "matrix"},
-    "auth.login_json": None,
-    "managed_agents.cancel": {"sessionId": "{session}"},
-    "managed_agents.create_session": {"appId": "{app}"},
+ID_PARAMS = {"sessionId": "session", "appId": "app", "keyId": "key", "accountId": "member"}
+
+
+@dataclass(frozen=True)
+class Route:
+    """What a request to the route carries and what an allowed caller gets on its own objects."""
+
+    ok: int = 200
+    body: dict[str, Any] | None = None
+    # Which id the body carries instead of the path (for routes that take ids in the body).
+    body_id: str | None = None
+    # Which fresh object of our team the request acts on (it may change or remove it).
+    fresh: str | None = None
+    # API keys may not use this route at all (key management needs a browser session).
+    browser_only: bool = False
+
+
+ROUTES: dict[str, Route] = {
+    "account.sign_out_everywhere": Route(browser_only=True),
+    "account.account_json": Route(),
+    "account.api_keys_json": Route(),
+    "account.add_api_key": Route(body={"name": "matrix"}, browser_only=True),
+    "account.revoke_api_key": Route(browser_only=True),
+    "apps.list_apps": Route(),
+    "apps.app_json": Route(),
+    "apps.add_app": Route(body={"name": "matrix app"}),
+    "apps.edit_app": Route(body={"name": "renamed"}),
+    "apps.delete_app": Route(fresh="app"),
+    "apps.delete_app_form": Route(fresh="app"),
+    "sessions.add_session": Route(body={"appId": "{app}", "message": "hi"}, body_id="app"),
+    "sessions.list_sessions": Route(),
+    "sessions.session_json": Route(),
+    "sessions.session_messages": Route(),
+    "sessions.send_message": Route(body={"message": "next"}, fresh="idle-session"),
+    "sessions.cancel_session": Route(fresh="idle-session"),
+    "sessions.delete_session": Route(fresh="ended-session"),
+    "sessions.delete_session_form": Route(fresh="ended-session"),
+    "managed_agents.cancel": Route(body={"sessionId": "{session}"}, body_id="session", fresh="idle-session"),
+    "managed_agents.create_session": Route(ok=201, body={"appId": "{app}"}, body_id="app"),
+    "managed_agents.list_sessions": Route(),
+    "managed_agents.get_session": Route(),
+    "managed_agents.session_events": Route(),
+    "managed_agents.delete_session": Route(fresh="ended-session"),
+    "teams.list_members": Route(),
+    "teams.add_member": Route(body={"email": "{newcomer}", "role": "viewer"}),
+    "teams.edit_member": Route(body={"role": "viewer"}, fresh="member"),
+    "teams.remove_member": Route(fresh="member"),
+    "teams.remove_member_form": Route(fresh="member"),
+    "pages.sessions_page": Route(),
+    "pages.session_page": Route(),
+    "pages.apps_page": Route(),
+    "pages.app_edit_page": Route(),
+    "pages.members_page": Route(),
+    "pages.api_keys_page": Route(),
 }
-BODY_IDS = {"managed_agents.cancel": "session", "managed_agents.create_session": "app", "sessions.add_session": "app"}
 
 
-@pytest.fixture
-def world(factory, app) -> dict[str, Any]:
-    """Our team (viewer, member, admin), another team whose things carry a secret marker, and an outsider
-    who owns a third team."""
-    from agentcloud_clone.services import sessions as sessions_service
+class World:
+    """Our team (viewer, member, admin), another team whose things carry a secret marker, and an outsider who
+    owns a third team."""
 
-    secret = f"SECRET-{uuid.uuid4().hex}"
-    own_team, other_team = factory.team(), factory.team()
-    users = {role: factory.user(role, own_team, api_key=True) for role in ("viewer", "member", "admin")}
-    users["outsider"] = factory.user("owner", api_key=True)
-    stranger = factory.user("owner", other_team)
-    own_app = factory.app_record(str(own_team["_id"]))
-    other_app = factory.app_record(str(other_team["_id"]), reply=secret)
-    with app.app_context():
-        own_session = sessions_service.create_session(own_team, None, ObjectId(own_app), "mine", None)
-        other_session = sessions_service.create_session(other_team, None, ObjectId(other_app), secret, secret)
-        from agentcloud_clone.services.accounts import create_api_key
+    def __init__(self, factory: Any, app: Any) -> None:
+        self.factory, self.app = factory, app
+        self.secret = f"SECRET-{uuid.uuid4().hex}"
+        self.own_team, other_team = factory.team(), factory.team()
+        self.team = str(self.own_team["_id"])
+        self.users = {role: factory.user(role, self.own_team, api_key=True) for role in ("viewer", "member", "admin")}
+        self.users["outsider"] = factory.user("owner", api_key=True)
+        self.owner = factory.user("owner", self.own_team)
+        stranger = factory.user("owner", other_team)
+        self.own_app = factory.app_record(self.team)
+        other_app = factory.app_record(str(other_team["_id"]), reply=self.secret)
+        own_session = factory.session(self.owner, self.own_app, "hello")
+        other_session = factory.session(stranger, other_app, self.secret)
+        with app.app_context():
+            other_key = accounts_service.create_api_key(stranger.oid, self.secret)[0]
+        self.ids = {
+            "own": {"session": str(own_session["_id"]), "app": self.own_app, "key": None, "member": None},
+            "other-team": {
+                "session": str(other_session["_id"]),
+                "app": other_app,
+                "key": str(other_key["_id"]),
+                "member": stranger.account_id,
+            },
+            "nonexistent": {"session": "0" * 24, "app": "1" * 24, "key": "2" * 24, "member": "3" * 24},
+            "malformed": {"session": "not-an-id", "app": "ZZZ", "key": "12", "member": "a" * 23},
+        }
 
-        other_key = create_api_key(ObjectId(stranger.account_id), secret)[0]
-    return {
-        "secret": secret,
-        "team": str(own_team["_id"]),
-        "users": users,
-        "ids": {
-            "own": {"session": str(own_session["_id"]), "app": own_app, "key": None},
-            "other-team": {"session": str(other_session["_id"]), "app": other_app, "key": str(other_key["_id"])},
-            "nonexistent": {"session": "0" * 24, "app": "1" * 24, "key": "2" * 24},
-            "malformed": {"session": "not-an-id", "app": "ZZZ", "key": "12"},
-        },
-    }
+    def fresh(self, kind: str | None) -> dict[str, str]:
+        """Own ids with a fresh object of `kind` in place, for a request that may change or remove it."""
+        ids = dict(self.ids["own"])
+        if kind in ("idle-session", "ended-session"):
+            session = self.factory.session(self.owner, self.own_app)
+            if kind == "ended-session":
+                with self.app.app_context():
+                    actor = self.factory.actor(self.owner)
+                    sessions_service.cancel_session(self.own_team["_id"], session["_id"], actor, CancelSource.API)
+            ids["session"] = str(session["_id"])
+        elif kind == "app":
+            ids["app"] = self.factory.app_record(self.team)
+        elif kind == "member":
+            ids["member"] = self.factory.user("member", self.own_team).account_id
+        return ids
+
+    def newcomer(self) -> str:
+        """The email of an account on no team yet."""
+        email = f"newcomer-{uuid.uuid4().hex[:8]}@example.com"
+        with self.app.app_context():
+            accounts_service.create_account(email, PASSWORD)
+        return email
 
 
-def _routes(app) -> list[tuple[str, str, str]]:
+def _routes(app: Any) -> list[tuple[str, str, str]]:
     routes = []
     for rule in app.url_map.iter_rules():
         if rule.endpoint in PUBLIC:
@@ -86,73 +158,68 @@ def _routes(app) -> list[tuple[str, str, str]]:
     return routes
 
 
-def _expected(app, endpoint: str, actor: str, case: str, has_id: bool, team_route: bool) -> set[int]:
+def _expected(app: Any, endpoint: str, rule: str, actor: str, case: str, id_kind: str | None) -> int:
     """Sign-in first; on team routes then membership and role; then the id: malformed 400, not yours 404."""
+    route = ROUTES[endpoint]
     if actor == "anonymous":
-        return {401}
+        return 401
+    if route.browser_only:
+        return 403
     permission = getattr(app.view_functions[endpoint], "required_permission", None)
     role_allows = permission is None or bool(permissions_for("owner" if actor == "outsider" else actor) & permission)
-    if team_route:
-        if actor == "outsider":
-            return {403}
-        if not role_allows:
-            return {403}
-    if has_id and case == "malformed":
-        return {400}
-    if has_id and (case in ("other-team", "nonexistent") or actor == "outsider"):
-        return {404}
+    if "<resourceSlug>" in rule and (actor == "outsider" or not role_allows):
+        return 403
+    if id_kind and case == "malformed":
+        return 400
+    if id_kind and (case in ("other-team", "nonexistent") or actor == "outsider"):
+        return 404
     if not role_allows:
-        return {403}
-    return {200, 201, 302, 409}
+        return 403
+    return route.ok
 
 
-def test_security_matrix(app, world):
+def _fill(value: Any, ids: dict[str, str], newcomer: Callable[[], str]) -> Any:
+    if not isinstance(value, str):
+        return value
+    if value == "{newcomer}":
+        return newcomer()
+    return value.format(**{k: v or "" for k, v in ids.items()})
+
+
+@pytest.mark.parametrize("actor", ACTORS)
+def test_security_matrix(app, factory, actor):
+    world = World(factory, app)
     routes = _routes(app)
-    assert len(routes) > 20
+    missing = sorted({endpoint for endpoint, _, _ in routes} - set(ROUTES))
+    assert not missing, f"routes without a security-matrix entry: {missing}"
     failures = []
     for endpoint, method, rule in routes:
-        id_kind = next((ID_PARAMS[p] for p in ID_PARAMS if f"<{p}>" in rule), None) or BODY_IDS.get(endpoint)
-        if endpoint == "sessions.add_session":
-            id_kind = "app"
-        team_route = "<resourceSlug>" in rule
-        for actor in ACTORS:
-            for case in CASES if id_kind else ["own"]:
-                ids = world["ids"][case]
-                if id_kind == "key" and case == "own":
-                    continue  # own keys are exercised in test_auth
-                path = rule.replace("<resourceSlug>", world["team"])
-                for param, kind in ID_PARAMS.items():
-                    path = path.replace(f"<{param}>", str(ids[kind]))
-                body = BODIES.get(endpoint, {})
-                if body is None:
-                    continue
-                if isinstance(body, dict):
-                    body = {
-                        k: (
-                            v.format(**{kind: ids[kind] or "" for kind in ("session", "app", "key")})
-                            if isinstance(v, str)
-                            else v
-                        )
-                        for k, v in body.items()
-                    }
-                    if endpoint == "sessions.add_session" and case != "own":
-                        body["appId"] = ids["app"]
-                headers = {"Accept": "application/json"}
-                if actor != "anonymous":
-                    headers["Authorization"] = f"Bearer {world['users'][actor].api_key}"
-                client = app.test_client()
-                response = client.open(path, method=method, json=body if method != "GET" else None, headers=headers)
-                expected = _expected(app, endpoint, actor, case, id_kind is not None, team_route)
-                text = response.get_data(as_text=True)
-                if response.status_code not in expected:
-                    failures.append(
-                        f"{method} {rule} as {actor} on {case}: {response.status_code} not in "
-                        f"{sorted(expected)}: {text[:120]}"
-                    )
-                if world["secret"] in text:
-                    failures.append(f"{method} {rule} as {actor} on {case} leaked another team's data")
-                if response.status_code >= 400 and response.is_json:
-                    assert set(response.get_json()) <= {"message", "code", "errors"}
+        route = ROUTES[endpoint]
+        id_kind = next((kind for param, kind in ID_PARAMS.items() if f"<{param}>" in rule), None) or route.body_id
+        for case in CASES if id_kind else ["own"]:
+            if id_kind == "key" and case == "own":
+                continue  # own keys are the caller's; exercised in test_auth with a browser session
+            ids = world.fresh(route.fresh) if case == "own" else world.ids[case]
+            path = rule.replace("<resourceSlug>", world.team)
+            for param, kind in ID_PARAMS.items():
+                path = path.replace(f"<{param}>", str(ids[kind]))
+            body = {k: _fill(v, ids, world.newcomer) for k, v in (route.body or {}).items()}
+            headers = {"Accept": "application/json"}
+            if actor != "anonymous":
+                headers["Authorization"] = f"Bearer {world.users[actor].api_key}"
+            response = app.test_client().open(
+                path, method=method, json=body if method != "GET" else None, headers=headers
+            )
+            expected = _expected(app, endpoint, rule, actor, case, id_kind)
+            text = response.get_data(as_text=True)
+            if response.status_code != expected:
+                failures.append(f"{method} {rule} on {case}: {response.status_code}, expected {expected}: {text[:160]}")
+            if world.secret in text:
+                failures.append(f"{method} {rule} on {case} leaked another team's data")
+            if response.status_code >= 400:
+                body_out = response.get_json(silent=True)
+                if not isinstance(body_out, dict) or set(body_out) - {"message", "code", "errors"}:
+                    failures.append(f"{method} {rule} on {case}: error body is not {{message, code}}: {text[:120]}")
     assert not failures, "\n".join(failures)
 
 
@@ -161,3 +228,12 @@ def test_every_team_route_declares_a_permission(app):
         view = app.view_functions[endpoint]
         if "<resourceSlug>" in rule or endpoint.startswith("managed_agents."):
             assert isinstance(getattr(view, "required_permission", None), Permission), endpoint
+
+
+def test_other_teams_session_id_in_our_team_path_is_404(app, factory):
+    world = World(factory, app)
+    admin = world.users["admin"]
+    sid = world.ids["other-team"]["session"]
+    headers = {"Authorization": f"Bearer {admin.api_key}"}
+    response = app.test_client().get(f"/{world.team}/session/{sid}.json", headers=headers)
+    assert response.status_code == 404 and world.secret not in response.get_data(as_text=True)

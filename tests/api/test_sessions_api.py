@@ -8,6 +8,7 @@ from bson import ObjectId
 from flask import Flask
 
 from agentcloud_clone.db import get_db
+from tests.support import run_queued_turn
 
 MISSING = "a" * 24
 
@@ -175,15 +176,24 @@ def test_cancel_idle_session_ends_it_at_once(factory, login, app):
     assert str(doc["cancelledBy"]) == me.user.account_id
 
 
-def test_cancel_with_turn_in_flight_shows_cancelling(factory, login, app):
+def test_cancel_of_a_queued_turn_ends_the_session_at_once_and_drops_the_job(factory, login, app):
+    from rq import Queue
+
+    from agentcloud_clone.queueing import get_redis
+
     me = login(factory.user("member"))
     sid = _start(me, factory.app_record(me.user.team_id))
-    me.json("POST", f"/{me.user.team_id}/forms/session/{sid}/cancel")
+    body = me.json("POST", f"/{me.user.team_id}/forms/session/{sid}/cancel").get_json()
+    assert body["status"] == "terminated" and body["endReason"] == "cancelled"
     session = me.client.get(f"/{me.user.team_id}/session/{sid}.json").get_json()["session"]
-    assert session["cancelling"] is True and session["status"] != "terminated"
+    assert session["cancelling"] is False and session["turnInFlight"] is False
+    assert session["cancellation"]["source"] == "ui" and session["cancellation"]["completedAt"]
+    with app.app_context():
+        assert Queue(app.config["TURN_QUEUE"], connection=get_redis()).get_jobs() == []
     events = me.client.get(f"/{me.user.team_id}/session/{sid}/messages.json").get_json()["messages"]
-    cancel_events = [e for e in events if e["type"] == "cancel"]
-    assert len(cancel_events) == 1 and cancel_events[0]["by"] == me.user.account_id
+    assert [e["type"] for e in events] == ["message", "cancel", "status"]
+    assert events[1]["by"] == me.user.account_id and events[2]["endReason"] == "cancelled"
+    assert me.json("DELETE", f"/{me.user.team_id}/forms/session/{sid}").status_code == 200
 
 
 def test_cancel_twice_reports_already_cancelled(factory, login, app):
@@ -207,30 +217,27 @@ def test_cancel_form_post_redirects_to_sessions(factory, login):
 
 def test_cancel_of_normally_ended_session_reports_already_ended(factory, login, app):
     me = login(factory.user("member"))
-    sid = _start(me, factory.app_record(me.user.team_id), None)
-    with app.app_context():
-        get_db().sessions.update_one({"_id": ObjectId(sid)}, {"$set": {"status": "terminated"}})
+    sid = _start(me, factory.app_record(me.user.team_id, steps=1, stepDelay=0, endAfterTurns=1))
+    assert run_queued_turn(app, sid)["outcome"] == "completed"
+    assert _session(app, sid)["endReason"] == "completed"
     body = me.json("POST", f"/{me.user.team_id}/forms/session/{sid}/cancel").get_json()
     assert body["ok"] is True and body["alreadyEnded"] is True
     assert "cancelledAt" not in _session(app, sid)
 
 
 def test_cancel_by_50_concurrent_threads_stamps_once(factory, app):
-    from agentcloud_clone.services.sessions import cancel_session, create_session
+    from agentcloud_clone.services.sessions import cancel_session
+    from agentcloud_clone.vocabulary import CancelSource
 
     user = factory.user("member")
-    app_id = factory.app_record(user.team_id)
-    with app.app_context():
-        from agentcloud_clone.repositories.accounts import find_team
-
-        team = find_team(ObjectId(user.team_id))
-        session = create_session(team, ObjectId(user.account_id), ObjectId(app_id), None, "go")
+    session = factory.session(user, factory.app_record(user.team_id), "go")
+    actor = factory.actor(user)
     outcomes, barrier = [], threading.Barrier(50)
 
     def cancel() -> None:
         with app.app_context():
             barrier.wait()
-            outcomes.append(cancel_session(team["_id"], session["_id"], ObjectId(user.account_id)))
+            outcomes.append(cancel_session(user.team_oid, session["_id"], actor, CancelSource.API))
 
     threads = [threading.Thread(target=cancel) for _ in range(50)]
     for thread in threads:
@@ -280,17 +287,21 @@ def test_delete_refuses_active_session(factory, login):
 
 
 def test_delete_removes_session_and_events_then_404(factory, login, app):
+    from agentcloud_clone.services.sessions import reap_lost_turns
+
     me = login(factory.user("member"))
-    sid = _start(me, factory.app_record(me.user.team_id), "hello")
-    with app.app_context():
-        get_db().sessions.update_one({"_id": ObjectId(sid)}, {"$set": {"activeTurnId": None, "status": "waiting"}})
+    sid = _start(me, factory.app_record(me.user.team_id, steps=1, stepDelay=0), "hello")
+    run_queued_turn(app, sid)
     me.json("POST", f"/{me.user.team_id}/forms/session/{sid}/cancel")
     first = me.json("DELETE", f"/{me.user.team_id}/forms/session/{sid}")
     assert first.status_code == 200 and first.get_json()["ok"] is True
     with app.app_context():
-        assert get_db().sessions.count_documents({"_id": ObjectId(sid)}) == 0
         assert get_db().session_events.count_documents({"sessionId": ObjectId(sid)}) == 0
+    assert me.client.get(f"/{me.user.team_id}/session/{sid}.json").status_code == 404
     assert me.json("DELETE", f"/{me.user.team_id}/forms/session/{sid}").status_code == 404
+    with app.app_context():
+        reap_lost_turns(30, tombstone_grace=0)
+        assert get_db().sessions.count_documents({"_id": ObjectId(sid)}) == 0
 
 
 def test_delete_form_twin_redirects(factory, login):
@@ -318,12 +329,12 @@ def test_oversized_body_is_413(factory, login):
 
 
 def test_unexpected_error_is_generic_500(factory, login, app, monkeypatch):
-    from agentcloud_clone.services import sessions as service
+    from agentcloud_clone.repositories import sessions as repo
 
     def boom(*args, **kwargs):
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(service, "get_session", boom)
+    monkeypatch.setattr(repo, "find_session", boom)
     me = login(factory.user("member"))
     response = me.client.get(f"/{me.user.team_id}/session/{MISSING}.json")
     assert response.status_code == 500
@@ -348,19 +359,17 @@ def test_cancel_form_may_return_to_a_local_page_only(factory, login):
         assert response.headers["Location"] == f"/{me.user.team_id}/sessions"
 
 
-def test_messages_report_final_only_once_the_closing_event_is_written(factory, login, app):
+def test_messages_report_final_only_when_the_reader_has_the_closing_event(factory, login, app):
     me = login(factory.user("member"))
-    sid = _start(me, factory.app_record(me.user.team_id), None)
+    sid = _start(me, factory.app_record(me.user.team_id), "hello")
     path = f"/{me.user.team_id}/session/{sid}/messages.json"
     assert me.client.get(path).get_json()["final"] is False
-    with app.app_context():
-        get_db().sessions.update_one({"_id": ObjectId(sid)}, {"$set": {"status": "terminated"}})
-    assert me.client.get(path).get_json()["final"] is False  # ended, closing event not yet written
-    with app.app_context():
-        from agentcloud_clone.repositories.sessions import append_event
-
-        append_event(ObjectId(me.user.team_id), ObjectId(sid), "status", status="terminated")
-    assert me.client.get(path).get_json()["final"] is True
+    me.json("POST", f"/{me.user.team_id}/forms/session/{sid}/cancel")
+    partial = me.client.get(f"{path}?limit=2").get_json()
+    assert partial["status"] == "terminated" and partial["lastSeq"] == 2 and partial["final"] is False
+    whole = me.client.get(path).get_json()
+    assert whole["final"] is True and whole["messages"][-1]["type"] == "status"
+    assert me.client.get(f"{path}?after=3").get_json()["final"] is True
 
 
 def test_messages_after_beyond_64_bits_is_400(factory, login):

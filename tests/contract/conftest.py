@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from agentcloud_clone.api.docs import SPEC_PATH, load_spec
+from agentcloud_clone.web.docs import SPEC_PATH, load_spec
 
 HTTP_METHODS = ("get", "put", "post", "delete", "patch")
 

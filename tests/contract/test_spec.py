@@ -11,7 +11,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from openapi_spec_validator import validate
 
-from agentcloud_clone.api.docs import SPEC_PATH
+from agentcloud_clone.web.docs import SPEC_PATH
 
 from .conftest import spec_operations
 
@@ -19,11 +19,11 @@ pytestmark = pytest.mark.contract
 
 OBJECT_ID_PATTERN = "^[a-f0-9]{24}$"
 # Pages for people, not the API: server-rendered HTML, static files, the sign-in form and these docs.
-HTML_ONLY_ENDPOINTS = frozenset({"static", "auth.login", "auth.logout", "docs.docs_page"})
+HTML_ONLY_ENDPOINTS = frozenset({"static", "account.login", "account.logout", "docs.docs_page"})
 
 
 def is_html_only(endpoint: str) -> bool:
-    return endpoint.startswith("web.") or endpoint in HTML_ONLY_ENDPOINTS
+    return endpoint.startswith("pages.") or endpoint in HTML_ONLY_ENDPOINTS
 
 
 def served_operations(app: Flask) -> dict[tuple[str, str], str]:

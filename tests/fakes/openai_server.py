@@ -16,9 +16,14 @@ from typing import Any
 class FakeOpenAI:
     """Start with `FakeOpenAI().start()`; `base_url` for the app's settings; `streams` records each request."""
 
-    def __init__(self, chunks: int = 400, interval: float = 0.02) -> None:
+    def __init__(self, chunks: int = 400, interval: float = 0.02, fail_first: int = 0) -> None:
         self.chunks, self.interval = chunks, interval
+        # The first `fail_first` requests get a 503, as an overloaded upstream answers.
+        self.fail_first = fail_first
         self.streams: list[dict[str, Any]] = []
+        # Every request's Authorization header, in order (None when absent).
+        self.authorizations: list[str | None] = []
+        self.requests = 0
         self._lock = threading.Lock()
         fake = self
 
@@ -30,6 +35,20 @@ class FakeOpenAI:
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                with fake._lock:
+                    fake.authorizations.append(self.headers.get("Authorization"))
+                    fake.requests += 1
+                    failing = fake.requests <= fake.fail_first
+                if failing:
+                    payload = json.dumps({"error": {"message": "overloaded", "type": "server_error"}}).encode()
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    self.close_connection = True
+                    return
                 record = {"request": body, "sent": 0, "closed_by_client": False, "closed_at": None, "done": False}
                 with fake._lock:
                     fake.streams.append(record)

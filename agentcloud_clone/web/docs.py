@@ -32,7 +32,8 @@ def load_spec(path: Path = SPEC_PATH) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=4)
 def _parse(path: Path, mtime_ns: int) -> dict[str, Any]:
-    return yaml.safe_load(path.read_text(encoding="utf-8"))
+    spec: dict[str, Any] = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return spec
 
 
 @bp.get("/openapi.yaml")
@@ -227,7 +228,7 @@ def _scheme_summary(scheme: dict[str, Any]) -> str:
         return f"HTTP {scheme.get('scheme', '')} ({scheme.get('bearerFormat', 'token')})".strip()
     if scheme.get("type") == "apiKey":
         return f"{scheme.get('in', '')} `{scheme.get('name', '')}`"
-    return scheme.get("type", "")
+    return str(scheme.get("type", ""))
 
 
 _CODE = re.compile(r"`([^`]+)`")

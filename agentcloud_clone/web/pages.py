@@ -15,25 +15,25 @@ from bson import ObjectId
 from flask import Blueprint, Flask, g, redirect, render_template, request, session, url_for
 from flask_login import current_user
 
-from .api.common import load_args, path_id
-from .auth import current_account, has_permission, require_team
-from .permissions import Permission
-from .repositories import accounts as accounts_repo
-from .repositories import apps as apps_repo
-from .repositories import sessions as sessions_repo
-from .schemas import ListSessionsArgs, api_key_out, app_out, event_out, parse_object_id, session_out
-from .services import apps as apps_service
-from .services import sessions as sessions_service
+from ..access import ROLES, Permission, app_for, current_account, has_permission, require_team, session_for
+from ..ids import parse_object_id
+from ..repositories import accounts as accounts_repo
+from ..repositories import apps as apps_repo
+from ..repositories import sessions as sessions_repo
+from ..schemas import ListSessionsArgs, api_key_out, app_out, event_out, member_out
+from ..services import accounts as accounts_service
+from ..services import sessions as sessions_service
+from ..vocabulary import RUNNER_NAMES, STATUSES, EventType, Runner, Status
+from .parsing import load_args
+from .sessions import dump_session
 
-bp = Blueprint("web", __name__)
+bp = Blueprint("pages", __name__)
 
-ENDED = frozenset(sessions_repo.ENDED_STATUSES)
-RUNNERS = ("scripted", "openai", "python")
 # Shown as the config placeholder for each runner, so a new app starts from something that validates.
 RUNNER_EXAMPLES = {
-    "scripted": {"steps": 8, "stepDelay": 0.25},
-    "openai": {"model": "gpt-4o-mini", "baseUrl": "http://127.0.0.1:8001/v1", "apiKeyEnv": "OPENAI_API_KEY"},
-    "python": {"callable": "package.module:function", "options": {}},
+    Runner.SCRIPTED: {"steps": 8, "stepDelay": 0.25},
+    Runner.OPENAI: {"model": "gpt-4o-mini", "baseUrl": "http://127.0.0.1:8001/v1", "apiKey": "sk-..."},
+    Runner.PYTHON: {"callable": "agentcloud_clone.examples:echo", "options": {"times": 3, "delay": 0.2}},
 }
 TRANSCRIPT_PAGE = 1000
 
@@ -43,7 +43,18 @@ def index() -> Any:
     """Signed-in users go to their first team's sessions; others to the login page."""
     if current_user.is_authenticated and current_user.team_ids:
         return redirect(f"/{current_user.team_ids[0]}/sessions")
-    return redirect(url_for("auth.login"))
+    return redirect(url_for("account.login"))
+
+
+def _team(team_id: ObjectId) -> dict[str, Any]:
+    """The team whose page is shown (also for the team switcher)."""
+    team: dict[str, Any] = accounts_repo.find_team(team_id) or {"_id": team_id, "name": str(team_id)}
+    g.team = team
+    return team
+
+
+def _examples() -> dict[str, str]:
+    return {runner: json.dumps(example) for runner, example in RUNNER_EXAMPLES.items()}
 
 
 # --- sessions ------------------------------------------------------------------------------------------
@@ -51,49 +62,45 @@ def index() -> Any:
 
 @bp.get("/<resourceSlug>/sessions")
 @require_team(Permission.SESSION_VIEW)
-def sessions_page(team: dict[str, Any]) -> Any:
+def sessions_page(team_id: ObjectId) -> Any:
     """The team's sessions, newest first, a page at a time, with the form that starts a new one."""
     args = load_args(ListSessionsArgs())
-    page, next_before = sessions_service.list_sessions_page(
-        [team["_id"]], args["before"], args["limit"], args["status"]
-    )
-    apps = apps_repo.list_apps(team["_id"])
-    app_names = {str(a["_id"]): a["name"] for a in apps}
+    page, next_before = sessions_service.list_sessions_page([team_id], args["before"], args["limit"], args["status"])
+    apps = apps_repo.list_apps(team_id)
     return render_template(
         "sessions.html",
-        team=team,
-        sessions=session_out.dump(page, many=True),
-        app_names=app_names,
+        team=_team(team_id),
+        sessions=[dump_session(s) for s in page],
+        app_names={str(a["_id"]): a["name"] for a in apps},
         apps=app_out.dump(apps, many=True),
         before=args["before"],
         next_before=next_before,
         status_filter=args["status"],
-        statuses=sessions_repo.STATUSES,
+        statuses=STATUSES,
     )
 
 
 @bp.get("/<resourceSlug>/session/<sessionId>")
 @require_team(Permission.SESSION_VIEW)
-def session_page(team: dict[str, Any], sessionId: str) -> Any:
+def session_page(team_id: ObjectId, sessionId: str) -> Any:
     """One session's transcript, its controls, and the box for the next message."""
-    doc = sessions_service.get_session(team["_id"], path_id(sessionId, "session"))
+    doc = session_for(current_account(), sessionId, Permission.SESSION_VIEW, team_id=team_id)
     events = _all_events(doc["_id"])
-    session_view = session_out.dump(doc)
-    app = apps_repo.find_app(team["_id"], doc["appId"])
-    ended = doc["status"] in ENDED
+    session_view = dump_session(doc)
+    app = apps_repo.find_app(team_id, doc["appId"])
+    ended = sessions_service.is_ended(doc)
     confirm_delete = (
-        request.args.get("confirm") == "delete" and ended and has_permission(team["_id"], Permission.SESSION_DELETE)
+        request.args.get("confirm") == "delete" and ended and has_permission(team_id, Permission.SESSION_DELETE)
     )
     return render_template(
         "session.html",
-        team=team,
+        team=_team(team_id),
         session=session_view,
         state=session_state(session_view),
         ended=ended,
         app_name=app["name"] if app else None,
         items=transcript(event_out.dump(events, many=True)),
         last_seq=events[-1]["seq"] if events else 0,
-        last_type=events[-1]["type"] if events else "",
         confirm_delete=confirm_delete,
     )
 
@@ -111,7 +118,7 @@ def _all_events(session_id: ObjectId) -> list[dict[str, Any]]:
 
 def session_state(session_view: dict[str, Any]) -> str:
     """What the status badge says: the stored status, or `cancelling` while a cancel is being honoured."""
-    return "cancelling" if session_view.get("cancelling") else session_view.get("status", "started")
+    return "cancelling" if session_view.get("cancelling") else session_view.get("status", Status.STARTED)
 
 
 def transcript(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -122,9 +129,9 @@ def transcript(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     replies: dict[str, dict[str, Any]] = {}
     for event in events:
         kind = event.get("type")
-        if kind == "message":
+        if kind == EventType.MESSAGE:
             items.append({"kind": "user", "text": event.get("text", ""), "turnId": event.get("turnId")})
-        elif kind == "output":
+        elif kind == EventType.OUTPUT:
             turn = event.get("turnId") or ""
             reply = replies.get(turn)
             if reply is None:
@@ -133,15 +140,19 @@ def transcript(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 items.append(reply)
             reply["text"] += event.get("text", "")
             reply["interrupted"] = reply["interrupted"] or bool(event.get("interrupted"))
-        elif kind == "cancel":
-            items.append({"kind": "note", "text": "Cancel requested."})
-        elif kind == "status":
-            text = f"Session {event.get('status', 'updated')}."
-            if event.get("message"):
-                text += f" {event['message']}"
-            items.append({"kind": "note", "text": text})
-        elif kind == "error":
-            items.append({"kind": "error", "text": event.get("message") or "The turn failed."})
+        elif kind == EventType.CANCEL:
+            reason = event.get("reason")
+            items.append({"kind": "note", "text": f"Cancel requested: {reason}" if reason else "Cancel requested."})
+        elif kind == EventType.STATUS:
+            items.append(
+                {
+                    "kind": "error" if event.get("status") == Status.ERROR else "note",
+                    "text": f"Session {event.get('status', 'updated')}"
+                    + (f" ({event['endReason']})" if event.get("endReason") else "")
+                    + (f". {event['message']}" if event.get("message") else "."),
+                    "endReason": event.get("endReason"),
+                }
+            )
     return items
 
 
@@ -150,39 +161,46 @@ def transcript(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @bp.get("/<resourceSlug>/apps")
 @require_team(Permission.APP_VIEW)
-def apps_page(team: dict[str, Any]) -> Any:
+def apps_page(team_id: ObjectId) -> Any:
     """The team's apps and the form that adds one; `?delete=<id>` asks to confirm a deletion."""
-    apps = app_out.dump(apps_repo.list_apps(team["_id"]), many=True)
+    apps = app_out.dump(apps_repo.list_apps(team_id), many=True)
     confirm = None
-    if has_permission(team["_id"], Permission.APP_MANAGE):
+    if has_permission(team_id, Permission.APP_MANAGE):
         confirm = next((a for a in apps if a["_id"] == request.args.get("delete")), None)
     return render_template(
-        "apps.html",
-        team=team,
-        apps=apps,
-        confirm=confirm,
-        runners=RUNNERS,
-        examples={runner: json.dumps(example) for runner, example in RUNNER_EXAMPLES.items()},
+        "apps.html", team=_team(team_id), apps=apps, confirm=confirm, runners=RUNNER_NAMES, examples=_examples()
     )
 
 
 @bp.get("/<resourceSlug>/app/<appId>/edit")
 @require_team(Permission.APP_MANAGE)
-def app_edit_page(team: dict[str, Any], appId: str) -> Any:
+def app_edit_page(team_id: ObjectId, appId: str) -> Any:
     """The form that changes an app's name, runner or settings."""
-    app = apps_service.get_app(team["_id"], path_id(appId, "app"))
+    app = app_for(current_account(), appId, Permission.APP_MANAGE, team_id=team_id)
     config = dict(app.get("config") or {})
     # The upstream key is a secret: never put it in a page; the form says how to keep or replace it.
     has_secret = bool(config.pop("apiKey", None))
     return render_template(
         "app_edit.html",
-        team=team,
+        team=_team(team_id),
         app=app_out.dump(app),
         config_text=json.dumps(config, indent=2),
         has_secret=has_secret,
-        runners=RUNNERS,
-        examples={runner: json.dumps(example) for runner, example in RUNNER_EXAMPLES.items()},
+        runners=RUNNER_NAMES,
+        examples=_examples(),
     )
+
+
+# --- team ----------------------------------------------------------------------------------------------
+
+
+@bp.get("/<resourceSlug>/members")
+@require_team(Permission.TEAM_MANAGE)
+def members_page(team_id: ObjectId) -> Any:
+    """The team's members, their roles, and the form that adds one; `?remove=<id>` asks to confirm."""
+    members = member_out.dump(accounts_service.team_members(team_id), many=True)
+    confirm = next((m for m in members if m["_id"] == request.args.get("remove")), None)
+    return render_template("members.html", team=_team(team_id), members=members, roles=ROLES, confirm=confirm)
 
 
 # --- account -------------------------------------------------------------------------------------------
@@ -213,7 +231,8 @@ def _user_teams() -> list[dict[str, Any]]:
             {"_id": str(t["_id"]), "name": t.get("name") or str(t["_id"]), "role": current_user.role_in(t["_id"])}
             for t in teams
         ]
-    return g.web_user_teams
+    found: list[dict[str, Any]] = g.web_user_teams
+    return found
 
 
 def _current_team() -> dict[str, Any] | None:
@@ -247,23 +266,7 @@ def _safe_referrer() -> str | None:
 
 
 def init_app(app: Flask) -> None:
-    """Add security headers to every response, and the helpers the templates use."""
-
-    @app.after_request
-    def _security_headers(response: Any) -> Any:
-        if response.status_code != 429:
-            # flask-limiter adds Retry-After to every response; it only means something on a 429.
-            response.headers.pop("Retry-After", None)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        response.headers.setdefault("Referrer-Policy", "same-origin")
-        if response.mimetype == "text/html":
-            response.headers.setdefault(
-                "Content-Security-Policy",
-                "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'",
-            )
-        return response
-
+    """The helpers the templates use."""
     app.add_template_filter(_when, "when")
     app.add_template_global(session_state)
     app.add_template_global(_can, "can")

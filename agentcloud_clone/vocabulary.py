@@ -1,0 +1,96 @@
+"""The product's words, each defined once: session statuses, why sessions end, who cancels, runner names.
+
+Schemas, click choices, templates and queries all read these, so a new status or runner is added here only.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Status(StrEnum):
+    """Agentcloud's session statuses, kept as they are for compatibility."""
+
+    STARTED = "started"
+    RUNNING = "running"
+    WAITING = "waiting"
+    WARNING = "warning"
+    ERROR = "error"
+    TERMINATED = "terminated"
+
+
+STATUSES: tuple[str, ...] = tuple(s.value for s in Status)
+# A live session can still do work; an ended one never changes again.
+LIVE_STATUSES: tuple[str, ...] = (Status.STARTED, Status.RUNNING, Status.WAITING, Status.WARNING)
+ENDED_STATUSES: tuple[str, ...] = (Status.TERMINATED, Status.ERROR)
+# Live statuses a queued turn may start from (`running` means a worker already claimed one).
+CLAIMABLE_STATUSES: tuple[str, ...] = (Status.STARTED, Status.WAITING, Status.WARNING)
+
+
+class EndReason(StrEnum):
+    """Why a session ended, beside Agentcloud's coarser status."""
+
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+    TIMED_OUT = "timed_out"
+    BUDGET_EXCEEDED = "budget_exceeded"
+    WORKER_LOST = "worker_lost"
+    ERROR = "error"
+
+
+END_REASONS: tuple[str, ...] = tuple(r.value for r in EndReason)
+# The Agentcloud status each end reason leaves behind: stops asked for (by people or limits) terminate,
+# failures are errors.
+STATUS_FOR_END: dict[str, Status] = {
+    EndReason.COMPLETED: Status.TERMINATED,
+    EndReason.CANCELLED: Status.TERMINATED,
+    EndReason.EXPIRED: Status.TERMINATED,
+    EndReason.BUDGET_EXCEEDED: Status.TERMINATED,
+    EndReason.TIMED_OUT: Status.ERROR,
+    EndReason.WORKER_LOST: Status.ERROR,
+    EndReason.ERROR: Status.ERROR,
+}
+
+
+class CancelSource(StrEnum):
+    """Where a cancel came from."""
+
+    UI = "ui"
+    API = "api"
+    MANAGED_API = "managed-api"
+    BULK = "bulk"
+    LIMIT = "limit"
+
+
+CANCEL_SOURCES: tuple[str, ...] = tuple(s.value for s in CancelSource)
+
+
+class ActorKind(StrEnum):
+    """Who acted: a signed-in account, a program with an API key, or the system itself (limits, reaper)."""
+
+    ACCOUNT = "account"
+    API_KEY = "apiKey"
+    SYSTEM = "system"
+
+
+class EventType(StrEnum):
+    """Transcript entries. A session's last event, once it has ended, is its one `status` event."""
+
+    MESSAGE = "message"
+    OUTPUT = "output"
+    CANCEL = "cancel"
+    TURN_END = "turn_end"
+    STATUS = "status"
+
+
+class Runner(StrEnum):
+    """The agent runners an app can name."""
+
+    SCRIPTED = "scripted"
+    OPENAI = "openai"
+    PYTHON = "python"
+
+
+RUNNER_NAMES: tuple[str, ...] = tuple(r.value for r in Runner)
+MAX_CANCEL_REASON = 500

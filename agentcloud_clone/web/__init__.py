@@ -1,0 +1,23 @@
+"""The HTTP layer: blueprints parse the request, call a service and shape the response. Nothing else."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from . import account, apps, docs, errors, hooks, identity, managed_agents, pages, probes, ratelimits, sessions, teams
+from .parsing import BoundedJSONProvider
+
+BLUEPRINTS = (account, apps, sessions, managed_agents, teams, pages, probes, docs)
+
+
+def init_app(app: Flask) -> None:
+    """Register the blueprints, the error handlers, identity and CSRF, the request hooks and the limiter."""
+    app.json = BoundedJSONProvider(app)
+    errors.init_app(app)
+    identity.init_app(app)
+    for module in BLUEPRINTS:
+        app.register_blueprint(module.bp)
+    hooks.init_app(app)
+    pages.init_app(app)
+    # Last: it wraps the views registered above with their rate-limit markers.
+    ratelimits.init_app(app)

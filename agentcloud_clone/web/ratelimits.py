@@ -1,0 +1,109 @@
+"""Rate limits: the limiter, whose counters live in Redis so every web instance shares them, the keys
+requests are counted by, and the markers views carry. Every setting comes through Config.
+
+- Cancel: CANCEL_RATE_LIMIT per user, one budget shared by every cancel route of both API families.
+- Sign-in: only failed attempts count, per address and target account together (LOGIN_RATE_LIMIT) and per
+  address over all accounts (LOGIN_ADDRESS_RATE_LIMIT), so a stranger cannot lock an owner out from
+  elsewhere, and a successful sign-in never uses up the budget.
+- Everything else: DEFAULT_RATE_LIMIT per user, or per address for anonymous callers. Probes are exempt.
+
+flask-limiter keeps its storage on the Limiter itself, so each app gets its own: two apps in one process
+(tests, or a web app beside a worker) must not share counters or settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from flask import Flask, Response, request
+from flask_limiter import Limiter
+from flask_login import current_user
+
+from ..errors import Unavailable
+from . import probes
+
+LIMITER_EXTENSION = "agentcloud_limiter"
+
+
+def user_key() -> str:
+    """Limits count per signed-in user (cookie or API key), per address otherwise."""
+    try:
+        if current_user.is_authenticated:
+            return f"user:{current_user.id}"
+    except Unavailable:
+        pass  # the caller cannot be known right now (database down); the view will answer that
+    return f"ip:{request.remote_addr}"
+
+
+def address_key() -> str:
+    """Per client address."""
+    return f"ip:{request.remote_addr}"
+
+
+def login_target_key() -> str:
+    """Sign-in attempts per address and target account together."""
+    data: Any = request.get_json(silent=True) if request.is_json else request.form
+    email = data.get("email") if isinstance(data, dict) or hasattr(data, "getlist") else None
+    return f"login:{request.remote_addr}:{str(email or '').strip().lower()[:320]}"
+
+
+def _failed_sign_in(response: Response) -> bool:
+    return response.status_code in (400, 401)
+
+
+def rate_limited[F: Callable[..., Any]](
+    setting: str,
+    *,
+    scope: str,
+    key_func: Callable[[], str] | None = None,
+    deduct_when: Callable[[Response], bool] | None = None,
+) -> Callable[[F], F]:
+    """Mark a view as limited by `app.config[setting]`; views marked with the same scope share one budget."""
+
+    def decorator(view: F) -> F:
+        limits = list(getattr(view, "rate_limits", []))
+        limits.append((setting, scope, key_func, deduct_when))
+        view.rate_limits = limits  # type: ignore[attr-defined]
+        return view
+
+    return decorator
+
+
+# One budget for every cancel route, both API families, per user.
+cancel_limit = rate_limited("CANCEL_RATE_LIMIT", scope="cancel")
+
+
+def sign_in_limits[F: Callable[..., Any]](view: F) -> F:
+    """Failed sign-ins: per address and account together, and per address over all accounts."""
+    view = rate_limited("LOGIN_RATE_LIMIT", scope="login", key_func=login_target_key, deduct_when=_failed_sign_in)(view)
+    return rate_limited(
+        "LOGIN_ADDRESS_RATE_LIMIT", scope="login-address", key_func=address_key, deduct_when=_failed_sign_in
+    )(view)
+
+
+def init_app(app: Flask) -> Limiter:
+    """Create the app's limiter and apply every view's `rate_limited` markers (call after the blueprints)."""
+    limiter = Limiter(key_func=user_key, app=app)
+    # Probes and scrapes are not users: no limit, and no sign-in lookups on their hot path.
+    limiter.exempt(probes.bp)
+    shared: dict[str, Callable[[Any], Any]] = {}
+
+    def setting_of(name: str) -> Callable[[], str]:
+        return lambda: str(app.config[name])
+
+    for endpoint, view in list(app.view_functions.items()):
+        wrapped = view
+        for setting, scope, key_func, deduct_when in getattr(view, "rate_limits", []):
+            if scope not in shared:
+                shared[scope] = limiter.shared_limit(
+                    setting_of(setting),
+                    scope=scope,
+                    key_func=key_func,
+                    methods=["POST"],
+                    deduct_when=deduct_when,
+                )
+            wrapped = shared[scope](wrapped)
+        app.view_functions[endpoint] = wrapped
+    app.extensions[LIMITER_EXTENSION] = limiter
+    return limiter

@@ -1,0 +1,53 @@
+"""The one place that shapes responses: JSON or redirect, and the `{message, code}` error body."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from flask import flash, jsonify, redirect, render_template, request, url_for
+from flask.typing import ResponseReturnValue
+
+# Paths only programs call (scrapers, probes, spec readers): always JSON errors, never a login redirect.
+PROGRAM_PATHS = frozenset({"/openapi.yaml", "/metrics", "/healthz", "/readyz"})
+
+
+def wants_json() -> bool:
+    """True for programs: JSON bodies, API keys, `Accept: application/json`, and the `.json`/`/api/` routes."""
+    if request.is_json or request.headers.get("Authorization", "").lower().startswith("bearer "):
+        return True  # a JSON body, or an API key (valid or not): a program, not a browser
+    if request.method not in ("GET", "HEAD", "POST"):
+        return True  # HTML forms only GET and POST; anything else comes from a program
+    if request.path.endswith(".json") or request.path.startswith("/api/") or request.path in PROGRAM_PATHS:
+        return True
+    best = request.accept_mimetypes.best_match(["text/html", "application/json"])
+    return best == "application/json" and request.accept_mimetypes[best] > request.accept_mimetypes["text/html"]
+
+
+def safe_next(target: str | None, fallback: str) -> str:
+    """`target` when it is a path on this site, else `fallback`: redirects never bounce users elsewhere."""
+    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        return target if not urlsplit(target).netloc else fallback
+    return fallback
+
+
+def redirect_or_json(path: str, *, flash_message: str | None = None, **fields: Any) -> ResponseReturnValue:
+    """A 302 to `path` for browsers (with a flash message), or 200 `{redirect, ...fields}` for programs."""
+    if wants_json():
+        return jsonify({"redirect": path, **fields})
+    if flash_message:
+        flash(flash_message, "success")
+    return redirect(path, code=302)
+
+
+def error_response(code: int, message: str, errors: dict[str, Any] | None = None, **extra: Any) -> ResponseReturnValue:
+    """`{message, code}` (plus field `errors` and any `extra`) for programs, a friendly page for browsers;
+    browsers that need to sign in go to the login page."""
+    if wants_json():
+        body: dict[str, Any] = {"message": message, "code": code, **extra}
+        if errors:
+            body["errors"] = errors
+        return jsonify(body), code
+    if code == 401:
+        return redirect(url_for("account.login", next=request.full_path.rstrip("?")))
+    return render_template("error.html", code=code, message=message, errors=errors), code

@@ -1,0 +1,164 @@
+"""Agentcloud's session API under `/<resourceSlug>/...` (resourceSlug is the team id)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bson import ObjectId
+from flask import Blueprint, jsonify, request
+
+from ..access import Permission, app_for, current_account, parse_id, require_team, session_for
+from ..errors import InvalidInput
+from ..repositories import sessions as sessions_repo
+from ..schemas import (
+    CancelSchema,
+    ListEventsArgs,
+    ListSessionsArgs,
+    SendMessageSchema,
+    SessionCreateSchema,
+    event_out,
+    session_out,
+)
+from ..services import accounts as accounts_service
+from ..services import idempotency
+from ..services import sessions as service
+from ..vocabulary import CancelSource
+from .identity import api_key_in_use
+from .parsing import csrf_field, load_args, load_body
+from .ratelimits import cancel_limit
+from .responses import redirect_or_json, safe_next
+
+bp = Blueprint("sessions", __name__)
+SID = "<sessionId>"
+
+
+def dump_session(session: dict[str, Any]) -> dict[str, Any]:
+    """A session as both API families show it, with its derived states."""
+    shown: dict[str, Any] = session_out.dump(service.state_of(session))
+    return shown
+
+
+def cancel_fields(outcome: service.CancelOutcome) -> dict[str, Any]:
+    """The cancel response's own fields: `ok`, and `alreadyCancelled` / `alreadyEnded` when they apply."""
+    fields: dict[str, Any] = {"ok": True}
+    if outcome.already_cancelled:
+        fields["alreadyCancelled"] = True
+    elif outcome.already_ended:
+        fields["alreadyEnded"] = True
+    return fields
+
+
+def cancel_source(default: CancelSource) -> CancelSource:
+    """Where a cancel came from: the web UI's forms and scripts, or a program with an API key."""
+    return CancelSource.API if api_key_in_use() else default
+
+
+@bp.post("/<resourceSlug>/forms/session/add")
+@require_team(Permission.SESSION_CREATE)
+def add_session(team_id: ObjectId) -> Any:
+    """Start a session from an app, with an optional first message."""
+    data = load_body(SessionCreateSchema())
+    account = current_account()
+    app = app_for(account, data["appId"], Permission.SESSION_CREATE, team_id=team_id)
+
+    def create() -> tuple[dict[str, Any], ObjectId]:
+        team = accounts_service.get_team(team_id)
+        session = service.create_session(team, account.actor, app, data["name"], data["message"])
+        return {"_id": str(session["_id"])}, session["_id"]
+
+    request_hash = idempotency.fingerprint({"teamId": team_id, **data})
+    result = idempotency.run_once(account.object_id, request.headers.get("Idempotency-Key"), request_hash, create)
+    return redirect_or_json(f"/{team_id}/session/{result['_id']}", flash_message="Session started.", **result)
+
+
+@bp.get("/<resourceSlug>/sessions.json")
+@require_team(Permission.SESSION_VIEW)
+def list_sessions(team_id: ObjectId) -> Any:
+    """The team's sessions, newest first, one page at a time."""
+    args = load_args(ListSessionsArgs())
+    page, next_before = service.list_sessions_page([team_id], args["before"], args["limit"], args["status"])
+    return jsonify(sessions=[dump_session(s) for s in page], nextBefore=next_before, **csrf_field())
+
+
+@bp.get(f"/<resourceSlug>/session/{SID}.json")
+@require_team(Permission.SESSION_VIEW)
+def session_json(team_id: ObjectId, sessionId: str) -> Any:
+    """One session."""
+    session = session_for(current_account(), sessionId, Permission.SESSION_VIEW, team_id=team_id)
+    return jsonify(session=dump_session(session), **csrf_field())
+
+
+@bp.get(f"/<resourceSlug>/session/{SID}/messages.json")
+@require_team(Permission.SESSION_VIEW)
+def session_messages(team_id: ObjectId, sessionId: str) -> Any:
+    """The transcript, oldest first; `?after=<seq>` returns only what is new."""
+    session = session_for(current_account(), sessionId, Permission.SESSION_VIEW, team_id=team_id)
+    args = load_args(ListEventsArgs())
+    events = sessions_repo.list_events(session["_id"], after=args["after"], limit=args["limit"])
+    last_seq = events[-1]["seq"] if events else args["after"]
+    state = service.state_of(session)
+    return jsonify(
+        messages=event_out.dump(events, many=True),
+        lastSeq=last_seq,
+        status=session["status"],
+        endReason=session.get("endReason"),
+        cancelling=state["cancelling"],
+        final=service.transcript_is_final(session, last_seq),
+    )
+
+
+@bp.post(f"/<resourceSlug>/session/{SID}/send-message")
+@require_team(Permission.SESSION_CREATE)
+def send_message(team_id: ObjectId, sessionId: str) -> Any:
+    """Record the user's next message and start the turn that answers it."""
+    sid = parse_id(sessionId, "session")
+    data = load_body(SendMessageSchema())
+    service.send_message(team_id, sid, current_account().actor, data["message"])
+    return redirect_or_json(f"/{team_id}/session/{sid}", _id=str(sid), ok=True)
+
+
+@bp.post(f"/<resourceSlug>/forms/session/{SID}/cancel")
+@cancel_limit
+@require_team(Permission.SESSION_CANCEL)
+def cancel_session(team_id: ObjectId, sessionId: str) -> Any:
+    """Stamp `cancelledAt` once; repeats report `alreadyCancelled` and never move the stamp."""
+    sid = parse_id(sessionId, "session")
+    data = load_body(CancelSchema())
+    # Agentcloud's UI repeats the ids in the body; they must name what the path names.
+    if data["sessionId"] not in (None, sid) or data["resourceSlug"] not in (None, team_id):
+        raise InvalidInput("The body names a different session or team than the path.")
+    outcome = service.cancel_session(
+        team_id, sid, current_account().actor, cancel_source(CancelSource.UI), data["reason"]
+    )
+    shown = dump_session(outcome.session)
+    fields = {**cancel_fields(outcome), "_id": str(sid), "status": shown["status"]}
+    fields.update(cancelledAt=shown.get("cancelledAt"), endReason=shown.get("endReason"))
+    if outcome.already_cancelled:
+        message = "This session was already cancelled."
+    elif outcome.already_ended:
+        message = "This session had already ended."
+    else:
+        message = "Session cancelled." if service.is_ended(outcome.session) else "Cancelling the session…"
+    # A browser form may name where to go next (the session page, say); only paths on this site count.
+    back = safe_next(None if request.is_json else data["next"], f"/{team_id}/sessions")
+    return redirect_or_json(back, flash_message=message, **fields)
+
+
+def _delete(team_id: ObjectId, sessionId: str) -> Any:
+    sid = parse_id(sessionId, "session")
+    service.delete_session(team_id, sid)
+    return redirect_or_json(f"/{team_id}/sessions", flash_message="Session deleted.", _id=str(sid), ok=True)
+
+
+@bp.delete(f"/<resourceSlug>/forms/session/{SID}")
+@require_team(Permission.SESSION_DELETE)
+def delete_session(team_id: ObjectId, sessionId: str) -> Any:
+    """Remove an ended session and its transcript."""
+    return _delete(team_id, sessionId)
+
+
+@bp.post(f"/<resourceSlug>/forms/session/{SID}/delete")
+@require_team(Permission.SESSION_DELETE)
+def delete_session_form(team_id: ObjectId, sessionId: str) -> Any:
+    """The HTML-form twin of the DELETE route."""
+    return _delete(team_id, sessionId)

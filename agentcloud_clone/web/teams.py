@@ -1,0 +1,76 @@
+"""A team's members under `/<resourceSlug>/...`: who is on the team, with which role (admins and owners)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bson import ObjectId
+from flask import Blueprint, jsonify
+from marshmallow import fields, validate
+
+from ..access import ROLES, Permission, current_account, parse_id, require_team
+from ..schemas import Strict, member_out
+from ..services import accounts as service
+from .parsing import csrf_field, load_body
+from .responses import redirect_or_json
+
+bp = Blueprint("teams", __name__)
+
+
+class MemberAddSchema(Strict):
+    email = fields.Email(required=True, validate=validate.Length(max=320))
+    role = fields.String(required=True, validate=validate.OneOf(ROLES))
+
+
+class MemberEditSchema(Strict):
+    role = fields.String(required=True, validate=validate.OneOf(ROLES))
+
+
+def _granted_by(team_id: ObjectId) -> str | None:
+    return current_account().role_in(team_id)
+
+
+@bp.get("/<resourceSlug>/members.json")
+@require_team(Permission.TEAM_MANAGE)
+def list_members(team_id: ObjectId) -> Any:
+    """The team's members and their roles, by email."""
+    return jsonify(members=member_out.dump(service.team_members(team_id), many=True), **csrf_field())
+
+
+@bp.post("/<resourceSlug>/forms/member/add")
+@require_team(Permission.TEAM_MANAGE)
+def add_member(team_id: ObjectId) -> Any:
+    """Put an existing account on the team with a role (or change its role); effective on its next request."""
+    data = load_body(MemberAddSchema())
+    account = service.add_member(team_id, data["email"], data["role"], granted_by=_granted_by(team_id))
+    return redirect_or_json(f"/{team_id}/members", flash_message="Member saved.", _id=str(account["_id"]))
+
+
+@bp.post("/<resourceSlug>/forms/member/<accountId>/edit")
+@require_team(Permission.TEAM_MANAGE)
+def edit_member(team_id: ObjectId, accountId: str) -> Any:
+    """Change a member's role; effective on their next request."""
+    account = service.member(team_id, parse_id(accountId, "account"))
+    role = load_body(MemberEditSchema())["role"]
+    service.set_member_role(team_id, account, role, granted_by=_granted_by(team_id))
+    return redirect_or_json(f"/{team_id}/members", flash_message="Role changed.", _id=accountId, role=role)
+
+
+def _remove(team_id: ObjectId, accountId: str) -> Any:
+    account = service.member(team_id, parse_id(accountId, "account"))
+    service.remove_member(team_id, account, granted_by=_granted_by(team_id))
+    return redirect_or_json(f"/{team_id}/members", flash_message="Member removed.", _id=accountId, ok=True)
+
+
+@bp.delete("/<resourceSlug>/forms/member/<accountId>")
+@require_team(Permission.TEAM_MANAGE)
+def remove_member(team_id: ObjectId, accountId: str) -> Any:
+    """Take a member off the team; their next request no longer reaches it."""
+    return _remove(team_id, accountId)
+
+
+@bp.post("/<resourceSlug>/forms/member/<accountId>/delete")
+@require_team(Permission.TEAM_MANAGE)
+def remove_member_form(team_id: ObjectId, accountId: str) -> Any:
+    """The HTML-form twin of the DELETE route."""
+    return _remove(team_id, accountId)

@@ -1,0 +1,139 @@
+"""MongoDB round trips of each hot path, counted by a pymongo command listener over a real wire connection.
+
+A path that grows past its budget fails here. Budgets count what comes after authentication (a cookie
+request's sign-in lookup is one `find`, counted separately).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from pymongo import monitoring
+
+from agentcloud_clone.services import sessions as service
+from agentcloud_clone.vocabulary import CancelSource
+
+AUTH = 1  # the cookie's account lookup
+
+
+class CommandCounter(monitoring.CommandListener):
+    """Counts the commands sent to one database, from the moment `counting` is entered."""
+
+    def __init__(self) -> None:
+        self.database: str | None = None
+        self.commands: list[str] = []
+        self._lock = threading.Lock()
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if event.database_name == self.database:
+            with self._lock:
+                self.commands.append(event.command_name)
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        return
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        return
+
+    def count(self, action: Any) -> list[str]:
+        """The commands `action()` sends."""
+        with self._lock:
+            self.commands = []
+        action()
+        with self._lock:
+            return list(self.commands)
+
+
+_counter = CommandCounter()
+monitoring.register(_counter)  # applies to every client created from here on, filtered by database name
+
+
+@pytest.fixture
+def mongo_uri_template(mongo_server: Any) -> str:
+    """Round trips only exist over the wire."""
+    return mongo_server.url.rstrip("/") + "/{db}"
+
+
+@pytest.fixture
+def counter(app: Any) -> Iterator[CommandCounter]:
+    from agentcloud_clone.db import database_name
+
+    _counter.database = database_name(app.config["MONGO_URI"])
+    yield _counter
+    _counter.database = None
+
+
+@pytest.fixture
+def world(app: Any, factory: Any, login: Any) -> dict[str, Any]:
+    user = factory.user("member")
+    me = login(user)
+    app_id = factory.app_record(user.team_id)
+    return {"user": user, "me": me, "app_id": app_id, "actor": factory.actor(user)}
+
+
+def _running_session(app: Any, factory: Any, world: dict[str, Any]) -> dict[str, Any]:
+    session = factory.session(world["user"], world["app_id"], "hello")
+    with app.app_context():
+        assert service.claim_turn(session["teamId"], session["_id"], session["activeTurnId"], "test:1")
+    return session
+
+
+def test_fresh_cancel_of_a_running_session_takes_three_round_trips(app, factory, world, counter):
+    session = _running_session(app, factory, world)
+    with app.app_context():
+        commands = counter.count(
+            lambda: service.cancel_session(session["teamId"], session["_id"], world["actor"], CancelSource.API)
+        )
+    assert len(commands) <= 3, commands
+    team, sid = world["user"].team_id, session["_id"]
+    other = _running_session(app, factory, world)
+    over_http = counter.count(lambda: world["me"].json("POST", f"/{team}/forms/session/{other['_id']}/cancel"))
+    assert len(over_http) <= AUTH + 3, over_http
+    repeat = counter.count(lambda: world["me"].json("POST", f"/{team}/forms/session/{sid}/cancel"))
+    assert len(repeat) <= AUTH + 3, repeat
+
+
+def test_fresh_cancel_of_an_idle_or_queued_session_takes_three_round_trips(app, factory, world, counter):
+    for message in (None, "queued turn"):
+        session = factory.session(world["user"], world["app_id"], message)
+        with app.app_context():
+            commands = counter.count(
+                lambda session=session: service.cancel_session(
+                    session["teamId"], session["_id"], world["actor"], CancelSource.API
+                )
+            )
+        assert len(commands) <= 3, commands
+
+
+def test_session_and_transcript_reads(app, factory, world, counter):
+    session = factory.session(world["user"], world["app_id"], "hello")
+    team, sid = world["user"].team_id, session["_id"]
+    read = counter.count(lambda: world["me"].client.get(f"/{team}/session/{sid}.json"))
+    assert len(read) <= AUTH + 1, read
+    transcript = counter.count(lambda: world["me"].client.get(f"/{team}/session/{sid}/messages.json?after=0"))
+    assert len(transcript) <= AUTH + 2, transcript
+
+
+def test_one_output_flush_takes_two_round_trips_however_many_pieces(app, factory, world, counter):
+    session = _running_session(app, factory, world)
+    with app.app_context():
+        commands = counter.count(
+            lambda: service.record_output(
+                session["teamId"], session["_id"], session["activeTurnId"], ["a", "b", "c"], tokens=3
+            )
+        )
+    assert len(commands) <= 2, commands
+
+
+def test_heartbeat_and_watcher_poll_take_one_query_for_many_sessions(app, factory, world, counter):
+    from agentcloud_clone.repositories import sessions as repo
+    from agentcloud_clone.timeutil import utcnow
+
+    sessions = [_running_session(app, factory, world) for _ in range(5)]
+    teams = {s["_id"]: s["teamId"] for s in sessions}
+    with app.app_context():
+        assert len(counter.count(lambda: repo.heartbeat(teams, utcnow()))) == 1
+        assert len(counter.count(lambda: repo.watch_states(teams))) == 1
