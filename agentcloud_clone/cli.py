@@ -204,6 +204,8 @@ def init_app(app: Flask) -> None:
     @click.option("--timeout", type=float, default=None, help="Heartbeat age in seconds (default HEARTBEAT_TIMEOUT).")
     @_reports_errors
     def reap_command(timeout: float | None) -> None:
-        """End sessions whose worker was lost → {"reaped": [sessionId, ...]}."""
-        seconds = timeout if timeout is not None else float(current_app.config["HEARTBEAT_TIMEOUT"])
-        _emit({"reaped": sessions_service.reap_lost_turns(seconds)})
+        """One reaper pass → {"reaped": [...], "expired": [...], "requeued": [...]} (session ids): sessions whose
+        worker was lost, sessions ended by a limit, turns queued again."""
+        config = current_app.config
+        seconds = timeout if timeout is not None else float(config["HEARTBEAT_TIMEOUT"])
+        _emit(sessions_service.sweep(seconds, float(config["REQUEUE_AFTER"])))

@@ -86,6 +86,8 @@ class Config:
             "HEARTBEAT_INTERVAL": _env_float("HEARTBEAT_INTERVAL", 5.0, 0.05, 300.0),
             "HEARTBEAT_TIMEOUT": _env_float("HEARTBEAT_TIMEOUT", 30.0, 0.5, 3600.0),
             "REAPER_INTERVAL": _env_float("REAPER_INTERVAL", 10.0, 0.1, 3600.0),
+            # A turn waiting this long with no job in the queue is queued again by the reaper.
+            "REQUEUE_AFTER": _env_float("REQUEUE_AFTER", 60.0, 1.0, 86400.0),
             "TURN_TIMEOUT": _env_int("TURN_TIMEOUT", 600, 1, 7 * 24 * 3600),
             "TURN_MAX_OUTPUT_CHARS": _env_int("TURN_MAX_OUTPUT_CHARS", 2_000_000, 1000, 100_000_000),
             "OUTPUT_FLUSH_INTERVAL": _env_float("OUTPUT_FLUSH_INTERVAL", 0.25, 0.01, 5.0),

@@ -81,6 +81,9 @@ def ensure_indexes(db: Database[Any]) -> None:
     db.sessions.create_index([("teamId", asc), ("status", asc), ("_id", desc)], name="team_status_sessions")
     # The reaper's query: live sessions by heartbeat age.
     db.sessions.create_index([("status", asc), ("heartbeatAt", asc)], name="status_heartbeat")
+    # The reaper's limit sweep (queue TTL, turn duration, idle timeout) and its re-queue of lost jobs.
+    db.sessions.create_index([("deadline", asc)], name="deadline", sparse=True)
+    db.sessions.create_index([("turnQueuedAt", asc)], name="turn_queued", sparse=True)
     # Tombstones of deleted sessions, found by the reaper's purge.
     db.sessions.create_index([("deletedAt", asc)], name="deleted", sparse=True)
     db.session_events.create_index([("sessionId", asc), ("seq", asc)], unique=True, name="session_seq")

@@ -10,7 +10,7 @@ import redis
 from flask import current_app
 from rq import Queue
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
-from rq.job import Job
+from rq.job import Job, JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,15 @@ def drop_queued_turn(turn_id: str) -> None:
         pass
     except redis.RedisError:
         log.warning("queued turn %s not removed from the queue (Redis unavailable); a worker will skip it", turn_id)
+
+
+def turn_is_queued(turn_id: str) -> bool:
+    """Whether the turn's job is waiting in the queue or running."""
+    try:
+        job = Job.fetch(turn_job_id(turn_id), connection=get_redis())
+    except NoSuchJobError:
+        return False
+    return job.get_status(refresh=False) in (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED)
 
 
 def cancel_channel(prefix: str) -> str:

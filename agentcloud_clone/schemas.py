@@ -9,7 +9,7 @@ from bson import ObjectId
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, post_load, validate
 
 from .ids import parse_object_id
-from .vocabulary import CANCEL_SOURCES, END_REASONS, MAX_CANCEL_REASON, RUNNER_NAMES, STATUSES
+from .vocabulary import CANCEL_SOURCES, END_REASONS, MAX_CANCEL_REASON, ON_BUSY, RUNNER_NAMES, STATUSES, OnBusy
 
 MASKED_SECRET = "********"
 
@@ -92,16 +92,43 @@ class LoginSchema(Strict):
     remember = fields.Boolean(load_default=False)
 
 
+DAY = 86400
+
+
+class LimitsSchema(Strict):
+    """Limits that end a session for its team (per app, with team defaults); unset means no limit."""
+
+    queueTtl = fields.Float(allow_none=True, validate=validate.Range(min=1, max=7 * DAY))
+    maxTurnSeconds = fields.Float(allow_none=True, validate=validate.Range(min=1, max=7 * DAY))
+    idleTimeout = fields.Float(allow_none=True, validate=validate.Range(min=1, max=90 * DAY))
+    tokenBudget = fields.Integer(allow_none=True, strict=True, validate=validate.Range(min=1, max=10**9))
+
+
+class LimitsField(JsonObjectField):
+    """Limits given as an object (JSON clients) or as JSON text (HTML forms); unset ones are dropped."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> dict[str, Any]:
+        loaded: dict[str, Any] = LimitsSchema().load(super()._deserialize(value, attr, data, **kwargs))
+        return {key: item for key, item in loaded.items() if item is not None}
+
+
 class AppCreateSchema(Strict):
     name = fields.String(required=True, validate=validate.Length(min=1, max=200))
     runner = fields.String(load_default="scripted", validate=validate.OneOf(RUNNER_NAMES))
     config = JsonObjectField(load_default=dict)
+    limits = LimitsField(load_default=dict)
 
 
 class AppEditSchema(Strict):
     name = fields.String(validate=validate.Length(min=1, max=200))
     runner = fields.String(validate=validate.OneOf(RUNNER_NAMES))
     config = JsonObjectField()
+    limits = LimitsField()
+
+
+class TeamEditSchema(Strict):
+    name = fields.String(validate=validate.Length(min=1, max=200))
+    limits = LimitsField()
 
 
 class SessionCreateSchema(Strict):
@@ -118,7 +145,20 @@ class SessionCreateSchema(Strict):
 
 
 class SendMessageSchema(Strict):
-    message = fields.String(required=True, validate=validate.Length(min=1, max=100_000))
+    """The next message; Agentcloud's own client sends it as `messageText`."""
+
+    message = fields.String(validate=validate.Length(min=1, max=100_000))
+    messageText = fields.String(validate=validate.Length(min=1, max=100_000))
+    onBusy = fields.String(load_default=OnBusy.REJECT.value, validate=validate.OneOf(ON_BUSY))
+
+    @post_load
+    def _one_message(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        texts = {data.pop(key) for key in ("message", "messageText") if key in data}
+        if len(texts) != 1:
+            message = "Give the message as `message` (or `messageText`), once."
+            raise ValidationError({"message": [message]})
+        data["message"] = texts.pop()
+        return data
 
 
 CancelReason = fields.String(load_default=None, validate=validate.Length(max=MAX_CANCEL_REASON))
@@ -244,6 +284,10 @@ class SessionOut(Out):
     createdBy = ObjectIdField(allow_none=True)
     sharingConfig = fields.Dict()
     lastSeq = fields.Integer(attribute="eventSeq", dump_default=0)
+    limits = fields.Dict(dump_default=dict)
+    deadline = fields.DateTime(allow_none=True)
+    queued = fields.Boolean(dump_default=False)
+    queuedMessages = fields.Integer(dump_default=0)
 
 
 class ActorOut(Out):
@@ -288,6 +332,7 @@ class AppOut(Out):
     teamId = ObjectIdField()
     name = fields.String()
     runner = fields.String()
+    limits = fields.Dict(dump_default=dict)
     config = fields.Method("_config")
     createdBy = ObjectIdField(allow_none=True)
     createdAt = fields.DateTime()
@@ -315,6 +360,7 @@ class TeamOut(Out):
     orgId = ObjectIdField()
     name = fields.String()
     role = fields.String()
+    limits = fields.Dict(dump_default=dict)
 
 
 class MemberOut(Out):

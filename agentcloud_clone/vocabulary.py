@@ -84,6 +84,19 @@ class EventType(StrEnum):
     STATUS = "status"
 
 
+class OnBusy(StrEnum):
+    """What a message does when a turn is already in flight."""
+
+    REJECT = "reject"  # 409, as Agentcloud does
+    ENQUEUE = "enqueue"  # waits; its turn runs after the current one
+    INTERRUPT = "interrupt"  # the current turn is stopped (its output kept, marked interrupted); this one runs next
+
+
+ON_BUSY: tuple[str, ...] = tuple(b.value for b in OnBusy)
+# How many messages may wait behind the turn in flight.
+MAX_QUEUED_TURNS = 20
+
+
 class Runner(StrEnum):
     """The agent runners an app can name."""
 

@@ -101,13 +101,15 @@ class Factory:
             key = accounts_service.create_api_key(account["_id"], "test")[1] if api_key else None
         return User(email, str(account["_id"]), str(team["_id"]), role, api_key=key)
 
-    def app_record(self, team_id: str, runner: str = "scripted", **config: Any) -> str:
+    def app_record(
+        self, team_id: str, runner: str = "scripted", *, limits: dict[str, Any] | None = None, **config: Any
+    ) -> str:
         with self.app.app_context():
             team = find_team(ObjectId(team_id))
             assert team is not None
             settings = config or {"steps": 3, "stepDelay": 0.01}
             name = f"app-{uuid.uuid4().hex[:6]}"
-            return str(apps_service.create_app_record(team, name, runner, settings, None)["_id"])
+            return str(apps_service.create_app_record(team, name, runner, settings, None, limits)["_id"])
 
     def session(self, user: User, app_id: str, message: str | None = None) -> dict[str, Any]:
         """A session started by `user`, as the API would start it."""

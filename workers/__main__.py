@@ -17,7 +17,7 @@ from agentcloud_clone import create_app
 from agentcloud_clone.db import ensure_indexes_once
 from agentcloud_clone.jobs.turns import end_turn_of_killed_job
 from agentcloud_clone.queueing import get_redis
-from agentcloud_clone.services.sessions import reap_lost_turns
+from agentcloud_clone.services.sessions import sweep
 
 log = logging.getLogger("workers")
 
@@ -28,7 +28,7 @@ def _reaper_loop(app, stop: threading.Event) -> None:  # type: ignore[no-untyped
         try:
             ensure_indexes_once(app)
             with app.app_context():
-                reap_lost_turns(float(app.config["HEARTBEAT_TIMEOUT"]))
+                sweep(float(app.config["HEARTBEAT_TIMEOUT"]), float(app.config["REQUEUE_AFTER"]))
         except Exception:
             log.exception("reaper pass failed; retrying next interval")
 

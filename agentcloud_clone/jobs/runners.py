@@ -63,6 +63,8 @@ class TurnGrant:
     base_url: str | None = None
     api_key: str | None = field(default=None, repr=False)
     allowed_modules: Sequence[str] = ()
+    # Tokens the session may still spend; an upstream is never asked for more (None: no budget).
+    token_budget: int | None = None
 
 
 class RunnerError(Exception):
@@ -106,8 +108,9 @@ def openai_chat(ctx: TurnContext, grant: TurnGrant) -> Iterator[Piece]:
     kwargs: dict[str, Any] = {"model": config["model"], "messages": messages, "stream": True}
     if config.get("temperature") is not None:
         kwargs["temperature"] = config["temperature"]
-    if config.get("maxTokens"):
-        kwargs["max_tokens"] = config["maxTokens"]
+    caps = [cap for cap in (config.get("maxTokens"), grant.token_budget) if cap is not None]
+    if caps:
+        kwargs["max_tokens"] = max(1, min(caps))
 
     stream = None
     for attempt in range(3):

@@ -19,12 +19,13 @@ from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
 from .. import metrics, queueing
+from ..access import SYSTEM
 from ..logs import set_job_context
 from ..repositories import apps as apps_repo
 from ..repositories import sessions as sessions_repo
 from ..services import apps as apps_service
 from ..services import sessions
-from ..vocabulary import EndReason, EventType
+from ..vocabulary import CancelSource, EndReason, EventType
 from .runners import RUNNERS, Piece, RunnerError, TurnContext, TurnGrant
 from .watcher import CancelHandle, watcher_for
 
@@ -62,9 +63,12 @@ class OutputWriter:
     ) -> None:
         self.team_id, self.session_id, self.turn_id = session["teamId"], session["_id"], turn_id
         self.interval, self.max_chars, self.cancel = interval, max_chars, cancel
+        # Tokens this turn may spend before the session's budget is reached (None: no budget).
+        self.budget = sessions.remaining_budget(session)
         self.buffer: list[str] = []
         self.buffered = 0
         self.tokens = 0
+        self.turn_tokens = 0
         self.last_flush = time.monotonic()
         self.chars_written = 0
         self.last_event_id: ObjectId | None = None
@@ -77,8 +81,22 @@ class OutputWriter:
         self.buffer.append(text)
         self.buffered += len(text)
         self.tokens += piece.tokens
+        self.turn_tokens += piece.tokens
         if len(text) < len(piece.text):
             raise OutputTooLongError(f"The agent's output passed the limit of {self.max_chars} characters.")
+        if self.budget is not None and self.turn_tokens >= self.budget:
+            # The budget is reached: keep what came, stop asking the upstream for more.
+            self.flush()
+            sessions.cancel_session(
+                self.team_id,
+                self.session_id,
+                SYSTEM,
+                CancelSource.LIMIT,
+                sessions.BUDGET_SPENT,
+                end_reason=EndReason.BUDGET_EXCEEDED,
+            )
+            self.cancel.trigger("cancelled")
+            return
         if self.buffered >= MAX_EVENT_CHARS or time.monotonic() - self.last_flush >= self.interval:
             self.flush()
 
@@ -145,7 +163,7 @@ def run_turn(team_id: str, session_id: str, turn_id: str) -> dict[str, Any]:
         return {"outcome": "error"}
 
     watcher = watcher_for(app)
-    cancel = watcher.register(tid, sid)
+    cancel = watcher.register(tid, sid, turn)
     try:
         user_message, history, number = _context_from_transcript(sid, turn)
         ctx = TurnContext(
@@ -156,11 +174,11 @@ def run_turn(team_id: str, session_id: str, turn_id: str) -> dict[str, Any]:
             cancel=cancel,
             turn_number=number,
         )
-        base_url, api_key = apps_service.upstream_for(app_doc, config)
-        grant = TurnGrant(base_url, api_key, tuple(config["PYTHON_RUNNER_MODULES"]))
         writer = OutputWriter(
             session, turn, float(config["OUTPUT_FLUSH_INTERVAL"]), int(config["TURN_MAX_OUTPUT_CHARS"]), cancel
         )
+        base_url, api_key = apps_service.upstream_for(app_doc, config)
+        grant = TurnGrant(base_url, api_key, tuple(config["PYTHON_RUNNER_MODULES"]), writer.budget)
         log.info("turn %s of session %s started", turn_id, session_id)
         return _drive(ctx, grant, writer, tid, sid, turn)
     finally:
@@ -194,6 +212,11 @@ def _drive(
     if not cancel.is_set() and sessions.complete_turn(tid, sid, turn, end_session=ctx.end_session):
         log.info("turn %s of session %s completed", turn, sid)
         return {"outcome": "completed", "chars": writer.chars_written}
+    if cancel.reason == "interrupted":
+        # A newer message asked this turn to stop: keep its output (marked interrupted), run the next one.
+        writer.flush(interrupted=True)
+        if sessions.complete_turn(tid, sid, turn, end_session=False, interrupted=True):
+            return {"outcome": "interrupted"}
     # A cancel (or an end or delete elsewhere) got there first: it decides how the session ends.
     session = _stop(writer, EndReason.CANCELLED, "Cancelled; the turn was interrupted and its partial output kept.")
     if session and session.get("cancelledAt") and session.get("endedAt"):

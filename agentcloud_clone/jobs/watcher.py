@@ -22,6 +22,7 @@ from .. import metrics
 from ..ids import parse_object_id
 from ..queueing import cancel_channel, redis_for
 from ..repositories import sessions as sessions_repo
+from ..services import sessions
 from ..timeutil import utcnow
 from ..vocabulary import ENDED_STATUSES
 
@@ -31,8 +32,8 @@ log = logging.getLogger(__name__)
 class CancelHandle:
     """What a runner sees of cancellation: a flag to test, a wait that wakes early, close-on-cancel hooks."""
 
-    def __init__(self, session_id: ObjectId) -> None:
-        self.session_id = session_id
+    def __init__(self, session_id: ObjectId, turn_id: ObjectId | None = None) -> None:
+        self.session_id, self.turn_id = session_id, turn_id
         self._event = threading.Event()
         self._callbacks: list[Callable[[], Any]] = []
         self._lock = threading.Lock()
@@ -40,7 +41,8 @@ class CancelHandle:
         self.noticed_at: float | None = None
 
     def is_set(self) -> bool:
-        """True once the session was cancelled, deleted or ended elsewhere."""
+        """True once the session was cancelled, deleted or ended elsewhere, or this turn was interrupted by a
+        newer message (`reason` says which)."""
         return self._event.is_set()
 
     def wait(self, timeout: float) -> bool:
@@ -106,9 +108,9 @@ class CancelWatcher:
         self._stop.set()
         self._wake.set()
 
-    def register(self, team_id: ObjectId, session_id: ObjectId) -> CancelHandle:
+    def register(self, team_id: ObjectId, session_id: ObjectId, turn_id: ObjectId | None = None) -> CancelHandle:
         """Watch a session while this process runs a turn of it."""
-        handle = CancelHandle(session_id)
+        handle = CancelHandle(session_id, turn_id)
         with self._lock:
             self._handles[session_id] = (team_id, handle)
         return handle
@@ -134,15 +136,22 @@ class CancelWatcher:
             self.polls += 1
             self.metrics.increment("cancel_poll_queries_total")
             seen = set()
+            now_dt = utcnow()
             for doc in docs:
                 seen.add(doc["_id"])
-                handle = watched[doc["_id"]][1]
+                team_id, handle = watched[doc["_id"]]
                 if doc.get("deletedAt"):
                     handle.trigger("deleted")
                 elif doc.get("cancelledAt"):
                     handle.trigger("cancelled")
                 elif doc.get("status") in ENDED_STATUSES:
                     handle.trigger("ended")
+                elif handle.turn_id is not None and doc.get("interruptTurnId") == handle.turn_id:
+                    handle.trigger("interrupted")
+                elif doc.get("deadline") is not None and doc["deadline"] < now_dt:
+                    # Over its duration limit: the stamp says why, and the turn stops as for any cancel.
+                    sessions.enforce_deadline(team_id, doc)
+                    handle.trigger("cancelled")
             for session_id in set(watched) - seen:
                 watched[session_id][1].trigger("deleted")
             now = time.monotonic()

@@ -82,6 +82,11 @@ def find_team(team_id: ObjectId) -> dict[str, Any] | None:
     return get_db().teams.find_one({"_id": team_id})
 
 
+def update_team(team_id: ObjectId, changes: dict[str, Any]) -> dict[str, Any] | None:
+    """Apply `changes` to the team; the team after, or None when there is no such team."""
+    return get_db().teams.find_one_and_update({"_id": team_id}, {"$set": changes}, return_document=ReturnDocument.AFTER)
+
+
 def find_teams(team_ids: list[ObjectId]) -> list[dict[str, Any]]:
     """The teams with these ids, by name."""
     return list(get_db().teams.find({"_id": {"$in": team_ids}}).sort("name", 1))

@@ -12,7 +12,12 @@ from ..timeutil import utcnow
 
 
 def insert_app(
-    team: dict[str, Any], name: str, runner: str, config: dict[str, Any], created_by: ObjectId | None
+    team: dict[str, Any],
+    name: str,
+    runner: str,
+    config: dict[str, Any],
+    created_by: ObjectId | None,
+    limits: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Store a new app in the team."""
     now = utcnow()
@@ -22,6 +27,7 @@ def insert_app(
         "name": name,
         "runner": runner,
         "config": config,
+        "limits": limits or {},
         "createdBy": created_by,
         "createdAt": now,
         "updatedAt": now,

@@ -31,9 +31,27 @@ def in_scope(scope: TeamScope) -> Any:
     return {"$in": list(scope)} if isinstance(scope, list) else scope
 
 
-def _applied(doc: dict[str, Any], set_fields: dict[str, Any], inc: dict[str, int]) -> dict[str, Any]:
-    """`doc` as it is after `$set: set_fields, $inc: inc` (dotted keys set one level down)."""
+def _applied(
+    doc: dict[str, Any],
+    set_fields: dict[str, Any],
+    inc: dict[str, int],
+    push: dict[str, Any] | None = None,
+    pop: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """`doc` as it is after `$set`, `$inc`, `$push` (one value, or `$each` with `$position`) and `$pop`
+    (dotted keys set one level down)."""
     after = dict(doc)
+    for key, value in (push or {}).items():
+        items = list(after.get(key) or [])
+        if isinstance(value, dict) and "$each" in value:
+            position = value.get("$position", len(items))
+            items[position:position] = value["$each"]
+        else:
+            items.append(value)
+        after[key] = items
+    for key, end in (pop or {}).items():
+        items = list(after.get(key) or [])
+        after[key] = items[1:] if end == -1 else items[:-1]
     for key, value in set_fields.items():
         head, _, tail = key.partition(".")
         if tail:
@@ -108,19 +126,26 @@ def append_events(
     where: dict[str, Any],
     set_fields: dict[str, Any] | None = None,
     inc: dict[str, int] | None = None,
+    push: dict[str, Any] | None = None,
+    pop: dict[str, int] | None = None,
     projection: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]] | None:
-    """Append transcript events to a live session matching `where`, applying `set_fields`/`inc` in the same
-    write: one update reserves the events' `seq`s (and changes the state), one insert writes them.
+    """Append transcript events to a live session matching `where`, applying `set_fields`/`inc`/`push`/`pop`
+    in the same write: one update reserves the events' `seq`s (and changes the state), one insert writes them.
 
     Returns (session before, session after, events stored), or None when no live session matched, in which
     case nothing was written."""
     now = utcnow()
     set_all = {"lastUpdatedDate": now, **(set_fields or {})}
     inc_all = {"eventSeq": len(events), **(inc or {})}
+    update: dict[str, Any] = {"$set": set_all, "$inc": inc_all}
+    if push:
+        update["$push"] = push
+    if pop:
+        update["$pop"] = pop
     before = get_db().sessions.find_one_and_update(
         {"_id": session_id, "teamId": in_scope(scope), **NOT_DELETED, **LIVE, **where},
-        {"$set": set_all, "$inc": inc_all},
+        update,
         projection={**projection, "teamId": 1, "eventSeq": 1} if projection else None,
         return_document=ReturnDocument.BEFORE,
     )
@@ -130,7 +155,7 @@ def append_events(
     stored = [_event(before["teamId"], session_id, seq, now, e) for seq, e in enumerate(events, start=first)]
     if stored:
         get_db().session_events.insert_many(stored, ordered=True)
-    return before, _applied(before, set_all, inc_all), stored
+    return before, _applied(before, set_all, inc_all, push, pop), stored
 
 
 def _event(team_id: ObjectId, session_id: ObjectId, seq: int, now: datetime, fields: dict[str, Any]) -> dict[str, Any]:
@@ -208,6 +233,27 @@ def purge_tombstones(deleted_before: datetime, limit: int = 500) -> int:
     return len(ids)
 
 
+def find_past_deadline(now: datetime, limit: int = 1000) -> list[dict[str, Any]]:
+    """Live sessions whose limit deadline (queue TTL, turn duration, idle timeout) has passed."""
+    query = {"deadline": {"$lt": now}, **LIVE, **NOT_DELETED}
+    projection = {"teamId": 1, "deadline": 1, "deadlineReason": 1, "status": 1}
+    return list(get_db().sessions.find(query, projection).limit(limit))
+
+
+def find_unqueued_turns(queued_before: datetime, limit: int = 1000) -> list[dict[str, Any]]:
+    """Sessions with a turn waiting for a worker since before `queued_before` (its job may have been lost)."""
+    query = {"turnQueuedAt": {"$lt": queued_before}, "activeTurnId": {"$ne": None}, **LIVE, **NOT_DELETED}
+    projection = {"teamId": 1, "activeTurnId": 1, "status": 1, "turnQueuedAt": 1}
+    return list(get_db().sessions.find(query, projection).limit(limit))
+
+
+def touch_queued_turn(team_id: ObjectId, session_id: ObjectId, turn_id: ObjectId, now: datetime) -> None:
+    """Note that a waiting turn was queued again."""
+    get_db().sessions.update_one(
+        {"_id": session_id, "teamId": team_id, "activeTurnId": turn_id}, {"$set": {"turnQueuedAt": now}}
+    )
+
+
 def find_lost_turns(heartbeat_before: datetime, limit: int = 1000) -> list[dict[str, Any]]:
     """Running sessions whose heartbeat is older than `heartbeat_before` (their worker is gone)."""
     query = {"status": Status.RUNNING, "heartbeatAt": {"$lt": heartbeat_before}, **NOT_DELETED}
@@ -223,7 +269,14 @@ def watch_states(teams_by_session: Mapping[ObjectId, ObjectId]) -> list[dict[str
     """What a worker's watcher needs of the sessions it runs (session id → team id): cancel stamp, status,
     deletion. One query per chunk of ids."""
     found: list[dict[str, Any]] = []
-    projection = {"cancelledAt": 1, "status": 1, "deletedAt": 1}
+    projection = {
+        "cancelledAt": 1,
+        "status": 1,
+        "deletedAt": 1,
+        "interruptTurnId": 1,
+        "deadline": 1,
+        "deadlineReason": 1,
+    }
     for chunk in chunked(list(teams_by_session)):
         found.extend(get_db().sessions.find(_in_teams(teams_by_session, chunk), projection))
     return found

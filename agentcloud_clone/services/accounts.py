@@ -91,6 +91,16 @@ def get_team(team_id: ObjectId) -> dict[str, Any]:
     return team
 
 
+def edit_team(team_id: ObjectId, changes: dict[str, Any]) -> dict[str, Any]:
+    """Rename a team or set its default limits (each app's own limits win over them)."""
+    if not changes:
+        return get_team(team_id)
+    team = repo.update_team(team_id, changes)
+    if team is None:
+        raise NotFound("No such team.")
+    return team
+
+
 def ensure_team(team_name: str) -> dict[str, Any]:
     """The team with this name, created with its own org when new."""
     return repo.find_team_by_name(team_name) or repo.insert_org_and_team(team_name)

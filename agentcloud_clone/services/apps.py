@@ -43,10 +43,15 @@ def allowed_runner_modules() -> list[str]:
 
 
 def create_app_record(
-    team: dict[str, Any], name: str, runner: str, config: dict[str, Any], created_by: ObjectId | None
+    team: dict[str, Any],
+    name: str,
+    runner: str,
+    config: dict[str, Any],
+    created_by: ObjectId | None,
+    limits: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Store an app whose runner settings passed validation."""
-    return repo.insert_app(team, name, runner, _checked_config(runner, config), created_by)
+    """Store an app whose runner settings passed validation (limits are validated by the caller's schema)."""
+    return repo.insert_app(team, name, runner, _checked_config(runner, config), created_by, limits)
 
 
 def get_app(team_id: ObjectId, app_id: ObjectId) -> dict[str, Any]:

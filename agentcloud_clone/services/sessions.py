@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from bson import ObjectId
 from redis import RedisError
 
 from .. import queueing
-from ..access import Actor
+from ..access import SYSTEM, Actor
 from ..errors import Conflict, NotFound, Unavailable
 from ..repositories import sessions as repo
 from ..repositories.sessions import NOT_CANCELLED, TeamScope
@@ -27,10 +27,12 @@ from ..timeutil import utcnow
 from ..vocabulary import (
     CLAIMABLE_STATUSES,
     ENDED_STATUSES,
+    MAX_QUEUED_TURNS,
     STATUS_FOR_END,
     CancelSource,
     EndReason,
     EventType,
+    OnBusy,
     Status,
 )
 
@@ -68,12 +70,16 @@ def is_ended(session: dict[str, Any]) -> bool:
 
 def state_of(session: dict[str, Any]) -> dict[str, Any]:
     """The session with the states derived from it: `cancelling` while a stamped session's turn is still being
-    stopped, `turnInFlight` while a turn is queued or running."""
+    stopped, `turnInFlight` while a turn is queued or running, `queued` while it waits for a worker, and how
+    many messages wait behind it."""
     live = not is_ended(session)
+    in_flight = live and session.get("activeTurnId") is not None
     return {
         **session,
         "cancelling": live and bool(session.get("cancelledAt")),
-        "turnInFlight": live and session.get("activeTurnId") is not None,
+        "turnInFlight": in_flight,
+        "queued": in_flight and session.get("status") in CLAIMABLE_STATUSES,
+        "queuedMessages": len(session.get("queuedTurns") or []),
     }
 
 
@@ -92,11 +98,52 @@ def transcript_is_final(session: dict[str, Any], last_seq_read: int) -> bool:
     return is_ended(session) and last_seq_read >= int(session.get("eventSeq", 0))
 
 
+# --- limits ----------------------------------------------------------------------------------------------------
+
+LIMIT_FIELDS = ("queueTtl", "maxTurnSeconds", "idleTimeout", "tokenBudget")
+
+
+def effective_limits(team: dict[str, Any], app: dict[str, Any]) -> dict[str, Any]:
+    """The limits a new session runs under: the app's own, else its team's defaults (kept on the session, so
+    later edits do not change sessions already running)."""
+    team_limits, app_limits = team.get("limits") or {}, app.get("limits") or {}
+    merged = {key: app_limits.get(key, team_limits.get(key)) for key in LIMIT_FIELDS}
+    return {key: value for key, value in merged.items() if value is not None}
+
+
+def _deadline(limits: dict[str, Any], phase: str, now: datetime) -> dict[str, Any]:
+    """The deadline of the phase a session enters: a queued turn (queue TTL), a running one (turn duration),
+    or waiting for input (idle timeout); none when that limit is not set."""
+    setting, reason = {
+        "queued": ("queueTtl", EndReason.EXPIRED),
+        "running": ("maxTurnSeconds", EndReason.TIMED_OUT),
+        "idle": ("idleTimeout", EndReason.EXPIRED),
+    }[phase]
+    seconds = limits.get(setting)
+    if not seconds:
+        return {"deadline": None, "deadlineReason": None}
+    return {"deadline": now + timedelta(seconds=float(seconds)), "deadlineReason": reason}
+
+
+def _queued(turn_id: ObjectId, limits: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """The fields of a turn that waits for a worker."""
+    return {"activeTurnId": turn_id, "turnQueuedAt": now, "interruptTurnId": None, **_deadline(limits, "queued", now)}
+
+
 # --- starting work -------------------------------------------------------------------------------------------
 
 
-def _message_event(text: str, turn_id: ObjectId, actor: Actor) -> dict[str, Any]:
-    return {"type": EventType.MESSAGE, "role": "user", "text": text, "turnId": str(turn_id), "by": actor.account_id}
+def _message_event(text: str, turn_id: ObjectId, actor: Actor, *, queued: bool = False) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "type": EventType.MESSAGE,
+        "role": "user",
+        "text": text,
+        "turnId": str(turn_id),
+        "by": actor.account_id,
+    }
+    if queued:
+        event["queued"] = True
+    return event
 
 
 def _enqueue(session_id: ObjectId, team_id: ObjectId, turn_id: ObjectId) -> None:
@@ -112,6 +159,7 @@ def create_session(
     leaves nothing behind."""
     now = utcnow()
     turn_id = ObjectId() if message else None
+    limits = effective_limits(team, app)
     doc: dict[str, Any] = {
         "orgId": team["orgId"],
         "teamId": team["_id"],
@@ -124,7 +172,9 @@ def create_session(
         "previewLabel": (message or "")[:80] or None,
         "sharingConfig": {"mode": "team"},
         "createdBy": actor.account_id,
-        "activeTurnId": turn_id,
+        "limits": limits,
+        "queuedTurns": [],
+        **(_queued(turn_id, limits, now) if turn_id else {"activeTurnId": None, **_deadline(limits, "idle", now)}),
     }
     events = [_message_event(message, turn_id, actor)] if message and turn_id else []
     session = repo.insert_session(doc, events)
@@ -137,29 +187,59 @@ def create_session(
     return session
 
 
-def send_message(team_id: ObjectId, session_id: ObjectId, actor: Actor, text: str) -> dict[str, Any]:
-    """Record a message and queue the turn that answers it; Conflict when the session has ended or a turn is
-    in flight. When the turn cannot be queued the message is taken back and Unavailable raised."""
-    turn_id = ObjectId()
-    written = repo.append_events(
-        team_id,
-        session_id,
-        [_message_event(text, turn_id, actor)],
-        where={"activeTurnId": None, **NOT_CANCELLED},
-        set_fields={"activeTurnId": turn_id},
-    )
-    if written is None:
+def send_message(
+    team_id: ObjectId, session_id: ObjectId, actor: Actor, text: str, on_busy: OnBusy = OnBusy.REJECT
+) -> dict[str, Any]:
+    """Record a message and queue the turn that answers it. With a turn in flight, `on_busy` decides: reject
+    (Conflict), enqueue (it runs after the current turn), or interrupt (the current turn is stopped, its
+    output kept and marked interrupted, and this one runs next).
+
+    Conflict when the session has ended. When a turn cannot be queued the message is taken back and
+    Unavailable raised."""
+    for _ in range(RETRIES):
         current = get_session(team_id, session_id)
         if is_ended(current) or current.get("cancelledAt"):
             raise Conflict("This session has ended; start a new one.")
-        raise Conflict("A turn is already in flight; wait for it or cancel it.")
-    _, after, (event,) = written
-    try:
-        _enqueue(session_id, team_id, turn_id)
-    except RedisError:
-        _take_back_message(team_id, session_id, turn_id, event)
-        raise Unavailable(QUEUE_DOWN) from None
-    return after
+        now, turn_id = utcnow(), ObjectId()
+        limits = current.get("limits") or {}
+        active = current.get("activeTurnId")
+        if active is None:
+            written = repo.append_events(
+                team_id,
+                session_id,
+                [_message_event(text, turn_id, actor)],
+                where={"activeTurnId": None, **NOT_CANCELLED},
+                set_fields=_queued(turn_id, limits, now),
+            )
+            if written is None:
+                continue  # a turn started meanwhile: look again
+            _, after, (event,) = written
+            try:
+                _enqueue(session_id, team_id, turn_id)
+            except RedisError:
+                _take_back_message(team_id, session_id, turn_id, event)
+                raise Unavailable(QUEUE_DOWN) from None
+            return after
+        if on_busy is OnBusy.REJECT:
+            raise Conflict("A turn is already in flight; wait for it, cancel it, or send with onBusy.")
+        if len(current.get("queuedTurns") or []) >= MAX_QUEUED_TURNS:
+            raise Conflict(f"{MAX_QUEUED_TURNS} messages are already waiting; wait for some to be answered.")
+        interrupt = on_busy is OnBusy.INTERRUPT
+        written = repo.append_events(
+            team_id,
+            session_id,
+            [_message_event(text, turn_id, actor, queued=True)],
+            where={"activeTurnId": active, **NOT_CANCELLED},
+            # An interrupting message goes to the front of the line and asks the turn in flight to stop.
+            push={"queuedTurns": {"$each": [turn_id], "$position": 0} if interrupt else turn_id},
+            set_fields={"interruptTurnId": active} if interrupt else None,
+        )
+        if written is None:
+            continue  # the turn in flight finished meanwhile: look again
+        if interrupt:
+            queueing.publish_cancel(str(session_id))  # wakes the worker running it
+        return written[1]
+    raise Conflict("The session changed while the message was being sent; try again.")
 
 
 def _take_back_message(team_id: ObjectId, session_id: ObjectId, turn_id: ObjectId, event: dict[str, Any]) -> None:
@@ -188,7 +268,15 @@ def _closing_event(reason: EndReason, message: str, turn_id: Any = None) -> dict
 
 def _ending(reason: EndReason, now: Any) -> dict[str, Any]:
     """The fields every end sets, whoever ends the session."""
-    return {"status": STATUS_FOR_END[reason], "endReason": reason, "endedAt": now, "activeTurnId": None}
+    return {
+        "status": STATUS_FOR_END[reason],
+        "endReason": reason,
+        "endedAt": now,
+        "activeTurnId": None,
+        "turnQueuedAt": None,
+        "deadline": None,
+        "deadlineReason": None,
+    }
 
 
 def cancel_session(
@@ -199,12 +287,14 @@ def cancel_session(
     reason: str | None = None,
     *,
     end_reason: EndReason = EndReason.CANCELLED,
+    guard: dict[str, Any] | None = None,
 ) -> CancelOutcome:
     """Stamp `cancelledAt` once, with a `cancellation` record (who, from where, why, when).
 
     A session no worker has claimed ends at once and its queued turn is dropped from the queue; a running one
     is ended by its worker. At most three MongoDB round trips; a repeat never moves the stamp. NotFound when
-    the session is not in `scope`."""
+    the session is not in `scope`. Limits pass the reason they end the session with (`end_reason`) and a
+    `guard` that must still hold (the deadline they saw), so a session that moved on is left alone."""
     now = utcnow()
     cancellation: dict[str, Any] = {
         "by": actor.as_doc(),
@@ -224,7 +314,7 @@ def cancel_session(
             scope,
             session_id,
             [cancel_event],
-            where={"status": Status.RUNNING, **NOT_CANCELLED},
+            where={"status": Status.RUNNING, **NOT_CANCELLED, **(guard or {})},
             set_fields={**stamp, "cancellation": cancellation},
         )
         if stamped is not None:
@@ -237,7 +327,7 @@ def cancel_session(
             scope,
             session_id,
             [cancel_event, _closing_event(end_reason, _cancel_message(end_reason, reason))],
-            where={**CLAIMABLE, **NOT_CANCELLED},
+            where={**CLAIMABLE, **NOT_CANCELLED, **(guard or {})},
             set_fields={**stamp, "cancellation": {**cancellation, "completedAt": now}, **_ending(end_reason, now)},
         )
         if ended is not None:
@@ -250,6 +340,8 @@ def cancel_session(
             return CancelOutcome(current, already_cancelled=True)
         if is_ended(current):
             return CancelOutcome(current, already_ended=True)
+        if guard:
+            return CancelOutcome(current, already_ended=False)  # the limit no longer applies: nothing done
         # Live and unstamped, but its status changed between the two writes (a turn was claimed or finished).
     raise Conflict("The session changed while it was being cancelled; try again.")
 
@@ -269,14 +361,55 @@ def _cancel_message(end_reason: EndReason, reason: str | None) -> str:
 
 def claim_turn(team_id: ObjectId, session_id: ObjectId, turn_id: ObjectId, worker_id: str) -> dict[str, Any] | None:
     """Mark a queued turn running on this worker, once. None when it cannot start: the session ended, was
-    cancelled or deleted, or another worker already claimed it (a job RQ handed out again)."""
-    now = utcnow()
-    return repo.update_session(
-        team_id,
-        session_id,
-        {"activeTurnId": turn_id, **CLAIMABLE, **NOT_CANCELLED},
-        {"$set": {"status": Status.RUNNING, "workerId": worker_id, "heartbeatAt": now, "turnStartedAt": now}},
-    )
+    cancelled or deleted, another worker already claimed it (a job RQ handed out again), or it was interrupted
+    by a newer message before it started (then the next waiting turn is queued instead)."""
+    for _ in range(RETRIES):
+        current = repo.find_session(team_id, session_id)
+        if current is None or is_ended(current) or current.get("activeTurnId") != turn_id:
+            return None
+        if current.get("status") not in CLAIMABLE_STATUSES or current.get("cancelledAt"):
+            return None
+        if current.get("interruptTurnId") == turn_id:
+            _advance(team_id, session_id, turn_id, interrupted=True, started=False)
+            return None
+        now = utcnow()
+        remaining = _remaining_budget(current)
+        if remaining is not None and remaining <= 0:
+            cancel_session(
+                team_id, session_id, SYSTEM, CancelSource.LIMIT, BUDGET_SPENT, end_reason=EndReason.BUDGET_EXCEEDED
+            )
+            return None
+        claimed = repo.update_session(
+            team_id,
+            session_id,
+            {"activeTurnId": turn_id, **CLAIMABLE, **NOT_CANCELLED, "interruptTurnId": {"$ne": turn_id}},
+            {
+                "$set": {
+                    "status": Status.RUNNING,
+                    "workerId": worker_id,
+                    "heartbeatAt": now,
+                    "turnStartedAt": now,
+                    "turnQueuedAt": None,
+                    **_deadline(current.get("limits") or {}, "running", now),
+                }
+            },
+        )
+        if claimed is not None:
+            return claimed
+    return None
+
+
+BUDGET_SPENT = "The session's token budget is spent."
+
+
+def _remaining_budget(session: dict[str, Any]) -> int | None:
+    budget = (session.get("limits") or {}).get("tokenBudget")
+    return None if budget is None else int(budget) - int(session.get("tokensUsed", 0))
+
+
+def remaining_budget(session: dict[str, Any]) -> int | None:
+    """Tokens the session may still spend (None: no budget)."""
+    return _remaining_budget(session)
 
 
 def record_output(
@@ -315,21 +448,67 @@ def mark_interrupted(session_id: ObjectId, event_id: ObjectId) -> None:
     repo.mark_event(session_id, event_id, interrupted=True)
 
 
-def complete_turn(team_id: ObjectId, session_id: ObjectId, turn_id: ObjectId, *, end_session: bool) -> bool:
-    """Finish a turn that ran to its end: the session waits for the next message, or ends `completed` when
-    the agent said so. False when a cancel (or anything else) got there first; that then decides the end."""
-    where = {"activeTurnId": turn_id, "status": Status.RUNNING, **NOT_CANCELLED}
-    if end_session:
+def complete_turn(
+    team_id: ObjectId, session_id: ObjectId, turn_id: ObjectId, *, end_session: bool, interrupted: bool = False
+) -> bool:
+    """Finish a turn that ran to its end (or was interrupted by a newer message): the next waiting message's
+    turn is queued, or the session waits for input, or it ends `completed` when the agent said so. False when
+    a cancel (or anything else) got there first; that then decides the end."""
+    if end_session and not interrupted:
+        where = {"activeTurnId": turn_id, "status": Status.RUNNING, **NOT_CANCELLED}
         event = _closing_event(EndReason.COMPLETED, "The agent ended the session.", turn_id)
-        written = repo.append_events(
-            team_id, session_id, [event], where=where, set_fields=_ending(EndReason.COMPLETED, utcnow())
+        ending = _ending(EndReason.COMPLETED, utcnow())
+        return repo.append_events(team_id, session_id, [event], where=where, set_fields=ending) is not None
+    return _advance(team_id, session_id, turn_id, interrupted=interrupted, started=True)
+
+
+def _advance(team_id: ObjectId, session_id: ObjectId, turn_id: ObjectId, *, interrupted: bool, started: bool) -> bool:
+    """Move on from a finished (or interrupted) turn: queue the next waiting message's turn, or wait for input."""
+    for _ in range(RETRIES):
+        current = repo.find_session(team_id, session_id)
+        if current is None or current.get("activeTurnId") != turn_id or current.get("cancelledAt"):
+            return False
+        now = utcnow()
+        limits = current.get("limits") or {}
+        waiting = list(current.get("queuedTurns") or [])
+        event: dict[str, Any] = {"type": EventType.TURN_END, "turnId": str(turn_id), "status": Status.WAITING}
+        if interrupted:
+            event["interrupted"] = True
+        where: dict[str, Any] = {
+            "activeTurnId": turn_id,
+            "status": Status.RUNNING if started else {"$in": list(CLAIMABLE_STATUSES)},
+            **NOT_CANCELLED,
+        }
+        if waiting:
+            where["queuedTurns.0"] = waiting[0]
+            fields = {"status": Status.WAITING, **_queued(waiting[0], limits, now)}
+            written = repo.append_events(
+                team_id, session_id, [event], where=where, set_fields=fields, pop={"queuedTurns": -1}
+            )
+            if written is not None:
+                _enqueue_or_leave_to_reaper(team_id, session_id, waiting[0])
+                return True
+        else:
+            where["queuedTurns.0"] = {"$exists": False}
+            fields = {
+                "status": Status.WAITING,
+                "activeTurnId": None,
+                "turnQueuedAt": None,
+                "interruptTurnId": None,
+                **_deadline(limits, "idle", now),
+            }
+            if repo.append_events(team_id, session_id, [event], where=where, set_fields=fields) is not None:
+                return True
+    return False
+
+
+def _enqueue_or_leave_to_reaper(team_id: ObjectId, session_id: ObjectId, turn_id: ObjectId) -> None:
+    try:
+        _enqueue(session_id, team_id, turn_id)
+    except RedisError:
+        log.warning(
+            "turn %s of session %s not queued (Redis unavailable); the reaper queues it again", turn_id, session_id
         )
-    else:
-        event = {"type": EventType.TURN_END, "turnId": str(turn_id), "status": Status.WAITING}
-        written = repo.append_events(
-            team_id, session_id, [event], where=where, set_fields={"status": Status.WAITING, "activeTurnId": None}
-        )
-    return written is not None
 
 
 def end_turn(
@@ -392,6 +571,53 @@ def end_turn_of_killed_job(team_id: ObjectId, session_id: ObjectId, turn_id: Obj
     return ended is not None
 
 
+def enforce_deadline(team_id: ObjectId, doc: dict[str, Any]) -> bool:
+    """Cancel a session whose limit deadline (`doc`'s, as just read) has passed, for the limit's reason; False
+    when the session moved on meanwhile (the deadline changed) or was already cancelled."""
+    reason = EndReason(doc.get("deadlineReason") or EndReason.EXPIRED)
+    outcome = cancel_session(
+        team_id,
+        doc["_id"],
+        SYSTEM,
+        CancelSource.LIMIT,
+        LIMIT_MESSAGES[reason],
+        end_reason=reason,
+        guard={"deadline": doc["deadline"]},
+    )
+    return (
+        not outcome.already_cancelled
+        and (outcome.session.get("cancellation") or {}).get("source") == CancelSource.LIMIT
+    )
+
+
+def enforce_deadlines() -> list[str]:
+    """End sessions past a limit's deadline: a queued turn past its queue TTL (`expired`), a turn over its
+    duration (`timed_out`, stopped by its worker), a session idle past its idle timeout (`expired`)."""
+    return [str(doc["_id"]) for doc in repo.find_past_deadline(utcnow()) if enforce_deadline(doc["teamId"], doc)]
+
+
+LIMIT_MESSAGES = {
+    EndReason.EXPIRED: "A time limit of the app passed (queue TTL or idle timeout).",
+    EndReason.TIMED_OUT: "The turn ran longer than the app allows.",
+    EndReason.BUDGET_EXCEEDED: BUDGET_SPENT,
+}
+
+
+def requeue_lost_jobs(older_than: float) -> list[str]:
+    """Queue again turns that have waited longer than `older_than` seconds with no job in the queue (the
+    process that should have queued them died, or Redis lost the job)."""
+    cutoff, requeued = utcnow() - timedelta(seconds=older_than), []
+    for doc in repo.find_unqueued_turns(cutoff):
+        turn = str(doc["activeTurnId"])
+        if doc.get("status") in CLAIMABLE_STATUSES and not queueing.turn_is_queued(turn):
+            queueing.enqueue_turn(str(doc["teamId"]), str(doc["_id"]), turn)
+            requeued.append(str(doc["_id"]))
+        repo.touch_queued_turn(doc["teamId"], doc["_id"], doc["activeTurnId"], utcnow())
+    if requeued:
+        log.warning("queued %d lost turns again: %s", len(requeued), ", ".join(requeued))
+    return requeued
+
+
 def reap_lost_turns(timeout: float, tombstone_grace: float = 60.0) -> list[str]:
     """End running sessions whose worker stopped heartbeating, and purge deleted sessions' tombstones.
 
@@ -408,6 +634,15 @@ def reap_lost_turns(timeout: float, tombstone_grace: float = 60.0) -> list[str]:
         log.warning("reaped %d sessions with lost workers: %s", len(reaped), ", ".join(reaped))
     repo.purge_tombstones(utcnow() - timedelta(seconds=tombstone_grace))
     return reaped
+
+
+def sweep(heartbeat_timeout: float, requeue_after: float) -> dict[str, list[str]]:
+    """The reaper's pass: end lost turns, enforce limit deadlines, queue lost jobs again, purge tombstones."""
+    return {
+        "reaped": reap_lost_turns(heartbeat_timeout),
+        "expired": enforce_deadlines(),
+        "requeued": requeue_lost_jobs(requeue_after),
+    }
 
 
 # --- deleting --------------------------------------------------------------------------------------------------

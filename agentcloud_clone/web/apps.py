@@ -39,7 +39,10 @@ def add_app(team_id: ObjectId) -> Any:
     """Create an app; its runner settings are validated against the runner."""
     data = load_body(AppCreateSchema())
     team = accounts_service.get_team(team_id)
-    app = service.create_app_record(team, data["name"], data["runner"], data["config"], current_account().object_id)
+    account = current_account()
+    app = service.create_app_record(
+        team, data["name"], data["runner"], data["config"], account.object_id, data["limits"]
+    )
     return redirect_or_json(f"/{team_id}/apps", flash_message="App created.", _id=str(app["_id"]))
 
 

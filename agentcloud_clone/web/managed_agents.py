@@ -11,11 +11,19 @@ from marshmallow import fields, validate
 from ..access import Account, Permission, app_for, current_account, declares_permission, parse_id, session_for
 from ..errors import NotFound, PermissionDenied
 from ..repositories import sessions as sessions_repo
-from ..schemas import ListEventsArgs, ListSessionsArgs, ManagedCancelSchema, ObjectIdField, Strict, event_out
+from ..schemas import (
+    ListEventsArgs,
+    ListSessionsArgs,
+    ManagedCancelSchema,
+    ObjectIdField,
+    SendMessageSchema,
+    Strict,
+    event_out,
+)
 from ..services import accounts as accounts_service
 from ..services import idempotency
 from ..services import sessions as service
-from ..vocabulary import CancelSource
+from ..vocabulary import CancelSource, OnBusy
 from .parsing import load_args, load_body
 from .ratelimits import cancel_limit
 from .sessions import cancel_fields, dump_session
@@ -119,6 +127,19 @@ def session_events(sessionId: str) -> Any:
     args = load_args(ListEventsArgs())
     events = sessions_repo.list_events(session["_id"], after=args["after"], limit=args["limit"])
     return jsonify(events=event_out.dump(events, many=True), lastSeq=events[-1]["seq"] if events else args["after"])
+
+
+@bp.post("/sessions/<sessionId>/messages")
+@declares_permission(Permission.SESSION_CREATE)
+def send_message(sessionId: str) -> Any:
+    """The next message of a session: `{message, onBusy?}` (reject, enqueue or interrupt a turn in flight)."""
+    account = current_account()
+    session = session_for(account, sessionId, Permission.SESSION_CREATE)
+    data = load_body(SendMessageSchema())
+    after = service.send_message(
+        session["teamId"], session["_id"], account.actor, data["message"], OnBusy(data["onBusy"])
+    )
+    return jsonify(session=dump_session(after)), 202
 
 
 @bp.delete("/sessions/<sessionId>")

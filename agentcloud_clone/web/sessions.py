@@ -22,7 +22,7 @@ from ..schemas import (
 from ..services import accounts as accounts_service
 from ..services import idempotency
 from ..services import sessions as service
-from ..vocabulary import CancelSource
+from ..vocabulary import CancelSource, OnBusy
 from .identity import api_key_in_use
 from .parsing import csrf_field, load_args, load_body
 from .ratelimits import cancel_limit
@@ -113,8 +113,15 @@ def send_message(team_id: ObjectId, sessionId: str) -> Any:
     """Record the user's next message and start the turn that answers it."""
     sid = parse_id(sessionId, "session")
     data = load_body(SendMessageSchema())
-    service.send_message(team_id, sid, current_account().actor, data["message"])
-    return redirect_or_json(f"/{team_id}/session/{sid}", _id=str(sid), ok=True)
+    session = service.send_message(team_id, sid, current_account().actor, data["message"], OnBusy(data["onBusy"]))
+    shown = dump_session(session)
+    return redirect_or_json(
+        f"/{team_id}/session/{sid}",
+        _id=str(sid),
+        ok=True,
+        queued=shown["queued"],
+        queuedMessages=shown["queuedMessages"],
+    )
 
 
 @bp.post(f"/<resourceSlug>/forms/session/{SID}/cancel")

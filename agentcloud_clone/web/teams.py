@@ -9,7 +9,7 @@ from flask import Blueprint, jsonify
 from marshmallow import fields, validate
 
 from ..access import ROLES, Permission, current_account, parse_id, require_team
-from ..schemas import Strict, member_out
+from ..schemas import Strict, TeamEditSchema, member_out, team_out
 from ..services import accounts as service
 from .parsing import csrf_field, load_body
 from .responses import redirect_or_json
@@ -28,6 +28,22 @@ class MemberEditSchema(Strict):
 
 def _granted_by(team_id: ObjectId) -> str | None:
     return current_account().role_in(team_id)
+
+
+@bp.get("/<resourceSlug>/team.json")
+@require_team(Permission.SESSION_VIEW)
+def team_json(team_id: ObjectId) -> Any:
+    """The team, your role on it, and its default limits."""
+    team = {**service.get_team(team_id), "role": current_account().role_in(team_id)}
+    return jsonify(team=team_out.dump(team), **csrf_field())
+
+
+@bp.post("/<resourceSlug>/forms/team/edit")
+@require_team(Permission.TEAM_MANAGE)
+def edit_team(team_id: ObjectId) -> Any:
+    """Rename the team or set its default limits (an app's own limits win over them)."""
+    service.edit_team(team_id, load_body(TeamEditSchema()))
+    return redirect_or_json(f"/{team_id}/members", flash_message="Team saved.", _id=str(team_id))
 
 
 @bp.get("/<resourceSlug>/members.json")

@@ -48,7 +48,13 @@ def test_account_json_lists_teams_with_roles(factory, login):
     me = login(factory.user("viewer"))
     body = me.client.get("/account.json").get_json()
     assert body["teams"] == [
-        {"_id": me.user.team_id, "orgId": body["teams"][0]["orgId"], "name": body["teams"][0]["name"], "role": "viewer"}
+        {
+            "_id": me.user.team_id,
+            "orgId": body["teams"][0]["orgId"],
+            "name": body["teams"][0]["name"],
+            "role": "viewer",
+            "limits": {},
+        }
     ]
 
 

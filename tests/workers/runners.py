@@ -15,3 +15,12 @@ def stubborn(ctx: Any) -> Iterator[str]:
     yield "started "
     release.wait(30)
     yield "released "
+
+
+def patient(ctx: Any) -> Iterator[str]:
+    """Yields once, then waits (for at most 30 s) until its turn is cancelled or interrupted, as a well-behaved
+    runner waiting on an upstream does."""
+    yield "started "
+    if ctx.cancel.wait(30):
+        return
+    yield "not stopped "

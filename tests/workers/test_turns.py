@@ -6,84 +6,11 @@ import threading
 from typing import Any
 
 import pytest
-from flask import Flask
 
-from agentcloud_clone.db import get_db
 from agentcloud_clone.services import sessions as service
 from agentcloud_clone.services.sessions import reap_lost_turns
-from agentcloud_clone.vocabulary import CancelSource
-from tests.support import run_queued_turn, wait_until
 from tests.workers import runners as test_runners
-
-FAST = {"CANCEL_POLL_INTERVAL": 0.05, "OUTPUT_FLUSH_INTERVAL": 0.05, "HEARTBEAT_INTERVAL": 0.05}
-RUNNER_MODULES = ["agentcloud_clone.examples", "tests.workers.runners"]
-
-
-@pytest.fixture
-def app_settings() -> dict[str, Any]:
-    return {**FAST, "PYTHON_RUNNER_MODULES": RUNNER_MODULES}
-
-
-class Harness:
-    """Starts sessions through the services and runs their turns the way a worker does."""
-
-    def __init__(self, app: Flask, factory: Any) -> None:
-        self.app = app
-        self.user = factory.user("member")
-        self.factory = factory
-        self.actor = factory.actor(self.user)
-
-    def start(self, message: str | None = "hello", runner: str = "scripted", **config: Any) -> dict[str, Any]:
-        return self.factory.session(self.user, self.factory.app_record(self.user.team_id, runner, **config), message)
-
-    def doc(self, session: dict[str, Any]) -> dict[str, Any]:
-        with self.app.app_context():
-            return get_db().sessions.find_one({"_id": session["_id"]})
-
-    def events(self, session: dict[str, Any]) -> list[dict[str, Any]]:
-        with self.app.app_context():
-            return list(get_db().session_events.find({"sessionId": session["_id"]}).sort("seq", 1))
-
-    def closing(self, session: dict[str, Any]) -> dict[str, Any]:
-        """The session's closing event, checking it is its one and last `status` event."""
-        events = self.events(session)
-        statuses = [e for e in events if e["type"] == "status"]
-        assert len(statuses) == 1 and events[-1] is statuses[0], [e["type"] for e in events]
-        return statuses[0]
-
-    def run(self, session: dict[str, Any]) -> dict[str, Any]:
-        return run_queued_turn(self.app, session["_id"])
-
-    def run_in_thread(self, session: dict[str, Any]) -> tuple[threading.Thread, list[dict[str, Any]]]:
-        result: list[dict[str, Any]] = []
-        thread = threading.Thread(target=lambda: result.append(self.run(session)), daemon=True)
-        thread.start()
-        return thread, result
-
-    def cancel(self, session: dict[str, Any], reason: str | None = None) -> service.CancelOutcome:
-        with self.app.app_context():
-            return service.cancel_session(session["teamId"], session["_id"], self.actor, CancelSource.API, reason)
-
-    def wait_for(self, predicate: Any, what: str = "the condition") -> Any:
-        return wait_until(predicate, 20, what)
-
-    def wait_running(self, session: dict[str, Any]) -> None:
-        self.wait_for(lambda: self.doc(session)["status"] == "running", "the turn to start")
-
-    def reap(self, session: dict[str, Any]) -> None:
-        """Have the reaper end the session as if its worker were lost (at timeout 0 any heartbeat older than
-        now counts; one stamped within the same millisecond does not yet, hence the retry)."""
-        with self.app.app_context():
-            self.wait_for(lambda: reap_lost_turns(0) == [str(session["_id"])], "the reaper to end the session")
-
-    def finish(self, thread: threading.Thread) -> None:
-        thread.join(30)
-        assert not thread.is_alive(), "the turn did not end"
-
-
-@pytest.fixture
-def harness(app, factory) -> Harness:
-    return Harness(app, factory)
+from tests.workers.harness import RUNNER_MODULES
 
 
 def test_full_turn_streams_output_and_waits_for_next_message(harness):

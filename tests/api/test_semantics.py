@@ -1,0 +1,89 @@
+"""Why sessions end, cancel reasons, limits and busy messages, through both API families."""
+
+from __future__ import annotations
+
+from tests.support import run_queued_turn
+
+
+def _start(me, app_id: str, message: str | None = "hello") -> str:
+    response = me.json("POST", f"/{me.user.team_id}/forms/session/add", {"appId": app_id, "message": message})
+    assert response.status_code == 200, response.get_json()
+    return response.get_json()["_id"]
+
+
+def test_cancel_reason_is_recorded_in_both_families(factory, login, api_key_client):
+    user = factory.user("member", api_key=True)
+    me = login(user)
+    app_id = factory.app_record(user.team_id)
+    sid = _start(me, app_id)
+    body = me.json("POST", f"/{user.team_id}/forms/session/{sid}/cancel", {"reason": "wrong prompt"}).get_json()
+    assert body["endReason"] == "cancelled"
+    session = me.client.get(f"/{user.team_id}/session/{sid}.json").get_json()["session"]
+    assert session["cancellation"]["reason"] == "wrong prompt" and session["cancellation"]["source"] == "ui"
+    assert session["cancellation"]["by"] == {"kind": "account", "accountId": user.account_id}
+    events = me.client.get(f"/{user.team_id}/session/{sid}/messages.json").get_json()["messages"]
+    assert events[1]["type"] == "cancel" and events[1]["reason"] == "wrong prompt"
+    assert events[-1]["message"] == "Cancelled: wrong prompt"
+    call = api_key_client(user)
+    other = _start(me, app_id)
+    assert call("POST", "/api/managed-agents/cancel", {"sessionId": other, "reason": "done"}).get_json() == {"ok": True}
+    managed = call("GET", f"/api/managed-agents/sessions/{other}").get_json()["session"]
+    assert managed["cancellation"]["source"] == "managed-api" and managed["cancellation"]["reason"] == "done"
+    assert managed["cancellation"]["by"]["kind"] == "apiKey" and managed["endReason"] == "cancelled"
+
+
+def test_cancel_with_an_api_key_on_the_agentcloud_route_says_api(factory, api_key_client):
+    user = factory.user("member", api_key=True)
+    call = api_key_client(user)
+    sid = factory.session(user, factory.app_record(user.team_id), "hi")["_id"]
+    call("POST", f"/{user.team_id}/forms/session/{sid}/cancel")
+    session = call("GET", f"/{user.team_id}/session/{sid}.json").get_json()["session"]
+    assert session["cancellation"]["source"] == "api" and session["cancellation"]["by"]["kind"] == "apiKey"
+
+
+def test_cancel_reason_is_bounded_and_a_string(factory, login):
+    me = login(factory.user("member"))
+    sid = _start(me, factory.app_record(me.user.team_id))
+    path = f"/{me.user.team_id}/forms/session/{sid}/cancel"
+    assert me.json("POST", path, {"reason": "x" * 501}).status_code == 400
+    assert me.json("POST", path, {"reason": {"$ne": 1}}).status_code == 400
+    assert me.json("POST", path, {"sessionId": "b" * 24}).status_code == 400
+    assert me.json("POST", path, {"sessionId": sid, "resourceSlug": me.user.team_id, "_csrf": "x"}).status_code == 200
+
+
+def test_busy_messages_in_both_families(factory, login, api_key_client, app):
+    user = factory.user("member", api_key=True)
+    me = login(user)
+    sid = _start(me, factory.app_record(user.team_id, steps=1, stepDelay=0))
+    path = f"/{user.team_id}/session/{sid}/send-message"
+    assert me.json("POST", path, {"message": "no"}).status_code == 409
+    queued = me.json("POST", path, {"messageText": "later", "onBusy": "enqueue"}).get_json()
+    assert queued["ok"] is True and queued["queuedMessages"] == 1
+    assert me.json("POST", path, {"message": "x", "onBusy": "whenever"}).status_code == 400
+    assert me.json("POST", path, {"message": "a", "messageText": "b"}).status_code == 400
+    call = api_key_client(user)
+    managed = call("POST", f"/api/managed-agents/sessions/{sid}/messages", {"message": "also", "onBusy": "enqueue"})
+    assert managed.status_code == 202 and managed.get_json()["session"]["queuedMessages"] == 2
+    for _ in range(3):
+        run_queued_turn(app, sid)
+    texts = [
+        e["text"]
+        for e in me.client.get(f"/{user.team_id}/session/{sid}/messages.json").get_json()["messages"]
+        if e["type"] == "message"
+    ]
+    assert texts == ["hello", "later", "also"]
+
+
+def test_app_and_team_limits_are_validated_and_shown(factory, login):
+    admin = login(factory.user("admin"))
+    team = admin.user.team_id
+    bad = admin.json("POST", f"/{team}/forms/app/add", {"name": "a", "limits": {"queueTtl": -1}})
+    assert bad.status_code == 400 and "queueTtl" in str(bad.get_json()["errors"])
+    assert admin.json("POST", f"/{team}/forms/app/add", {"name": "a", "limits": {"bogus": 1}}).status_code == 400
+    good = admin.json("POST", f"/{team}/forms/app/add", {"name": "a", "limits": {"tokenBudget": 1000}}).get_json()
+    assert admin.client.get(f"/{team}/app/{good['_id']}.json").get_json()["app"]["limits"] == {"tokenBudget": 1000}
+    assert admin.json("POST", f"/{team}/forms/team/edit", {"limits": {"idleTimeout": 3600}}).status_code == 200
+    assert admin.client.get(f"/{team}/team.json").get_json()["team"]["limits"] == {"idleTimeout": 3600}
+    sid = _start(admin, good["_id"])
+    session = admin.client.get(f"/{team}/session/{sid}.json").get_json()["session"]
+    assert session["limits"] == {"tokenBudget": 1000, "idleTimeout": 3600} and session["queued"] is True
