@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
-from flask import Flask
+import pymongo
+import redis
+from flask import Flask, current_app
 from flask.cli import AppGroup
+from pymongo.errors import ConnectionFailure
 
 from .permissions import ROLES
 from .repositories import accounts as accounts_repo
@@ -33,16 +37,47 @@ def _emit(payload: dict[str, Any]) -> None:
     click.echo(json.dumps(payload, default=str))
 
 
+def _unreachable(server: str, variable: str) -> ApiError:
+    """A 503 naming the server a command could not reach and the variable that says where it is."""
+    where = re.sub(r"//[^/@]*@", "//", str(current_app.config[variable]))  # no credentials in the message
+    return ApiError(503, f"{server} is unreachable at {where}: start `make run`, or set {variable}.")
+
+
+# How long a command waits for MongoDB before saying it is unreachable (the app itself waits 3 s per query).
+CLI_SERVER_TIMEOUT_MS = 1500
+
+
+def _ping_mongo() -> None:
+    """Raise ConnectionFailure soon when MongoDB does not answer, before a command starts its work."""
+    uri = current_app.config["MONGO_URI"]
+    if uri.startswith("mongomock://"):
+        return
+    client: pymongo.MongoClient[dict[str, Any]] = pymongo.MongoClient(
+        uri, serverSelectionTimeoutMS=CLI_SERVER_TIMEOUT_MS, connectTimeoutMS=CLI_SERVER_TIMEOUT_MS
+    )
+    try:
+        client.admin.command("ping")
+    finally:
+        client.close()
+
+
 def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a service's ApiError into a JSON error on stderr and exit status 1."""
+    """Turn a service's ApiError, or a MongoDB or Redis that does not answer (503), into one JSON line on
+    stderr and exit status 1."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            _ping_mongo()
             return command(*args, **kwargs)
         except ApiError as exc:
-            click.echo(json.dumps({"message": exc.message, "code": exc.code, "errors": exc.errors}), err=True)
-            sys.exit(1)
+            error = exc
+        except ConnectionFailure:
+            error = _unreachable("MongoDB", "MONGO_URI")
+        except (redis.ConnectionError, redis.TimeoutError):
+            error = _unreachable("Redis", "REDIS_URL")
+        click.echo(json.dumps({"message": error.message, "code": error.code, "errors": error.errors}), err=True)
+        sys.exit(1)
 
     return wrapper
 
@@ -167,6 +202,7 @@ def init_app(app: Flask) -> None:
 
     @app.cli.command("reap")
     @click.option("--timeout", type=float, default=None, help="Heartbeat age in seconds (default HEARTBEAT_TIMEOUT).")
+    @_reports_errors
     def reap_command(timeout: float | None) -> None:
         """End sessions whose worker was lost → {"reaped": [sessionId, ...]}."""
         from .jobs.turns import reap_lost_turns
