@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SYSTEM_PACKAGES := redis-server chromium
 PYTEST_ARGS ?=
 
-.PHONY: install system-packages run worker test test-fast test-integration contract lint format bench clean
+.PHONY: install system-packages run cli worker test test-fast test-integration contract lint format bench clean
 
 install: system-packages $(VENV)/.installed
 
@@ -29,8 +29,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[embedded,test]'
 	@touch $@
 
+# Supervised until Ctrl-C; HOST, PORT, MONGO_PORT, REDIS_PORT, MONGO_URI, REDIS_URL, WORKERS, VAR_DIR (README).
 run: install
 	$(BIN)/python -m devtools.run
+
+# The admin CLI, e.g. `make cli ARGS="apikeys create demo@example.com"`; it finds a running `make run` itself.
+cli: install
+	@$(BIN)/flask --app app $(ARGS)
 
 worker: install
 	$(BIN)/python -m workers

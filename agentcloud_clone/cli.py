@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 from flask import Flask, current_app
@@ -47,6 +48,13 @@ def _fail(message: str, code: int, errors: Any = None) -> None:
     sys.exit(1)
 
 
+def _unreachable(server: str, uri: str, variable: str) -> str:
+    """What to say when a server does not answer: where it was looked for (without credentials) and what to do."""
+    parts = urlsplit(uri)
+    where = f"{parts.hostname or ''}:{parts.port}" if parts.port else (parts.hostname or uri.split("://")[0])
+    return f"{server} is unreachable at {where}: start `make run`, or set {variable}."
+
+
 def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """A domain error, or a server that cannot be reached, is one `{message, code}` line on stderr, exit 1."""
 
@@ -57,12 +65,10 @@ def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except DomainError as exc:
             _fail(exc.message, status_for(exc), exc.errors)
-        except PyMongoError as exc:
-            uri = current_app.config["MONGO_URI"]
-            _fail(f"MongoDB at {uri} cannot be reached ({exc.__class__.__name__}); start it or set MONGO_URI.", 503)
-        except RedisError as exc:
-            url = current_app.config["REDIS_URL"]
-            _fail(f"Redis at {url} cannot be reached ({exc.__class__.__name__}); start it or set REDIS_URL.", 503)
+        except PyMongoError:
+            _fail(_unreachable("MongoDB", current_app.config["MONGO_URI"], "MONGO_URI"), 503)
+        except RedisError:
+            _fail(_unreachable("Redis", current_app.config["REDIS_URL"], "REDIS_URL"), 503)
 
     return wrapper
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from collections.abc import Mapping
@@ -63,6 +64,17 @@ def _dev_secret_key(var_dir: Path) -> str:
     return key
 
 
+def _make_run_servers(var_dir: Path) -> dict[str, str]:
+    """MONGO_URI and REDIS_URL as a running `make run` recorded them in VAR_DIR/run.json, so the admin CLI reaches
+    its servers with no set-up. Empty when there is no record or its pid is not alive; the environment wins."""
+    try:
+        record = json.loads((var_dir / "run.json").read_text())
+        os.kill(int(record["pid"]), 0)
+    except (OSError, ValueError, TypeError, KeyError):
+        return {}
+    return {name: record[name] for name in ("MONGO_URI", "REDIS_URL") if isinstance(record.get(name), str)}
+
+
 class Config:
     """Every setting the app, the workers and the CLI read, with its environment variable."""
 
@@ -73,12 +85,13 @@ class Config:
         env = os.environ.get("AGENTCLOUD_ENV", "development").lower()
         var_dir = Path(os.environ.get("VAR_DIR", PROJECT_ROOT / "var"))
         redis_prefix = os.environ.get("REDIS_PREFIX", "agentcloud")
+        make_run = _make_run_servers(var_dir)
         values: dict[str, Any] = {
             "ENV": env,
             "VAR_DIR": str(var_dir),
             "SECRET_KEY": os.environ.get("SECRET_KEY"),
-            "MONGO_URI": os.environ.get("MONGO_URI", "mongodb://127.0.0.1:27017/agentcloud"),
-            "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+            "MONGO_URI": os.environ.get("MONGO_URI", make_run.get("MONGO_URI", "mongodb://127.0.0.1:27017/agentcloud")),
+            "REDIS_URL": os.environ.get("REDIS_URL", make_run.get("REDIS_URL", "redis://127.0.0.1:6379/0")),
             # Namespaces this deployment's metrics and cancel channel on a shared Redis.
             "REDIS_PREFIX": redis_prefix,
             "CANCEL_POLL_INTERVAL": _env_float("CANCEL_POLL_INTERVAL", 1.0, *self.POLL_INTERVAL_BOUNDS),

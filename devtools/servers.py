@@ -29,7 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-__all__ = ["LOOPBACK", "ManagedProcess", "free_port", "main", "start_mongo", "start_redis"]
+__all__ = ["LOOPBACK", "ManagedProcess", "PortInUseError", "free_port", "main", "start_mongo", "start_redis"]
 
 # The only address anything here binds: these servers have no authentication.
 LOOPBACK = "127.0.0.1"
@@ -64,6 +64,16 @@ def _port_is_free(port: int) -> bool:
                 return False
             raise
         return True
+
+
+class PortInUseError(RuntimeError):
+    """A server was not started because its loopback port is already taken; `port` says which."""
+
+    def __init__(self, name: str, port: int) -> None:
+        super().__init__(
+            f"cannot start {name}: {LOOPBACK}:{port} is already in use (a server left over from an earlier run?)"
+        )
+        self.port = port
 
 
 class ManagedProcess:
@@ -122,10 +132,7 @@ class ManagedProcess:
             raise RuntimeError(f"{self.name} is already running (pid {self.pid})")
         # A port of 0 means "let the server pick": only the mongo CLI supports that (it reports the real port).
         if self.port and not _port_is_free(self.port):
-            raise RuntimeError(
-                f"cannot start {self.name}: {LOOPBACK}:{self.port} is already in use "
-                "(a server left over from an earlier run?)"
-            )
+            raise PortInUseError(self.name, self.port)
         self._output.clear()
         self._ready.clear()
         self._ready_line = None
