@@ -34,11 +34,12 @@ class Permission(IntFlag):
     APP_VIEW = 1 << 4
     APP_MANAGE = 1 << 5
     TEAM_MANAGE = 1 << 6
+    SESSION_BULK_CANCEL = 1 << 7
 
 
 _VIEWER = Permission.SESSION_VIEW | Permission.APP_VIEW
 _MEMBER = _VIEWER | Permission.SESSION_CREATE | Permission.SESSION_CANCEL | Permission.SESSION_DELETE
-_ADMIN = _MEMBER | Permission.APP_MANAGE | Permission.TEAM_MANAGE
+_ADMIN = _MEMBER | Permission.APP_MANAGE | Permission.TEAM_MANAGE | Permission.SESSION_BULK_CANCEL
 
 ROLE_PERMISSIONS: dict[str, Permission] = {
     "viewer": _VIEWER,
@@ -61,6 +62,11 @@ class Actor:
     kind: ActorKind
     account_id: ObjectId | None = None
     api_key_id: ObjectId | None = None
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> Actor:
+        """The actor from its stored form."""
+        return cls(ActorKind(doc["kind"]), doc.get("accountId"), doc.get("apiKeyId"))
 
     def as_doc(self) -> dict[str, Any]:
         """The stored form: `{kind, accountId?, apiKeyId?}`."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -208,10 +209,15 @@ def init_app(app: Flask) -> None:
 
     @app.cli.command("reap")
     @click.option("--timeout", type=float, default=None, help="Heartbeat age in seconds (default HEARTBEAT_TIMEOUT).")
+    @click.option("--loop", is_flag=True, help="Keep reaping every REAPER_INTERVAL until stopped.")
     @_reports_errors
-    def reap_command(timeout: float | None) -> None:
+    def reap_command(timeout: float | None, loop: bool) -> None:
         """One reaper pass → {"reaped": [...], "expired": [...], "requeued": [...]} (session ids): sessions whose
-        worker was lost, sessions ended by a limit, turns queued again."""
+        worker was lost, sessions ended by a limit, turns queued again. `--loop` keeps going (one line a pass)."""
         config = current_app.config
         seconds = timeout if timeout is not None else float(config["HEARTBEAT_TIMEOUT"])
-        _emit(sessions_service.sweep(seconds, float(config["REQUEUE_AFTER"])))
+        while True:
+            _emit(sessions_service.sweep(seconds, float(config["REQUEUE_AFTER"])))
+            if not loop:
+                return
+            time.sleep(float(config["REAPER_INTERVAL"]))

@@ -99,6 +99,12 @@ class Config:
             "HEARTBEAT_INTERVAL": _env_float("HEARTBEAT_INTERVAL", 5.0, 0.05, 300.0),
             "HEARTBEAT_TIMEOUT": _env_float("HEARTBEAT_TIMEOUT", 30.0, 0.5, 3600.0),
             "REAPER_INTERVAL": _env_float("REAPER_INTERVAL", 10.0, 0.1, 3600.0),
+            # A worker silent this long no longer counts as alive for /readyz.
+            "WORKER_STALE_AFTER": _env_float("WORKER_STALE_AFTER", 15.0, 1.0, 3600.0),
+            # /readyz fails while no worker is alive (set false for web-only deployments that queue elsewhere).
+            "REQUIRE_WORKERS": _env_bool("REQUIRE_WORKERS", True),
+            # Web processes run the reaper too, so stuck sessions end even with every worker gone.
+            "WEB_REAPER": _env_bool("WEB_REAPER", True),
             # A turn waiting this long with no job in the queue is queued again by the reaper.
             "REQUEUE_AFTER": _env_float("REQUEUE_AFTER", 60.0, 1.0, 86400.0),
             "TURN_TIMEOUT": _env_int("TURN_TIMEOUT", 600, 1, 7 * 24 * 3600),
@@ -113,6 +119,7 @@ class Config:
             "LOGIN_RATE_LIMIT": os.environ.get("LOGIN_RATE_LIMIT", "10 per minute"),
             "LOGIN_ADDRESS_RATE_LIMIT": os.environ.get("LOGIN_ADDRESS_RATE_LIMIT", "100 per minute"),
             "DEFAULT_RATE_LIMIT": os.environ.get("DEFAULT_RATE_LIMIT", "600 per minute"),
+            "BULK_CANCEL_RATE_LIMIT": os.environ.get("BULK_CANCEL_RATE_LIMIT", "10 per minute"),
             "RATELIMIT_ENABLED": _env_bool("RATELIMIT_ENABLED", True),
             "RATELIMIT_HEADERS_ENABLED": True,
             # When Redis is unreachable the limiter keeps serving, counting in process memory meanwhile.

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 # The turn job, by the dotted path RQ stores; jobs/turns.py asserts it names `run_turn`, so a rename cannot
 # silently break the handler that ends the session of a killed job.
 TURN_JOB = "agentcloud_clone.jobs.turns.run_turn"
+BULK_CANCEL_JOB = "agentcloud_clone.jobs.bulk.run_bulk_cancel"
 
 _clients: dict[tuple[int, str], redis.Redis] = {}
 _lock = threading.Lock()
@@ -60,6 +61,21 @@ def enqueue_turn(team_id: str, session_id: str, turn_id: str) -> str:
         result_ttl=3600,
         failure_ttl=86400,
         description=f"session {session_id} turn {turn_id}",
+    )
+    return str(job.id)
+
+
+def enqueue_bulk_cancel(team_id: str, operation_id: str) -> str:
+    """Queue the job that applies a bulk cancel; raises RedisError when the queue is unreachable."""
+    job = turn_queue().enqueue(
+        BULK_CANCEL_JOB,
+        team_id,
+        operation_id,
+        job_id=f"bulk-{operation_id}",
+        job_timeout=3600,
+        result_ttl=3600,
+        failure_ttl=86400,
+        description=f"bulk cancel {operation_id}",
     )
     return str(job.id)
 

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 from bson import ObjectId
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, post_load, validate
 
 from .ids import parse_object_id
-from .vocabulary import CANCEL_SOURCES, END_REASONS, MAX_CANCEL_REASON, ON_BUSY, RUNNER_NAMES, STATUSES, OnBusy
+from .vocabulary import (
+    CANCEL_SOURCES,
+    END_REASONS,
+    LIVE_STATUSES,
+    MAX_CANCEL_REASON,
+    ON_BUSY,
+    RUNNER_NAMES,
+    STATUSES,
+    OnBusy,
+    Status,
+)
 
 MASKED_SECRET = "********"
 
@@ -172,6 +183,41 @@ class CancelSchema(Strict):
     sessionId = ObjectIdField(load_default=None)
     resourceSlug = ObjectIdField(load_default=None)
     _csrf = fields.String(load_default=None, validate=validate.Length(max=500))
+
+
+class BulkCancelSchema(Strict):
+    """Which of a team's live sessions to cancel: by ids, by filter, or every one (`all`); `dryRun` only counts."""
+
+    ids = fields.List(ObjectIdField(), validate=validate.Length(min=1, max=1000))
+    status = fields.String(validate=validate.OneOf([s.value for s in Status if s.value in LIVE_STATUSES]))
+    appId = ObjectIdField()
+    createdBy = ObjectIdField()
+    # Compared through ObjectIds, whose timestamps run from 1970 to early 2106.
+    createdBefore = fields.AwareDateTime(
+        default_timezone=UTC,
+        validate=validate.Range(min=datetime(1970, 1, 1, tzinfo=UTC), max=datetime(2106, 1, 1, tzinfo=UTC)),
+    )
+    all = fields.Boolean()
+    reason = CancelReason
+    dryRun = fields.Boolean(load_default=False)
+
+    @post_load
+    def _some_criterion(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        criteria = {key: data[key] for key in ("ids", "status", "appId", "createdBy", "createdBefore") if key in data}
+        if not criteria and not data.get("all"):
+            raise ValidationError(
+                {"ids": ["Give ids, a filter (status, appId, createdBy, createdBefore) or all: true."]}
+            )
+        return {"criteria": criteria, "reason": data["reason"], "dryRun": data["dryRun"]}
+
+
+class ManagedBulkCancelSchema(BulkCancelSchema):
+    teamId = ObjectIdField(required=True)
+
+    @post_load
+    def _some_criterion(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        team_id = data.pop("teamId")
+        return {**super()._some_criterion(data, **kwargs), "teamId": team_id}
 
 
 class ManagedCancelSchema(Strict):
@@ -370,7 +416,23 @@ class MemberOut(Out):
     role = fields.String()
 
 
+class OperationOut(Out):
+    _id = ObjectIdField()
+    teamId = ObjectIdField()
+    kind = fields.String()
+    status = fields.String()
+    reason = fields.String(allow_none=True)
+    total = fields.Integer()
+    processed = fields.Integer()
+    cancelled = fields.Integer()
+    alreadyDone = fields.Integer()
+    createdAt = fields.DateTime()
+    lastUpdatedDate = fields.DateTime()
+    finishedAt = fields.DateTime(allow_none=True)
+
+
 session_out = SessionOut()
+operation_out = OperationOut()
 member_out = MemberOut()
 event_out = EventOut()
 app_out = AppOut()

@@ -38,6 +38,9 @@ def make_test_config(redis_url: str, mongo_uri: str, **overrides: Any) -> dict[s
         "SECRET_KEY": "test-secret",
         "PASSWORD_HASH_METHOD": TEST_PASSWORD_HASH,
         "LOG_LEVEL": "WARNING",
+        # In-process apps come and go with each test: no background reaper, no workers to wait for.
+        "WEB_REAPER": False,
+        "REQUIRE_WORKERS": False,
         **overrides,
     }
 

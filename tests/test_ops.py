@@ -19,7 +19,22 @@ def _sample(text: str, name: str, labels: str = "") -> float:
 def test_healthz_and_readyz(client):
     assert client.get("/healthz").get_json() == {"ok": True}
     ready = client.get("/readyz")
-    assert ready.status_code == 200 and ready.get_json()["checks"] == {"mongo": "ok", "redis": "ok"}
+    assert ready.status_code == 200
+    assert ready.get_json()["checks"] == {"mongo": "ok", "redis": "ok", "workers": "ok"}
+
+
+def test_readyz_fails_while_no_worker_is_alive_where_workers_are_expected(make_app):
+    from agentcloud_clone.jobs.reaper import beat_presence, leave_presence
+
+    app = make_app(REQUIRE_WORKERS=True)
+    client = app.test_client()
+    idle = client.get("/readyz")
+    assert idle.status_code == 503 and idle.get_json()["checks"]["workers"] == "none alive"
+    beat_presence(app, "worker-1")
+    ready = client.get("/readyz").get_json()
+    assert ready["ok"] is True and ready["workers"] == 1
+    leave_presence(app, "worker-1")
+    assert client.get("/readyz").status_code == 503
 
 
 def test_readyz_is_503_when_redis_is_unreachable(make_app):

@@ -8,32 +8,22 @@ from __future__ import annotations
 
 import argparse
 import logging
-import threading
+from typing import Any
 
+from flask import Flask
 from pymongo.errors import PyMongoError
 from rq import Worker
 
 from agentcloud_clone import create_app
 from agentcloud_clone.db import ensure_indexes_once
+from agentcloud_clone.jobs.reaper import ReaperLoop
 from agentcloud_clone.jobs.turns import end_turn_of_killed_job
 from agentcloud_clone.queueing import get_redis
-from agentcloud_clone.services.sessions import sweep
 
 log = logging.getLogger("workers")
 
 
-def _reaper_loop(app, stop: threading.Event) -> None:  # type: ignore[no-untyped-def]
-    interval = float(app.config["REAPER_INTERVAL"])
-    while not stop.wait(interval):
-        try:
-            ensure_indexes_once(app)
-            with app.app_context():
-                sweep(float(app.config["HEARTBEAT_TIMEOUT"]), float(app.config["REQUEUE_AFTER"]))
-        except Exception:
-            log.exception("reaper pass failed; retrying next interval")
-
-
-def _end_turn(app, job, pid: int, status: int) -> None:  # type: ignore[no-untyped-def]
+def _end_turn(app: Flask, job: Any, pid: int, status: int) -> None:
     try:
         with app.app_context():
             end_turn_of_killed_job(job, pid, status)
@@ -49,27 +39,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-reaper", action="store_true", help="do not run the periodic reaper here")
     args = parser.parse_args(argv)
 
-    app = create_app()
-    stop = threading.Event()
+    app = create_app({"WEB_REAPER": False})
     try:
         ensure_indexes_once(app)
     except PyMongoError as exc:
         log.warning("indexes not ensured yet (MongoDB unavailable: %s); the reaper retries", exc)
     with app.app_context():
         queues = args.queues or [app.config["TURN_QUEUE"]]
-        if not args.no_reaper:
-            threading.Thread(target=_reaper_loop, args=(app, stop), name="reaper", daemon=True).start()
         worker = Worker(
             queues,
             connection=get_redis(),
             name=args.name,
             work_horse_killed_handler=lambda job, pid, status, _rusage: _end_turn(app, job, pid, status),
         )
+        # The reaper thread also beats this worker's presence, which /readyz counts.
+        reaper = ReaperLoop(app, worker_name=worker.name)
+        if not args.no_reaper:
+            reaper.start()
         log.info("worker %s serving %s", worker.name, ", ".join(queues))
         try:
             worker.work(burst=args.burst, logging_level=app.config.get("LOG_LEVEL", "INFO"))
         finally:
-            stop.set()
+            reaper.stop()
     return 0
 
 

@@ -8,7 +8,7 @@ before the delete still finds its session when its insert lands, so no event eve
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from bson import ObjectId
@@ -22,6 +22,16 @@ NOT_CANCELLED: dict[str, Any] = {"cancelledAt": {"$exists": False}}
 NOT_DELETED: dict[str, Any] = {"deletedAt": {"$exists": False}}
 LIVE: dict[str, Any] = {"status": {"$in": list(LIVE_STATUSES)}}
 ENDED: dict[str, Any] = {"status": {"$in": list(ENDED_STATUSES)}}
+# The start of time for `$lt` on dates: MongoDB's `$lt` with a date never matches null, but not every
+# MongoDB-wire server brackets by type (the embedded one orders null before dates), so queries say so.
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def before(when: datetime) -> dict[str, Any]:
+    """A date earlier than `when` (and not null)."""
+    return {"$gt": EPOCH, "$lt": when}
+
+
 # A session's team, or one of several teams (the managed-agents API acts across the caller's teams).
 TeamScope = ObjectId | list[ObjectId]
 
@@ -199,6 +209,38 @@ def recent_events(session_id: ObjectId, limit: int) -> list[dict[str, Any]]:
     return list(cursor)[::-1]
 
 
+def cancellable_query(team_id: ObjectId, criteria: dict[str, Any]) -> dict[str, Any]:
+    """The team's live, not yet cancelled sessions matching `criteria` (ids, status, appId, createdBy,
+    createdBefore); served by the `(teamId, _id)` index."""
+    query: dict[str, Any] = {"teamId": team_id, **LIVE, **NOT_CANCELLED, **NOT_DELETED}
+    id_range: dict[str, Any] = {}
+    if criteria.get("ids"):
+        id_range["$in"] = list(criteria["ids"])
+    if criteria.get("createdBefore") is not None:
+        id_range["$lt"] = ObjectId.from_datetime(criteria["createdBefore"])
+    if id_range:
+        query["_id"] = id_range
+    if criteria.get("status"):
+        query["status"] = criteria["status"]
+    for field in ("appId", "createdBy"):
+        if criteria.get(field) is not None:
+            query[field] = criteria[field]
+    return query
+
+
+def count_matching(query: dict[str, Any]) -> int:
+    """How many sessions match a query built by `cancellable_query`."""
+    return get_db().sessions.count_documents(query)
+
+
+def next_matching(query: dict[str, Any], after: ObjectId | None, limit: int) -> list[ObjectId]:
+    """Ids of the next `limit` sessions matching `query` with `_id > after`, oldest first."""
+    page = dict(query)
+    if after is not None:
+        page["_id"] = {**(page.get("_id") or {}), "$gt": after} if isinstance(page.get("_id"), dict) else {"$gt": after}
+    return [doc["_id"] for doc in get_db().sessions.find(page, {"_id": 1}).sort("_id", 1).limit(limit)]
+
+
 def count_live_sessions_for_app(team_id: ObjectId, app_id: ObjectId) -> int:
     """How many live sessions were started from the app."""
     return get_db().sessions.count_documents({"teamId": team_id, "appId": app_id, **LIVE, **NOT_DELETED})
@@ -225,7 +267,7 @@ def tombstone_ended_session(scope: TeamScope, session_id: ObjectId) -> bool:
 def purge_tombstones(deleted_before: datetime, limit: int = 500) -> int:
     """Remove sessions deleted before `deleted_before` for good, with anything written to them since."""
     db = get_db()
-    ids = [doc["_id"] for doc in db.sessions.find({"deletedAt": {"$lt": deleted_before}}, {"_id": 1}).limit(limit)]
+    ids = [doc["_id"] for doc in db.sessions.find({"deletedAt": before(deleted_before)}, {"_id": 1}).limit(limit)]
     for chunk in chunked(ids):
         db.session_events.delete_many({"sessionId": {"$in": chunk}})
         db.idempotency_keys.delete_many({"sessionId": {"$in": chunk}})
@@ -235,14 +277,14 @@ def purge_tombstones(deleted_before: datetime, limit: int = 500) -> int:
 
 def find_past_deadline(now: datetime, limit: int = 1000) -> list[dict[str, Any]]:
     """Live sessions whose limit deadline (queue TTL, turn duration, idle timeout) has passed."""
-    query = {"deadline": {"$lt": now}, **LIVE, **NOT_DELETED}
+    query = {"deadline": before(now), **LIVE, **NOT_DELETED}
     projection = {"teamId": 1, "deadline": 1, "deadlineReason": 1, "status": 1}
     return list(get_db().sessions.find(query, projection).limit(limit))
 
 
 def find_unqueued_turns(queued_before: datetime, limit: int = 1000) -> list[dict[str, Any]]:
     """Sessions with a turn waiting for a worker since before `queued_before` (its job may have been lost)."""
-    query = {"turnQueuedAt": {"$lt": queued_before}, "activeTurnId": {"$ne": None}, **LIVE, **NOT_DELETED}
+    query = {"turnQueuedAt": before(queued_before), "activeTurnId": {"$ne": None}, **LIVE, **NOT_DELETED}
     projection = {"teamId": 1, "activeTurnId": 1, "status": 1, "turnQueuedAt": 1}
     return list(get_db().sessions.find(query, projection).limit(limit))
 
@@ -256,7 +298,7 @@ def touch_queued_turn(team_id: ObjectId, session_id: ObjectId, turn_id: ObjectId
 
 def find_lost_turns(heartbeat_before: datetime, limit: int = 1000) -> list[dict[str, Any]]:
     """Running sessions whose heartbeat is older than `heartbeat_before` (their worker is gone)."""
-    query = {"status": Status.RUNNING, "heartbeatAt": {"$lt": heartbeat_before}, **NOT_DELETED}
+    query = {"status": Status.RUNNING, "heartbeatAt": before(heartbeat_before), **NOT_DELETED}
     projection = {"teamId": 1, "activeTurnId": 1, "heartbeatAt": 1}
     return list(get_db().sessions.find(query, projection).limit(limit))
 

@@ -26,7 +26,7 @@ def run_once(
     account_id: ObjectId,
     key: str | None,
     request_hash: str,
-    action: Callable[[], tuple[dict[str, Any], ObjectId]],
+    action: Callable[[], tuple[dict[str, Any], ObjectId | None]],
 ) -> dict[str, Any]:
     """Run `action` once per (account, key); later calls get its stored result. Keys live 48 hours, or until
     the session the action created is deleted.

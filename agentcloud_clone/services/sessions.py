@@ -627,7 +627,7 @@ def reap_lost_turns(timeout: float, tombstone_grace: float = 60.0) -> list[str]:
     reaped = []
     for doc in repo.find_lost_turns(cutoff):
         message = f"Worker lost: no heartbeat for over {timeout:g} s; the session was ended."
-        stale = {"heartbeatAt": {"$lt": cutoff}}
+        stale = {"heartbeatAt": repo.before(cutoff)}
         if end_turn(doc["teamId"], doc["_id"], doc.get("activeTurnId"), EndReason.WORKER_LOST, message, where=stale):
             reaped.append(str(doc["_id"]))
     if reaped:

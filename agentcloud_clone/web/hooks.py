@@ -10,6 +10,7 @@ from typing import Any
 from flask import Flask, Response, current_app, g, request
 
 from .. import metrics
+from ..jobs.reaper import ensure_web_reaper
 
 log = logging.getLogger(__name__)
 CONTENT_SECURITY_POLICY = (
@@ -23,6 +24,7 @@ def init_app(app: Flask) -> None:
 
     @app.before_request
     def _start() -> None:
+        ensure_web_reaper(app)
         incoming = request.headers.get("X-Request-ID", "")
         g.request_id = incoming if 0 < len(incoming) <= 128 and incoming.isprintable() else uuid.uuid4().hex
         g.request_started = time.perf_counter()

@@ -8,25 +8,36 @@ from bson import ObjectId
 from flask import Blueprint, jsonify, request
 from marshmallow import fields, validate
 
-from ..access import Account, Permission, app_for, current_account, declares_permission, parse_id, session_for
+from ..access import (
+    Account,
+    Permission,
+    app_for,
+    check_team,
+    current_account,
+    declares_permission,
+    parse_id,
+    session_for,
+)
 from ..errors import NotFound, PermissionDenied
 from ..repositories import sessions as sessions_repo
 from ..schemas import (
     ListEventsArgs,
     ListSessionsArgs,
+    ManagedBulkCancelSchema,
     ManagedCancelSchema,
     ObjectIdField,
     SendMessageSchema,
     Strict,
     event_out,
+    operation_out,
 )
 from ..services import accounts as accounts_service
-from ..services import idempotency
+from ..services import bulk, idempotency
 from ..services import sessions as service
 from ..vocabulary import CancelSource, OnBusy
 from .parsing import load_args, load_body
-from .ratelimits import cancel_limit
-from .sessions import cancel_fields, dump_session
+from .ratelimits import bulk_cancel_limit, cancel_limit
+from .sessions import bulk_cancel_answer, cancel_fields, dump_session
 
 bp = Blueprint("managed_agents", __name__, url_prefix="/api/managed-agents")
 
@@ -73,6 +84,28 @@ def cancel() -> Any:
     fields_out = cancel_fields(outcome)
     fields_out.pop("alreadyEnded", None)  # this family answers a plain `ok` for ended sessions
     return jsonify(fields_out)
+
+
+@bp.post("/sessions/bulk-cancel")
+@bulk_cancel_limit
+@declares_permission(Permission.SESSION_BULK_CANCEL)
+def bulk_cancel() -> Any:
+    """Cancel many live sessions of one of your teams (`teamId`) by ids or filter: 202 with an operation."""
+    data = load_body(ManagedBulkCancelSchema())
+    account = current_account()
+    team_id = check_team(account, data.pop("teamId"), Permission.SESSION_BULK_CANCEL)
+    body, status = bulk_cancel_answer(team_id, account, data)
+    return jsonify(body), status
+
+
+@bp.get("/operations/<operationId>")
+@declares_permission(Permission.SESSION_VIEW)
+def get_operation(operationId: str) -> Any:
+    """A bulk operation of one of your teams."""
+    account = current_account()
+    teams = account.teams_with(Permission.SESSION_VIEW)
+    operation = bulk.get_operation(teams, parse_id(operationId, "operation"))
+    return jsonify(operation=operation_out.dump(operation))
 
 
 @bp.post("/sessions")

@@ -13,6 +13,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from .. import metrics
 from ..db import get_db
 from ..errors import NotSignedIn
+from ..jobs.reaper import live_workers
 from ..queueing import get_redis
 from ..repositories import sessions as sessions_repo
 from .responses import error_response
@@ -37,15 +38,19 @@ def readyz() -> Any:
     except Exception as exc:  # any failure means not ready; the detail is for operators' logs
         log.warning("readiness: MongoDB unavailable: %s", exc)
         checks["mongo"] = "unavailable"
+    workers = None
     try:
         get_redis().ping()
         checks["redis"] = "ok"
+        workers = live_workers(current_app._get_current_object())  # type: ignore[attr-defined]
     except Exception as exc:
         log.warning("readiness: Redis unavailable: %s", exc)
         checks["redis"] = "unavailable"
+    if workers is not None:
+        checks["workers"] = "ok" if workers or not current_app.config["REQUIRE_WORKERS"] else "none alive"
     if all(v == "ok" for v in checks.values()):
-        return jsonify(ok=True, checks=checks)
-    return error_response(503, "Not ready: a dependency is unavailable.", checks=checks)
+        return jsonify(ok=True, checks=checks, workers=workers)
+    return error_response(503, "Not ready: a dependency is unavailable.", checks=checks, workers=workers)
 
 
 @bp.get("/metrics")

@@ -72,6 +72,8 @@ def rate_limited[F: Callable[..., Any]](
 
 # One budget for every cancel route, both API families, per user.
 cancel_limit = rate_limited("CANCEL_RATE_LIMIT", scope="cancel")
+# Bulk cancels, per user, both families: each request may cancel thousands of sessions.
+bulk_cancel_limit = rate_limited("BULK_CANCEL_RATE_LIMIT", scope="bulk-cancel")
 
 
 def sign_in_limits[F: Callable[..., Any]](view: F) -> F:

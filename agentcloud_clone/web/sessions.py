@@ -11,21 +11,23 @@ from ..access import Permission, app_for, current_account, parse_id, require_tea
 from ..errors import InvalidInput
 from ..repositories import sessions as sessions_repo
 from ..schemas import (
+    BulkCancelSchema,
     CancelSchema,
     ListEventsArgs,
     ListSessionsArgs,
     SendMessageSchema,
     SessionCreateSchema,
     event_out,
+    operation_out,
     session_out,
 )
 from ..services import accounts as accounts_service
-from ..services import idempotency
+from ..services import bulk, idempotency
 from ..services import sessions as service
 from ..vocabulary import CancelSource, OnBusy
 from .identity import api_key_in_use
 from .parsing import csrf_field, load_args, load_body
-from .ratelimits import cancel_limit
+from .ratelimits import bulk_cancel_limit, cancel_limit
 from .responses import redirect_or_json, safe_next
 
 bp = Blueprint("sessions", __name__)
@@ -149,6 +151,37 @@ def cancel_session(team_id: ObjectId, sessionId: str) -> Any:
     # A browser form may name where to go next (the session page, say); only paths on this site count.
     back = safe_next(None if request.is_json else data["next"], f"/{team_id}/sessions")
     return redirect_or_json(back, flash_message=message, **fields)
+
+
+def bulk_cancel_answer(team_id: ObjectId, account: Any, data: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """Count (dry run) or start a bulk cancel; the answer's body and status (200 or 202), for both families."""
+    if data["dryRun"]:
+        return {"dryRun": True, "count": bulk.count(team_id, data["criteria"])}, 200
+
+    def start() -> tuple[dict[str, Any], None]:
+        operation = bulk.start_bulk_cancel(team_id, account.actor, data["criteria"], data["reason"])
+        return {"operation": operation_out.dump(operation), "operationId": str(operation["_id"])}, None
+
+    request_hash = idempotency.fingerprint({"bulk": str(team_id), **data})
+    result = idempotency.run_once(account.object_id, request.headers.get("Idempotency-Key"), request_hash, start)
+    return result, 202
+
+
+@bp.post("/<resourceSlug>/forms/session/bulk-cancel")
+@bulk_cancel_limit
+@require_team(Permission.SESSION_BULK_CANCEL)
+def bulk_cancel(team_id: ObjectId) -> Any:
+    """Cancel many of the team's live sessions by ids or filter (admins): 202 with an operation to follow."""
+    body, status = bulk_cancel_answer(team_id, current_account(), load_body(BulkCancelSchema()))
+    return jsonify(body), status
+
+
+@bp.get("/<resourceSlug>/operation/<operationId>.json")
+@require_team(Permission.SESSION_VIEW)
+def operation_json(team_id: ObjectId, operationId: str) -> Any:
+    """A bulk operation's progress: queued, running, then done with its counts."""
+    operation = bulk.get_operation(team_id, parse_id(operationId, "operation"))
+    return jsonify(operation=operation_out.dump(operation))
 
 
 def _delete(team_id: ObjectId, sessionId: str) -> Any:

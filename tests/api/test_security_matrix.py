@@ -17,6 +17,7 @@ import pytest
 
 from agentcloud_clone.access import Permission, permissions_for
 from agentcloud_clone.services import accounts as accounts_service
+from agentcloud_clone.services import bulk
 from agentcloud_clone.services import sessions as sessions_service
 from agentcloud_clone.vocabulary import CancelSource
 from tests.support import PASSWORD
@@ -36,7 +37,13 @@ PUBLIC = {
     "probes.readyz",
     "probes.metrics_view",
 }
-ID_PARAMS = {"sessionId": "session", "appId": "app", "keyId": "key", "accountId": "member"}
+ID_PARAMS = {
+    "sessionId": "session",
+    "appId": "app",
+    "keyId": "key",
+    "accountId": "member",
+    "operationId": "operation",
+}
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,8 @@ class Route:
     fresh: str | None = None
     # API keys may not use this route at all (key management needs a browser session).
     browser_only: bool = False
+    # The body names the team (`teamId`), which is checked like a team slug.
+    team_in_body: bool = False
 
 
 ROUTES: dict[str, Route] = {
@@ -73,6 +82,8 @@ ROUTES: dict[str, Route] = {
     "sessions.cancel_session": Route(fresh="idle-session"),
     "sessions.delete_session": Route(fresh="ended-session"),
     "sessions.delete_session_form": Route(fresh="ended-session"),
+    "sessions.bulk_cancel": Route(ok=202, body={"all": True}),
+    "sessions.operation_json": Route(),
     "managed_agents.cancel": Route(body={"sessionId": "{session}"}, body_id="session", fresh="idle-session"),
     "managed_agents.create_session": Route(ok=201, body={"appId": "{app}"}, body_id="app"),
     "managed_agents.list_sessions": Route(),
@@ -80,6 +91,8 @@ ROUTES: dict[str, Route] = {
     "managed_agents.session_events": Route(),
     "managed_agents.delete_session": Route(fresh="ended-session"),
     "managed_agents.send_message": Route(ok=202, body={"message": "next"}, fresh="idle-session"),
+    "managed_agents.bulk_cancel": Route(ok=202, body={"teamId": "{team}", "all": True}, team_in_body=True),
+    "managed_agents.get_operation": Route(),
     "teams.team_json": Route(),
     "teams.edit_team": Route(body={"limits": {"queueTtl": 600}}),
     "teams.list_members": Route(),
@@ -115,16 +128,32 @@ class World:
         other_session = factory.session(stranger, other_app, self.secret)
         with app.app_context():
             other_key = accounts_service.create_api_key(stranger.oid, self.secret)[0]
+            own_operation = bulk.start_bulk_cancel(self.own_team["_id"], factory.actor(self.owner), {"ids": []}, None)
+            other_operation = bulk.start_bulk_cancel(other_team["_id"], factory.actor(stranger), {"ids": []}, None)
         self.ids = {
-            "own": {"session": str(own_session["_id"]), "app": self.own_app, "key": None, "member": None},
+            "own": {
+                "session": str(own_session["_id"]),
+                "app": self.own_app,
+                "key": None,
+                "member": None,
+                "operation": str(own_operation["_id"]),
+                "team": self.team,
+            },
             "other-team": {
                 "session": str(other_session["_id"]),
                 "app": other_app,
                 "key": str(other_key["_id"]),
                 "member": stranger.account_id,
+                "operation": str(other_operation["_id"]),
             },
-            "nonexistent": {"session": "0" * 24, "app": "1" * 24, "key": "2" * 24, "member": "3" * 24},
-            "malformed": {"session": "not-an-id", "app": "ZZZ", "key": "12", "member": "a" * 23},
+            "nonexistent": {
+                "session": "0" * 24,
+                "app": "1" * 24,
+                "key": "2" * 24,
+                "member": "3" * 24,
+                "operation": "4" * 24,
+            },
+            "malformed": {"session": "not-an-id", "app": "ZZZ", "key": "12", "member": "a" * 23, "operation": "x"},
         }
 
     def fresh(self, kind: str | None) -> dict[str, str]:
@@ -170,7 +199,7 @@ def _expected(app: Any, endpoint: str, rule: str, actor: str, case: str, id_kind
         return 403
     permission = getattr(app.view_functions[endpoint], "required_permission", None)
     role_allows = permission is None or bool(permissions_for("owner" if actor == "outsider" else actor) & permission)
-    if "<resourceSlug>" in rule and (actor == "outsider" or not role_allows):
+    if ("<resourceSlug>" in rule or route.team_in_body) and (actor == "outsider" or not role_allows):
         return 403
     if id_kind and case == "malformed":
         return 400
@@ -186,7 +215,7 @@ def _fill(value: Any, ids: dict[str, str], newcomer: Callable[[], str]) -> Any:
         return value
     if value == "{newcomer}":
         return newcomer()
-    return value.format(**{k: v or "" for k, v in ids.items()})
+    return value.format(**{"team": "", **{k: v or "" for k, v in ids.items()}})
 
 
 @pytest.mark.parametrize("actor", ACTORS)

@@ -87,3 +87,17 @@ def test_app_and_team_limits_are_validated_and_shown(factory, login):
     sid = _start(admin, good["_id"])
     session = admin.client.get(f"/{team}/session/{sid}.json").get_json()["session"]
     assert session["limits"] == {"tokenBudget": 1000, "idleTimeout": 3600} and session["queued"] is True
+
+
+def test_sessions_without_limits_are_never_ended_by_the_limit_sweep(factory, app):
+    """MongoDB's `$lt` on dates never matches null; the sweep must not rely on every server bracketing types."""
+    from agentcloud_clone.services.sessions import claim_turn, enforce_deadlines, requeue_lost_jobs
+
+    user = factory.user("member")
+    idle = factory.session(user, factory.app_record(user.team_id))
+    running = factory.session(user, factory.app_record(user.team_id), "go")
+    with app.app_context():
+        assert claim_turn(user.team_oid, running["_id"], running["activeTurnId"], "w:1")
+        assert enforce_deadlines() == []
+        assert requeue_lost_jobs(3600) == []
+    assert idle["deadline"] is None

@@ -63,7 +63,7 @@ def test_rate_limiting_degrades_to_per_instance_memory_while_redis_is_down(own_s
 
 def test_mongodb_down_gives_503_then_recovers(own_servers):
     mongo, redis = own_servers
-    stack = Stack(mongo.url, redis.url)
+    stack = Stack(mongo.url, redis.url, REQUIRE_WORKERS="false")  # a web-only stack: readiness is about MongoDB
     try:
         stack.start(webs=1, workers=0)
         team = stack.demo["teamId"]

@@ -332,3 +332,33 @@ def test_turn_over_the_job_timeout_ends_the_session_error(harness, monkeypatch):
     assert doc["status"] == "error" and doc["endReason"] == "timed_out"
     assert "timed out" in harness.closing(session)["message"]
     assert "".join(e["text"] for e in harness.events(session) if e["type"] == "output") == "partial "
+
+
+def test_the_reaper_loop_runs_one_pass_per_interval_across_processes(app, harness):
+    """Two loops (as in two processes) share the deployment's lock: the stuck session is ended once, by one."""
+    from agentcloud_clone.jobs.reaper import ReaperLoop
+
+    test_runners.release.clear()
+    session = harness.start(runner="python", callable="tests.workers.runners:stubborn")
+    thread, _ = harness.run_in_thread(session)
+    harness.wait_running(session)
+    app.config.update(HEARTBEAT_TIMEOUT=0.5, REAPER_INTERVAL=0.2)
+    with app.app_context():
+        from agentcloud_clone.db import get_db
+
+        # The worker is gone: its heartbeats stop.
+        from agentcloud_clone.jobs.watcher import stop_watchers
+
+        stop_watchers()
+    loops = [ReaperLoop(app).start(), ReaperLoop(app).start()]
+    try:
+        harness.wait_for(lambda: harness.doc(session)["status"] == "error", "the reaper loop to end the session")
+    finally:
+        for loop in loops:
+            loop.stop()
+        test_runners.release.set()
+        harness.finish(thread)
+    assert harness.doc(session)["endReason"] == "worker_lost"
+    harness.closing(session)
+    with app.app_context():
+        assert get_db().sessions.count_documents({"_id": session["_id"]}) == 1
