@@ -11,6 +11,7 @@ worker imports the app, so the fork-mode figure is comparable to a real turn's. 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -119,13 +120,24 @@ class WorkerProcess:
         connection.close()
 
     def stop(self) -> None:
-        if self.process.poll() is None:
+        """Warm shutdown, then cold (a second signal: fork mode's Worker then kills its horse), then SIGKILL;
+        a work horse still left (it has a process group of its own) is killed too."""
+        if self.process.poll() is not None:
+            return
+        horses = children_of(self.pid)
+        for _ in range(2):
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(30)
+                self.process.wait(15)
+                break
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+                continue
+        else:
+            self.process.kill()
+            self.process.wait()
+        for pid in horses:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def _queue(url: str) -> Any:
