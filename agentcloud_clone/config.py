@@ -41,6 +41,13 @@ def _env_int(name: str, default: int, low: int = 0, high: int = 2**31) -> int:
     return value
 
 
+def _env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = (os.environ.get(name) or default).strip().lower()
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def _env_list(name: str, default: str) -> list[str]:
     return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
 
@@ -111,6 +118,9 @@ class Config:
             "TURN_MAX_OUTPUT_CHARS": _env_int("TURN_MAX_OUTPUT_CHARS", 2_000_000, 1000, 100_000_000),
             "OUTPUT_FLUSH_INTERVAL": _env_float("OUTPUT_FLUSH_INTERVAL", 0.25, 0.01, 5.0),
             "TURN_QUEUE": os.environ.get("TURN_QUEUE", "turns"),
+            # Workers: `thread` runs up to TURN_CONCURRENCY turns in one process; `fork` one per forked process.
+            "WORKER_MODE": _env_choice("WORKER_MODE", "thread", ("thread", "fork")),
+            "TURN_CONCURRENCY": _env_int("TURN_CONCURRENCY", 20, 1, 1000),
             # Modules `python` runner callables may come from; anything else is refused when an app is saved
             # and again when a turn runs.
             "PYTHON_RUNNER_MODULES": _env_list("PYTHON_RUNNER_MODULES", "agentcloud_clone.examples"),

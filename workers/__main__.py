@@ -1,13 +1,19 @@
-"""Start an RQ worker with the app's configuration, plus the periodic reaper of lost turns.
+"""Start an RQ worker with the app's configuration, plus the reaper loop and the worker's presence beat.
 
-Usage: python -m workers [QUEUE ...] [--burst] [--name NAME] [--no-reaper]
-Any number of these may run on any number of machines against the same MongoDB and Redis.
+Usage: python -m workers [QUEUE ...] [--burst] [--name NAME] [--no-reaper] [--mode thread|fork] [--concurrency N]
+
+`thread` (the default, WORKER_MODE) runs up to TURN_CONCURRENCY turns at once in threads of one process;
+`fork` runs each turn in a forked process of its own, for runners that are not thread-safe. Any number of
+these may run on any number of machines against the same MongoDB and Redis.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+from collections.abc import Iterator
 from typing import Any
 
 from flask import Flask
@@ -16,8 +22,8 @@ from rq import Worker
 
 from agentcloud_clone import create_app
 from agentcloud_clone.db import ensure_indexes_once
+from agentcloud_clone.jobs import turns
 from agentcloud_clone.jobs.reaper import ReaperLoop
-from agentcloud_clone.jobs.turns import end_turn_of_killed_job
 from agentcloud_clone.queueing import get_redis
 
 log = logging.getLogger("workers")
@@ -26,9 +32,37 @@ log = logging.getLogger("workers")
 def _end_turn(app: Flask, job: Any, pid: int, status: int) -> None:
     try:
         with app.app_context():
-            end_turn_of_killed_job(job, pid, status)
+            turns.end_turn_of_killed_job(job, pid, status)
     except Exception:
         log.exception("could not end the session of killed job %s; the reaper will", job.id)
+
+
+def _thread_worker(app: Flask, queues: list[str], name: str | None, concurrency: int) -> Worker:
+    """Thread mode (workers/pool.py): up to `concurrency` turns at once in threads of this process."""
+    from workers.pool import ThreadPoolWorker, current_control
+
+    # The turn job sees the pool's per-job control (rq stop-job, job timeout, shutdown) as a way to stop.
+    turns.set_control_provider(current_control)
+
+    @contextlib.contextmanager
+    def in_app(job: Any) -> Iterator[None]:
+        with app.app_context():
+            yield
+
+    def ended_abnormally(job: Any, end: Any) -> None:
+        # A turn whose thread did not return in time, or whose process died: end its session now.
+        if end.forced and not end.retried:
+            with app.app_context():
+                turns.end_turn_abandoned(job, end.reason, end.message)
+
+    return ThreadPoolWorker(
+        queues,
+        connection=get_redis(),
+        name=name,
+        concurrency=concurrency,
+        execution_context=in_app,
+        abnormal_end_handler=ended_abnormally,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst", action="store_true", help="exit when the queues are empty")
     parser.add_argument("--name", help="worker name (default: host and pid)")
     parser.add_argument("--no-reaper", action="store_true", help="do not run the periodic reaper here")
+    parser.add_argument("--mode", choices=["thread", "fork"], help="thread: many turns per process (WORKER_MODE)")
+    parser.add_argument("--concurrency", type=int, help="turns at once in thread mode (TURN_CONCURRENCY)")
     args = parser.parse_args(argv)
 
     app = create_app({"WEB_REAPER": False})
@@ -44,19 +80,23 @@ def main(argv: list[str] | None = None) -> int:
         ensure_indexes_once(app)
     except PyMongoError as exc:
         log.warning("indexes not ensured yet (MongoDB unavailable: %s); the reaper retries", exc)
+    mode = args.mode or app.config["WORKER_MODE"]
     with app.app_context():
         queues = args.queues or [app.config["TURN_QUEUE"]]
-        worker = Worker(
-            queues,
-            connection=get_redis(),
-            name=args.name,
-            work_horse_killed_handler=lambda job, pid, status, _rusage: _end_turn(app, job, pid, status),
-        )
+        if mode == "thread":
+            worker = _thread_worker(app, queues, args.name, args.concurrency or int(app.config["TURN_CONCURRENCY"]))
+        else:
+            worker = Worker(
+                queues,
+                connection=get_redis(),
+                name=args.name,
+                work_horse_killed_handler=lambda job, pid, status, _rusage: _end_turn(app, job, pid, status),
+            )
         # The reaper thread also beats this worker's presence, which /readyz counts.
         reaper = ReaperLoop(app, worker_name=worker.name)
         if not args.no_reaper:
             reaper.start()
-        log.info("worker %s serving %s", worker.name, ", ".join(queues))
+        log.info("worker %s (%s mode, pid %d) serving %s", worker.name, mode, os.getpid(), ", ".join(queues))
         try:
             worker.work(burst=args.burst, logging_level=app.config.get("LOG_LEVEL", "INFO"))
         finally:

@@ -10,10 +10,11 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from bson import ObjectId
-from flask import current_app
+from flask import Flask, current_app
 from pymongo.errors import PyMongoError
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
@@ -43,6 +44,39 @@ class TranscriptWriteError(Exception):
 
 class OutputTooLongError(Exception):
     """The turn produced more output than TURN_MAX_OUTPUT_CHARS allows."""
+
+
+# Thread mode's per-job control (workers/pool.py), when a worker installs it: rq stop-job, the job's time limit
+# and a worker's shutdown reach a turn through it. None in fork mode, where RQ signals the work horse instead.
+_control_provider: Callable[[], Any] | None = None
+STOP_MESSAGES = {
+    "timeout": "The turn ran past TURN_TIMEOUT and was stopped.",
+    "shutdown": "The worker shut down before the turn finished; send the message again to retry.",
+}
+
+
+def set_control_provider(provider: Callable[[], Any] | None) -> None:
+    """Install the function that returns the running job's control (thread mode)."""
+    global _control_provider
+    _control_provider = provider
+
+
+def _link_control(app: Flask, cancel: CancelHandle, tid: ObjectId, sid: ObjectId) -> None:
+    """Let the worker's stop reasons stop the turn: rq stop-job as an operator's cancel, a time limit or a
+    shutdown as the end it names."""
+    control = _control_provider() if _control_provider else None
+    if control is None:
+        return
+
+    def stop() -> None:
+        if control.reason == "stopped":
+            with app.app_context():  # hooks run on a thread of their own
+                sessions.cancel_session(tid, sid, SYSTEM, CancelSource.API, "Stopped by an operator (rq stop-job).")
+            cancel.trigger("cancelled")
+        else:
+            cancel.trigger(control.reason)
+
+    control.on_stop(stop)
 
 
 def worker_id() -> str:
@@ -164,6 +198,7 @@ def run_turn(team_id: str, session_id: str, turn_id: str) -> dict[str, Any]:
 
     watcher = watcher_for(app)
     cancel = watcher.register(tid, sid, turn)
+    _link_control(app, cancel, tid, sid)
     try:
         user_message, history, number = _context_from_transcript(sid, turn)
         ctx = TurnContext(
@@ -217,6 +252,10 @@ def _drive(
         writer.flush(interrupted=True)
         if sessions.complete_turn(tid, sid, turn, end_session=False, interrupted=True):
             return {"outcome": "interrupted"}
+    if cancel.reason in STOP_MESSAGES:
+        reason = EndReason.TIMED_OUT if cancel.reason == "timeout" else EndReason.WORKER_LOST
+        _stop(writer, reason, STOP_MESSAGES[cancel.reason])
+        return {"outcome": str(reason)}
     # A cancel (or an end or delete elsewhere) got there first: it decides how the session ends.
     session = _stop(writer, EndReason.CANCELLED, "Cancelled; the turn was interrupted and its partial output kept.")
     if session and session.get("cancelledAt") and session.get("endedAt"):
@@ -235,6 +274,18 @@ def _stop(writer: OutputWriter, reason: EndReason, message: str, *, flush: bool 
         except TranscriptWriteError as exc:
             reason, message = EndReason.ERROR, str(exc)
     return sessions.end_turn(writer.team_id, writer.session_id, writer.turn_id, reason, message)
+
+
+def end_turn_abandoned(job: Any, reason: str, detail: str) -> bool:
+    """Thread mode: a turn's thread did not return after its time limit or the worker's shutdown, or its process
+    died (found by a sibling): end its session now. True when this ended it."""
+    if job.func_name != queueing.TURN_JOB:
+        return False
+    team_id, session_id, turn_id = (ObjectId(arg) for arg in job.args)
+    if reason == "timeout":
+        ended = sessions.end_turn(team_id, session_id, turn_id, EndReason.TIMED_OUT, STOP_MESSAGES["timeout"])
+        return ended is not None
+    return sessions.end_turn_of_killed_job(team_id, session_id, turn_id, f"the turn was abandoned ({reason}: {detail})")
 
 
 def end_turn_of_killed_job(job: Any, pid: int, status: int) -> bool:

@@ -1,23 +1,27 @@
-"""Cancel crosses a process boundary: HTTP to gunicorn, a stamp in MongoDB, a worker process that stops."""
+"""Cancel crosses a process boundary: HTTP to gunicorn, a stamp in MongoDB, a worker process that stops.
+
+Run against both worker modes (thread: many turns per process; fork: one forked process per turn). The
+deadlines below bound a hang; how fast a cancel lands is measured by `make bench`, not asserted here.
+"""
 
 from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Iterator
-from datetime import datetime
 
 import pytest
 
 from devtools.stack import Stack
 from tests.fakes.openai_server import FakeOpenAI
-from tests.integration.common import events_of, session_of, start_running, wait_until
+from tests.integration.common import events_of, session_of, start_running
+from tests.support import wait_until
 
 pytestmark = pytest.mark.integration
 
 POLL = 0.5
-MARGIN = 0.5
+SLOW = '{"steps": 2000, "stepDelay": 0.02}'
+MODES = ["thread", "fork"]
 
 
 def _stack(mongo_server, redis_server, **settings) -> Iterator[Stack]:
@@ -28,9 +32,12 @@ def _stack(mongo_server, redis_server, **settings) -> Iterator[Stack]:
         stack.stop()
 
 
-@pytest.fixture(params=["pubsub", "polling-only"])
+@pytest.fixture(params=[(mode, notices) for mode in MODES for notices in ("pubsub", "polling-only")], ids=str)
 def stack(request, mongo_server, redis_server) -> Iterator[Stack]:
-    yield from _stack(mongo_server, redis_server, CANCEL_PUBSUB="true" if request.param == "pubsub" else "false")
+    mode, notices = request.param
+    yield from _stack(
+        mongo_server, redis_server, WORKER_MODE=mode, CANCEL_PUBSUB="true" if notices == "pubsub" else "false"
+    )
 
 
 def _session_doc_worker(stack: Stack, sid: str) -> str:
@@ -38,40 +45,37 @@ def _session_doc_worker(stack: Stack, sid: str) -> str:
     import pymongo
     from bson import ObjectId
 
-    uri = stack.env["MONGO_URI"]
-    client = pymongo.MongoClient(uri)
+    client = pymongo.MongoClient(stack.env["MONGO_URI"])
     try:
         return client.get_default_database().sessions.find_one({"_id": ObjectId(sid)})["workerId"]
     finally:
         client.close()
 
 
-def test_cancel_over_http_stops_the_worker_within_one_poll_interval(stack):
+def _slow_app(stack: Stack) -> str:
+    return stack.cli("apps", "create", stack.demo["teamId"], "--name", "slow", "--config", SLOW)["appId"]
+
+
+def test_cancel_over_http_stops_the_worker(stack):
     team = stack.demo["teamId"]
-    app_id = stack.cli("apps", "create", team, "--name", "slow", "--config", '{"steps": 2000, "stepDelay": 0.02}')[
-        "appId"
-    ]
-    sid = start_running(stack, app_id)
+    sid = start_running(stack, _slow_app(stack))
     assert session_of(stack, sid)["status"] == "running"
-    response = stack.api("POST", f"/{team}/forms/session/{sid}/cancel")
+    response = stack.api("POST", f"/{team}/forms/session/{sid}/cancel", {"reason": "enough"})
     assert response.status_code == 200 and response.json()["ok"] is True
-    ended = wait_until(
-        lambda: (s := session_of(stack, sid))["status"] == "terminated" and s, POLL + MARGIN + 2, "the end"
-    )
+    ended = wait_until(lambda: (s := session_of(stack, sid))["status"] == "terminated" and s, 30, "the end")
+    assert ended["endReason"] == "cancelled" and ended["cancellation"]["reason"] == "enough"
     events = events_of(stack, sid)
-    cancel_at = datetime.fromisoformat(next(e for e in events if e["type"] == "cancel")["createdAt"])
-    ended_at = datetime.fromisoformat(ended["endedAt"])
-    assert (ended_at - cancel_at).total_seconds() < POLL + MARGIN
     outputs = [e for e in events if e["type"] == "output"]
     assert outputs and outputs[-1].get("interrupted") is True
     assert events[-1]["type"] == "status" and events[-1]["status"] == "terminated"
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     again = stack.api("POST", f"/{team}/forms/session/{sid}/cancel").json()
     assert again["alreadyCancelled"] is True and again["cancelledAt"] == ended["cancelledAt"]
 
 
-@pytest.fixture
-def polling_stack(mongo_server, redis_server) -> Iterator[Stack]:
-    yield from _stack(mongo_server, redis_server, CANCEL_PUBSUB="false")
+@pytest.fixture(params=MODES)
+def polling_stack(request, mongo_server, redis_server) -> Iterator[Stack]:
+    yield from _stack(mongo_server, redis_server, CANCEL_PUBSUB="false", WORKER_MODE=request.param)
 
 
 def test_cancel_closes_the_upstream_openai_stream(polling_stack):
@@ -82,20 +86,34 @@ def test_cancel_closes_the_upstream_openai_stream(polling_stack):
         config = f'{{"model": "fake", "baseUrl": "{fake.base_url}", "apiKey": "sk-test"}}'
         app_id = stack.cli("apps", "create", team, "--name", "llm", "--runner", "openai", "--config", config)["appId"]
         sid = start_running(stack, app_id)
-        cancelled_at = time.monotonic()
         stack.api("POST", f"/{team}/forms/session/{sid}/cancel")
-        wait_until(lambda: fake.streams[0]["closed_by_client"], POLL + MARGIN + 2, "the upstream stream to close")
-        assert fake.streams[0]["closed_at"] - cancelled_at < POLL + MARGIN
-        sent_at_close = fake.streams[0]["sent"]
-        time.sleep(0.3)
-        assert fake.streams[0]["sent"] == sent_at_close and not fake.streams[0]["done"]
-        wait_until(lambda: session_of(stack, sid)["status"] == "terminated", 5, "the session to end")
+        wait_until(lambda: fake.streams[0]["closed_by_client"], 30, "the upstream stream to close")
+        # The fake stops writing once the worker hung up: the stream was cut short, not finished.
+        assert not fake.streams[0]["done"]
+        wait_until(lambda: session_of(stack, sid)["status"] == "terminated", 30, "the session to end")
     finally:
         fake.stop()
 
 
-@pytest.fixture
-def reaper_stack(mongo_server, redis_server) -> Iterator[Stack]:
+def test_a_queued_turn_with_no_worker_cancels_at_once_and_deletes(mongo_server, redis_server):
+    stack = Stack(mongo_server.url, redis_server.url, REQUIRE_WORKERS="false")
+    try:
+        stack.start(webs=1, workers=0)
+        team = stack.demo["teamId"]
+        sid = stack.api("POST", f"/{team}/forms/session/add", {"appId": stack.demo["appId"], "message": "hi"}).json()[
+            "_id"
+        ]
+        assert session_of(stack, sid)["queued"] is True
+        cancelled = stack.api("POST", f"/{team}/forms/session/{sid}/cancel").json()
+        assert cancelled["status"] == "terminated" and cancelled["endReason"] == "cancelled"
+        assert stack.api("DELETE", f"/{team}/forms/session/{sid}").status_code == 200
+        assert stack.api("GET", f"/{team}/session/{sid}.json").status_code == 404
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(params=MODES)
+def reaper_stack(request, mongo_server, redis_server) -> Iterator[Stack]:
     stack = Stack(
         mongo_server.url,
         redis_server.url,
@@ -103,6 +121,7 @@ def reaper_stack(mongo_server, redis_server) -> Iterator[Stack]:
         HEARTBEAT_INTERVAL=0.2,
         HEARTBEAT_TIMEOUT=2,
         REAPER_INTERVAL=0.5,
+        WORKER_MODE=request.param,
     )
     try:
         yield stack.start(webs=1, workers=1)
@@ -112,39 +131,55 @@ def reaper_stack(mongo_server, redis_server) -> Iterator[Stack]:
 
 def test_killed_worker_is_reaped_with_transcript_intact(reaper_stack):
     stack = reaper_stack
-    team = stack.demo["teamId"]
-    app_id = stack.cli("apps", "create", team, "--name", "slow", "--config", '{"steps": 2000, "stepDelay": 0.02}')[
-        "appId"
-    ]
-    sid = start_running(stack, app_id)
+    sid = start_running(stack, _slow_app(stack))
     before = events_of(stack, sid)
     victim = stack.workers[0]
     stack.start_worker()  # the survivor, whose reaper notices the loss
-    # The machine running the turn is lost: the worker and the job process it forked (which RQ puts in a
-    # session of its own) both die at once.
-    job_pid = int(_session_doc_worker(stack, sid).rsplit(":", 1)[1])
-    killed_at = time.monotonic()
+    # The machine running the turn is lost: the worker and (in fork mode) the job process it forked, which RQ
+    # puts in a session of its own, die at once.
+    turn_pid = int(_session_doc_worker(stack, sid).rsplit(":", 1)[1])
     stack.kill(victim)
-    os.kill(job_pid, signal.SIGKILL)
-    ended = wait_until(lambda: (s := session_of(stack, sid))["status"] == "error" and s, 2 + 0.5 + 5, "the reaper")
-    assert time.monotonic() - killed_at < 2 + 0.5 + 3
+    if turn_pid != victim.pid:
+        os.kill(turn_pid, signal.SIGKILL)
+    ended = wait_until(lambda: (s := session_of(stack, sid))["status"] == "error" and s, 30, "the reaper")
     events = events_of(stack, sid)
     assert [e["seq"] for e in events[: len(before)]] == [e["seq"] for e in before]
-    assert "Worker lost" in events[-1]["message"] and ended["endedAt"]
+    assert ended["endReason"] == "worker_lost" and "Worker lost" in events[-1]["message"] and ended["endedAt"]
 
 
-def test_killed_job_process_ends_its_session_at_once(polling_stack):
-    """Only the forked process running the turn dies (say, the OOM killer): its worker ends the session
-    `error` straight away, without waiting for the heartbeat bound (30 s here)."""
-    stack = polling_stack
-    team = stack.demo["teamId"]
-    app_id = stack.cli("apps", "create", team, "--name", "slow", "--config", '{"steps": 2000, "stepDelay": 0.02}')[
-        "appId"
-    ]
-    sid = start_running(stack, app_id)
+@pytest.fixture
+def fork_stack(mongo_server, redis_server) -> Iterator[Stack]:
+    yield from _stack(mongo_server, redis_server, CANCEL_PUBSUB="false", WORKER_MODE="fork")
+
+
+def test_killed_job_process_ends_its_session_at_once(fork_stack):
+    """Fork mode: only the forked process running the turn dies (say, the OOM killer): its worker ends the
+    session straight away, long before the heartbeat bound (30 s here)."""
+    stack = fork_stack
+    sid = start_running(stack, _slow_app(stack))
     os.kill(int(_session_doc_worker(stack, sid).rsplit(":", 1)[1]), signal.SIGKILL)
-    ended = wait_until(
-        lambda: (s := session_of(stack, sid))["status"] == "error" and s, 5, "the worker to end the session"
-    )
-    assert ended["endedAt"]
+    ended = wait_until(lambda: (s := session_of(stack, sid))["status"] == "error" and s, 20, "the worker")
+    assert ended["endReason"] == "worker_lost"
     assert "process running this turn died" in events_of(stack, sid)[-1]["message"]
+
+
+def test_many_turns_in_one_thread_mode_process_and_a_cancel_stops_only_its_own(mongo_server, redis_server):
+    stack = Stack(mongo_server.url, redis_server.url, CANCEL_POLL_INTERVAL=POLL, WORKER_MODE="thread")
+    try:
+        stack.start(webs=1, workers=1)
+        team = stack.demo["teamId"]
+        app_id = stack.cli("apps", "create", team, "--name", "six", "--config", '{"steps": 60, "stepDelay": 0.05}')[
+            "appId"
+        ]
+        sids = [start_running(stack, app_id) for _ in range(5)]
+        workers = {_session_doc_worker(stack, sid) for sid in sids}
+        assert len(workers) == 1  # all five in the one process
+        stack.api("POST", f"/{team}/forms/session/{sids[0]}/cancel")
+        for sid in sids[1:]:
+            wait_until(lambda sid=sid: session_of(stack, sid)["status"] == "waiting", 60, "the other turns")
+        assert session_of(stack, sids[0])["endReason"] == "cancelled"
+        for sid in sids[1:]:
+            outputs = [e for e in events_of(stack, sid) if e["type"] == "output"]
+            assert not any(e.get("interrupted") for e in outputs)
+    finally:
+        stack.stop()

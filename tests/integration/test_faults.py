@@ -13,7 +13,8 @@ import requests
 
 from devtools.servers import start_mongo, start_redis
 from devtools.stack import Stack
-from tests.integration.common import session_of, start_running, wait_until
+from tests.integration.common import session_of, start_running
+from tests.support import wait_until
 
 pytestmark = pytest.mark.integration
 POLL = 0.5

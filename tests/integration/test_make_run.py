@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,24 +23,13 @@ import redis
 import requests
 
 from devtools.servers import free_port
+from tests.support import wait_until
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 FLASK = str(Path(sys.executable).with_name("flask"))  # the `flask` the README's command runs, from this venv
 TAG_VARIABLE = "MAKE_RUN_TEST_TAG"  # marks every process a launcher started, so teardown finds even orphans
 START_TIMEOUT = 180.0  # generous: the machine is shared and this is a cold start of five processes
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """The predicate's first truthy value within `timeout` seconds (request errors count as not yet)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(requests.RequestException, redis.RedisError):
-            value = predicate()
-            if value:
-                return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def port_is_free(port: int) -> bool:
