@@ -362,6 +362,7 @@ class EventOut(Out):
     text = fields.String()
     turnId = fields.String()
     interrupted = fields.Boolean()
+    queued = fields.Boolean()
     by = ObjectIdField()
     status = fields.String()
     endReason = fields.String()
@@ -431,7 +432,39 @@ class OperationOut(Out):
     finishedAt = fields.DateTime(allow_none=True)
 
 
+class EndpointOut(Out):
+    _id = ObjectIdField()
+    teamId = ObjectIdField()
+    url = fields.String()
+    eventTypes = fields.List(fields.String())
+    disabled = fields.Boolean()
+    createdAt = fields.DateTime()
+    updatedAt = fields.DateTime()
+
+
+class AttemptOut(Out):
+    at = fields.DateTime()
+    statusCode = fields.Integer(allow_none=True)
+    error = fields.String(allow_none=True)
+    durationMs = fields.Float()
+
+
+class DeliveryOut(Out):
+    _id = ObjectIdField()
+    endpointId = ObjectIdField()
+    type = fields.String()
+    status = fields.String()
+    payload = fields.Dict()
+    attempts = fields.List(fields.Nested(AttemptOut))
+    attemptCount = fields.Integer()
+    createdAt = fields.DateTime()
+    deliveredAt = fields.DateTime(allow_none=True)
+    nextAttemptAt = fields.DateTime(allow_none=True)
+
+
 session_out = SessionOut()
+endpoint_out = EndpointOut()
+delivery_out = DeliveryOut()
 operation_out = OperationOut()
 member_out = MemberOut()
 event_out = EventOut()

@@ -4,10 +4,25 @@ from __future__ import annotations
 
 from flask import Flask
 
-from . import account, apps, docs, errors, hooks, identity, managed_agents, pages, probes, ratelimits, sessions, teams
+from . import (
+    account,
+    apps,
+    docs,
+    errors,
+    hooks,
+    identity,
+    managed_agents,
+    pages,
+    probes,
+    ratelimits,
+    sessions,
+    streams,
+    teams,
+    webhooks,
+)
 from .parsing import BoundedJSONProvider
 
-BLUEPRINTS = (account, apps, sessions, managed_agents, teams, pages, probes, docs)
+BLUEPRINTS = (account, apps, sessions, streams, managed_agents, teams, webhooks, pages, probes, docs)
 
 
 def init_app(app: Flask) -> None:

@@ -18,6 +18,8 @@ def wants_json() -> bool:
         return True  # a JSON body, or an API key (valid or not): a program, not a browser
     if request.method not in ("GET", "HEAD", "POST"):
         return True  # HTML forms only GET and POST; anything else comes from a program
+    if "text/event-stream" in request.headers.get("Accept", ""):
+        return True  # an EventSource or SSE client
     if request.path.endswith(".json") or request.path.startswith("/api/") or request.path in PROGRAM_PATHS:
         return True
     best = request.accept_mimetypes.best_match(["text/html", "application/json"])
