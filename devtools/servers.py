@@ -395,12 +395,15 @@ def start_mongo(port: int | None = None, *, data_dir: str | None = None) -> Mana
 
 async def _serve_mongo(host: str, port: int, data_dir: str | None) -> None:
     # Imported here: only the server process needs mongoeco, and importing it costs start-up time.
-    from mongoeco.engines import MemoryEngine, SQLiteEngine
+    from mongoeco.engines import MemoryEngine
     from mongoeco.wire import AsyncMongoEcoProxyServer
+
+    from .embedded_store import EmbeddedSQLiteEngine
 
     if data_dir is not None:
         Path(data_dir).mkdir(parents=True, exist_ok=True)
-        engine = SQLiteEngine(str(Path(data_dir) / SQLITE_FILENAME))
+        # mongoeco's SQLite engine with its insert path corrected (see embedded_store.py).
+        engine = EmbeddedSQLiteEngine(str(Path(data_dir) / SQLITE_FILENAME))
     else:
         engine = MemoryEngine()
     stopping = asyncio.Event()
