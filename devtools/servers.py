@@ -373,7 +373,8 @@ def _mongo_ready(server: ManagedProcess, deadline: float) -> None:
 def start_mongo(port: int | None = None, *, data_dir: str | None = None) -> ManagedProcess:
     """Start the mongoeco MongoDB-wire server on 127.0.0.1 and return once pymongo's `ping` succeeds.
 
-    With `data_dir` the data lives in a SQLite file there and survives restarts; otherwise it is in memory and a
+    With `data_dir` the data lives in a SQLite file there (mongoeco's SQLite engine as corrected by
+    `embedded_store.EmbeddedSQLiteEngine`) and survives restarts and a kill; otherwise it is in memory and a
     restart starts empty. Without `port` the server picks a free one itself (no race), and keeps it on restart.
     Raises RuntimeError if it is not ready within 20 s. url = mongodb://127.0.0.1:PORT/.
     """
