@@ -172,3 +172,13 @@ def test_csrf_refusals_say_what_to_send(factory, login):
     assert "Content-Type: application/json" in delete.get_json()["message"]
     same_site = me.client.post(path, json={}, headers={"Origin": "http://localhost"})
     assert same_site.status_code == 404
+
+
+def test_any_authorization_header_gets_json_401_not_a_sign_in_redirect(app):
+    """A program's malformed credentials (another scheme, a bare token) are a 401 it can read, on form routes too."""
+    client = app.test_client()
+    for header in ("Basic dXNlcjpwYXNz", "ak_without_a_scheme", "Bearer"):
+        response = client.post(f"/{'a' * 24}/forms/app/{'b' * 24}/delete", headers={"Authorization": header})
+        assert response.status_code == 401, header
+        assert response.get_json()["code"] == 401, header
+    assert client.post(f"/{'a' * 24}/forms/app/{'b' * 24}/delete").status_code == 302  # a browser is still sent on
