@@ -9,6 +9,7 @@ from flask import request
 from flask.json.provider import DefaultJSONProvider
 from flask_wtf.csrf import generate_csrf
 from marshmallow import Schema, ValidationError
+from werkzeug.routing import BaseConverter
 
 from ..errors import InvalidInput
 from .identity import api_key_in_use
@@ -42,6 +43,14 @@ class BoundedJSONProvider(DefaultJSONProvider):
         if _depth_exceeds(value, MAX_JSON_DEPTH):
             raise ValueError("JSON nested too deeply")
         return value
+
+
+class ItemIdConverter(BaseConverter):
+    """`<item:...>`: a path segment naming one item of a collection, so anything but `add`, the collection's create
+    route. `DELETE /<team>/forms/app/<appId>` would otherwise also match `/<team>/forms/app/add`, whose `Allow`
+    would then advertise a DELETE that can only fail. Malformed ids still reach the view, which answers 400."""
+
+    regex = r"(?!add$)[^/]+"
 
 
 def load_body(schema: Schema) -> dict[str, Any]:

@@ -112,3 +112,15 @@ def test_settings_keys_mongodb_cannot_store_are_refused(factory, login):
         config = {"callable": "m:f", "options": options}
         response = admin.json("POST", path, {"name": "n", "runner": "python", "config": config})
         assert response.status_code == 400 and response.get_json()["errors"]["config"], options
+
+
+def test_create_routes_allow_only_post_and_item_deletes_do_not_match_them(factory, api_key_client):
+    """`/forms/<thing>/add` is not an item: `Allow` lists what the resource serves, and DELETE on it is a 405."""
+    user = factory.user("owner", api_key=True)
+    call = api_key_client(user)
+    for thing in ("app", "session", "member"):
+        path = f"/{user.team_id}/forms/{thing}/add"
+        assert set(call("OPTIONS", path).headers["Allow"].split(", ")) == {"POST", "OPTIONS"}, thing
+        refused = call("DELETE", path)
+        assert refused.status_code == 405 and refused.headers["Allow"] == "OPTIONS, POST", thing
+        assert call("DELETE", f"/{user.team_id}/forms/{thing}/adds").status_code == 400, thing  # still an id, malformed
