@@ -7,6 +7,7 @@ from typing import Any
 
 from bson import ObjectId
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, post_load, validate
+from marshmallow.experimental.context import Context
 
 from .ids import parse_object_id
 from .vocabulary import CANCEL_SOURCES, END_REASONS, MAX_CANCEL_REASON, RUNNER_NAMES, STATUSES
@@ -53,6 +54,21 @@ class QueryInteger(fields.Integer):
         return super()._deserialize(value, attr, data, **kwargs)
 
 
+# True while an HTML form is loaded: its values are all text, where JSON values carry their own types.
+FormInput = Context[bool]
+
+
+class FormBoolean(fields.Boolean):
+    """A JSON `true`/`false`; from an HTML form, the text a checkbox sends (`on`, `true`, ...). `0` is not one."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if isinstance(value, bool):
+            return value
+        if not (isinstance(value, str) and FormInput.get(False)):
+            raise self.make_error("invalid")
+        return bool(super()._deserialize(value, attr, data, **kwargs))
+
+
 class JsonObjectField(fields.Field[dict[str, Any]]):
     """A JSON object, given as an object (JSON clients) or as JSON text (HTML forms)."""
 
@@ -89,7 +105,7 @@ class LoginSchema(Strict):
     email = fields.Email(required=True, validate=validate.Length(max=320))
     password = fields.String(required=True, validate=validate.Length(min=1, max=1024))
     next = fields.String(load_default=None, validate=validate.Length(max=2000))
-    remember = fields.Boolean(load_default=False)
+    remember = FormBoolean(load_default=False)
 
 
 class AppCreateSchema(Strict):

@@ -12,6 +12,7 @@ from marshmallow import Schema, ValidationError
 from werkzeug.routing import BaseConverter
 
 from ..errors import InvalidInput
+from ..schemas import FormInput
 from .identity import api_key_in_use
 
 # JSON bodies nest at most this deep: far more than any request needs, far less than what would exhaust
@@ -63,7 +64,8 @@ def load_body(schema: Schema) -> dict[str, Any]:
         data = request.form.to_dict()
         data.pop("csrf_token", None)
     try:
-        loaded: dict[str, Any] = schema.load(data)
+        with FormInput(not request.is_json):
+            loaded: dict[str, Any] = schema.load(data)
     except ValidationError as exc:
         raise InvalidInput("Invalid input.", _messages(exc)) from None
     return loaded
