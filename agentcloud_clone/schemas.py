@@ -190,11 +190,19 @@ class ScriptedRunnerConfig(Strict):
     failAtStep = fields.Integer(load_default=None, validate=validate.Range(min=1, max=10_000))
 
 
+# An http(s) URL of ASCII: a host name or [IPv6 address], an optional port, then any visible characters. openapi.yaml
+# states the same pattern, so what the spec calls valid is exactly what is accepted.
+BASE_URL = (
+    r"^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*)"
+    r"(:[0-9]{1,5})?([/?#][!-~]*)?\Z"
+)
+
+
 class OpenAIRunnerConfig(Strict):
     """Any OpenAI-compatible chat-completions endpoint."""
 
     model = fields.String(required=True, validate=validate.Length(min=1, max=200))
-    baseUrl = fields.Url(load_default=None, require_tld=False, schemes={"http", "https"})
+    baseUrl = fields.String(load_default=None, validate=validate.Regexp(BASE_URL, error="Must be an http(s) URL."))
     apiKey = fields.String(load_default=None, validate=validate.Length(max=500))
     systemPrompt = fields.String(load_default=None, validate=validate.Length(max=20_000))
     temperature = fields.Float(load_default=None, validate=validate.Range(min=0, max=2))

@@ -124,3 +124,18 @@ def test_create_routes_allow_only_post_and_item_deletes_do_not_match_them(factor
         refused = call("DELETE", path)
         assert refused.status_code == 405 and refused.headers["Allow"] == "OPTIONS, POST", thing
         assert call("DELETE", f"/{user.team_id}/forms/{thing}/adds").status_code == 400, thing  # still an id, malformed
+
+
+def test_upstream_base_url_is_an_ascii_http_url(factory, login):
+    """The same grammar openapi.yaml states: a host name or [IPv6], an optional port, visible ASCII after it."""
+    admin = login(factory.user("admin"))
+    path = f"/{admin.user.team_id}/forms/app/add"
+
+    def status(url: str) -> int:
+        body = {"name": "gpt", "runner": "openai", "config": {"model": "m", "baseUrl": url}}
+        return int(admin.json("POST", path, body).status_code)
+
+    for url in ("http://127.0.0.1:8001/v1", "https://api.example.com/v1?x=1", "http://[::1]:8080/", "http://llm"):
+        assert status(url) == 200, url
+    for url in ("https://\u00cf", "http://under_score", "http://host.", "http://a/b c", "http://a\n", "ftp://a"):
+        assert status(url) == 400, url
