@@ -20,7 +20,7 @@ from . import (
     teams,
     webhooks,
 )
-from .parsing import BoundedJSONProvider
+from .parsing import BoundedJSONProvider, ItemIdConverter
 
 BLUEPRINTS = (account, apps, sessions, streams, managed_agents, teams, webhooks, pages, probes, docs)
 
@@ -28,6 +28,7 @@ BLUEPRINTS = (account, apps, sessions, streams, managed_agents, teams, webhooks,
 def init_app(app: Flask) -> None:
     """Register the blueprints, the error handlers, identity and CSRF, the request hooks and the limiter."""
     app.json = BoundedJSONProvider(app)
+    app.url_map.converters["item"] = ItemIdConverter  # before the blueprints' rules use it
     errors.init_app(app)
     identity.init_app(app)
     for module in BLUEPRINTS:

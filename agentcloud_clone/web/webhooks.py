@@ -53,7 +53,7 @@ def _delete(team_id: ObjectId, webhookId: str) -> Any:
     return redirect_or_json(f"/{team_id}/members", flash_message="Webhook removed.", _id=webhookId, ok=True)
 
 
-@bp.delete("/<resourceSlug>/forms/webhook/<webhookId>")
+@bp.delete("/<resourceSlug>/forms/webhook/<item:webhookId>")
 @require_team(Permission.TEAM_MANAGE)
 def delete_endpoint(team_id: ObjectId, webhookId: str) -> Any:
     """Remove an endpoint and its delivery records."""
