@@ -4,10 +4,24 @@ from __future__ import annotations
 
 from flask import Flask
 
-from . import account, apps, docs, errors, hooks, identity, managed_agents, pages, probes, ratelimits, sessions, teams
+from . import (
+    account,
+    apps,
+    docs,
+    errors,
+    hooks,
+    identity,
+    managed_agents,
+    pages,
+    probes,
+    ratelimits,
+    sessions,
+    share,
+    teams,
+)
 from .parsing import BoundedJSONProvider
 
-BLUEPRINTS = (account, apps, sessions, managed_agents, teams, pages, probes, docs)
+BLUEPRINTS = (account, apps, sessions, share, managed_agents, teams, pages, probes, docs)
 
 
 def init_app(app: Flask) -> None:
