@@ -21,7 +21,9 @@ import pytest
 
 from agentcloud_clone.access import Account
 from agentcloud_clone.repositories.accounts import find_account, find_team
+from agentcloud_clone.services import sessions as sessions_service
 from agentcloud_clone.services import sharing
+from agentcloud_clone.vocabulary import CancelSource
 from tests.api.test_security_matrix import ROUTES
 
 MODES = ["team", "public", "owner", "whitelist"]
@@ -261,4 +263,54 @@ def test_starting_shared_sessions(app, factory, mode):
             if case in ("link", "other-team-link"):
                 page = app.test_client().get(f"/s/{world.team}/{body['shareId']}", headers=headers)
                 _check(world, page, f"{mode} {caller} share link page by {case}", want, failures)
+    assert not failures, "\n".join(failures)
+
+
+def test_owner_mode_sessions_are_hidden_on_every_team_route(app, factory):
+    """Generated from the route table: every route outside /s/ that takes a session (in its path or body) finds
+    another member's session of an `owner`-mode app nowhere, for members and admins alike; its creator gets the
+    route's own answer; and no list shows it to anyone else."""
+    team = factory.team()
+    tid = str(team["_id"])
+    creator = factory.user("member", team, api_key=True)
+    others = [factory.user(role, team, api_key=True) for role in ("member", "admin")]
+    app_id = factory.app_record(tid, sharing={"mode": "owner"})
+
+    def fresh(kind: str | None) -> str:
+        session = factory.session(creator, app_id)
+        if kind == "ended-session":
+            with app.app_context():
+                sessions_service.cancel_session(team["_id"], session["_id"], factory.actor(creator), CancelSource.API)
+        return str(session["_id"])
+
+    failures, checked = [], 0
+    for rule in app.url_map.iter_rules():
+        route = ROUTES.get(rule.endpoint)
+        if rule.rule.startswith("/s/") or route is None:
+            continue
+        if "<sessionId>" not in rule.rule and route.body_id != "session":
+            continue
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            for user, want in [*((other, 404) for other in others), (creator, route.ok)]:
+                sid = fresh(route.fresh)
+                path = rule.rule.replace("<resourceSlug>", tid).replace("<sessionId>", sid)
+                body = {
+                    k: (v.replace("{session}", sid) if isinstance(v, str) else v) for k, v in (route.body or {}).items()
+                }
+                headers = {"Authorization": f"Bearer {user.api_key}", "Accept": "application/json"}
+                response = app.test_client().open(
+                    path, method=method, json=body if method != "GET" else None, headers=headers
+                )
+                checked += 1
+                if response.status_code != want:
+                    failures.append(f"{user.role} {method} {rule.rule}: {response.status_code}, expected {want}")
+    assert checked >= 3 * 14, checked
+    sid = fresh(None)
+    for path in (f"/{tid}/sessions.json", "/api/managed-agents/sessions", f"/{tid}/sessions"):
+        for user in (*others, creator):
+            text = (
+                app.test_client().get(path, headers={"Authorization": f"Bearer {user.api_key}"}).get_data(as_text=True)
+            )
+            if (sid in text) != (user is creator):
+                failures.append(f"{user.role} GET {path}: listed {sid in text}")
     assert not failures, "\n".join(failures)
