@@ -21,7 +21,7 @@ from .errors import InvalidInput, NotFound, NotSignedIn, PermissionDenied
 from .ids import parse_object_id
 from .repositories import apps as apps_repo
 from .repositories import sessions as sessions_repo
-from .vocabulary import ActorKind
+from .vocabulary import ActorKind, SharingMode
 
 
 class Permission(IntFlag):
@@ -169,10 +169,17 @@ def _check_role(account: Account, team_id: ObjectId, permission: Permission) -> 
         raise PermissionDenied(f"Your role ({account.role_in(team_id)}) does not allow this.")
 
 
+def may_see(account: Account, session: dict[str, Any]) -> bool:
+    """Whether a member of the session's team may see it: a session of an `owner`-mode app only its creator."""
+    mode = (session.get("sharingConfig") or {}).get("mode")
+    return mode != SharingMode.OWNER or session.get("createdBy") == account.object_id
+
+
 def session_for(
     account: Account, session_id: Any, permission: Permission, *, team_id: ObjectId | None = None
 ) -> dict[str, Any]:
-    """The session, scoped to `team_id` (team routes) or to the account's teams, with the role checked."""
+    """The session, scoped to `team_id` (team routes) or to the account's teams, with the role checked; another
+    member's session of an `owner`-mode app is not found."""
     sid = parse_id(session_id, "session")
     if team_id is not None:
         session = sessions_repo.find_session(team_id, sid)
@@ -182,6 +189,10 @@ def session_for(
         session = sessions_repo.find_session_in_teams(account.team_ids, sid)
         if session is None:
             raise NotFound("No session with this id in your teams.")
+    if not may_see(account, session):
+        raise NotFound(
+            "No such session in this team." if team_id is not None else "No session with this id in your teams."
+        )
     _check_role(account, session["teamId"], permission)
     return session
 

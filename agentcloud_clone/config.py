@@ -137,6 +137,10 @@ class Config:
             "LOGIN_ADDRESS_RATE_LIMIT": os.environ.get("LOGIN_ADDRESS_RATE_LIMIT", "100 per minute"),
             "DEFAULT_RATE_LIMIT": os.environ.get("DEFAULT_RATE_LIMIT", "600 per minute"),
             "BULK_CANCEL_RATE_LIMIT": os.environ.get("BULK_CANCEL_RATE_LIMIT", "10 per minute"),
+            # The shared routes under /s/<team>/ (anyone holding a public app's link), per address: every request,
+            # and those that start a turn (which costs the team model tokens).
+            "SHARE_RATE_LIMIT": os.environ.get("SHARE_RATE_LIMIT", "300 per minute"),
+            "SHARE_START_RATE_LIMIT": os.environ.get("SHARE_START_RATE_LIMIT", "10 per minute"),
             "RATELIMIT_ENABLED": _env_bool("RATELIMIT_ENABLED", True),
             "RATELIMIT_HEADERS_ENABLED": True,
             # When Redis is unreachable the limiter keeps serving, counting in process memory meanwhile.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,8 +19,10 @@ from .vocabulary import (
     MAX_CANCEL_REASON,
     ON_BUSY,
     RUNNER_NAMES,
+    SHARING_MODES,
     STATUSES,
     OnBusy,
+    SharingMode,
     Status,
 )
 
@@ -139,11 +142,104 @@ class LimitsField(JsonObjectField):
         return {key: item for key, item in loaded.items() if item is not None}
 
 
+# A session's variables (Agentcloud's `variables`, set by the edit route): names safe as MongoDB keys and in
+# templates, and bounded so a session document stays small (it is read on every poll).
+VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,99}")
+MAX_VARIABLES = 50
+MAX_VARIABLE_CHARS = 10_000
+MAX_VARIABLES_TOTAL_CHARS = 100_000
+VARIABLE_NAME_RULE = "Names are 1 to 100 letters, digits, '_' or '-', starting with a letter or '_'."
+
+
+class VariablesField(JsonObjectField):
+    """An object of string → string (or JSON text of one, from HTML forms), within the bounds above."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> dict[str, Any]:
+        variables = super()._deserialize(value, attr, data, **kwargs)
+        if len(variables) > MAX_VARIABLES:
+            raise ValidationError(f"At most {MAX_VARIABLES} variables.")
+        problems: dict[str, list[str]] = {}
+        for name, text in variables.items():
+            shown = name[:100]
+            if not VARIABLE_NAME.fullmatch(name):
+                problems[shown] = [VARIABLE_NAME_RULE]
+            elif not isinstance(text, str):
+                problems[shown] = ["Must be a string."]
+            elif len(text) > MAX_VARIABLE_CHARS:
+                problems[shown] = [f"At most {MAX_VARIABLE_CHARS} characters."]
+        if problems:
+            raise ValidationError(problems)
+        if sum(len(text) for text in variables.values()) > MAX_VARIABLES_TOTAL_CHARS:
+            raise ValidationError(f"At most {MAX_VARIABLES_TOTAL_CHARS} characters in all.")
+        return dict(variables)
+
+
+class VariableNamesField(fields.List[str]):
+    """The variables an app needs before its sessions run (names as for VariablesField, each once)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        name = fields.String(validate=validate.Regexp(VARIABLE_NAME, error=VARIABLE_NAME_RULE))
+        super().__init__(name, validate=validate.Length(max=MAX_VARIABLES), **kwargs)
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> list[Any]:
+        if isinstance(value, str):  # an HTML form: names separated by commas
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        names = super()._deserialize(value, attr, data, **kwargs)
+        return list(dict.fromkeys(names))
+
+
+MAX_WHITELIST = 100
+
+
+class SharingConfigSchema(Strict):
+    """Agentcloud's `sharingConfig`: the mode, and for `whitelist` the accounts it names (ids or emails). Its
+    `permissions` object (account id → permission) is taken as more whitelist entries."""
+
+    mode = fields.String(required=True, validate=validate.OneOf(SHARING_MODES))
+    whitelist = fields.List(
+        fields.String(validate=validate.Length(min=1, max=320)),
+        load_default=list,
+        validate=validate.Length(max=MAX_WHITELIST),
+    )
+    permissions = fields.Dict(keys=fields.String(), load_default=dict, validate=validate.Length(max=MAX_WHITELIST))
+
+    @post_load
+    def _normalised(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        entries: list[Any] = []
+        problems: dict[str, list[str]] = {}
+        email = fields.Email()
+        for raw in [*data["whitelist"], *data["permissions"]]:
+            entry: Any = parse_object_id(raw)
+            if entry is None:
+                try:
+                    entry = email.deserialize(raw).strip().lower()
+                except ValidationError:
+                    problems[raw[:320]] = ["Must be an account id or an email address."]
+                    continue
+            if entry not in entries:
+                entries.append(entry)
+        if problems:
+            raise ValidationError({"whitelist": problems})
+        if len(entries) > MAX_WHITELIST:
+            raise ValidationError({"whitelist": [f"At most {MAX_WHITELIST} accounts."]})
+        return {"mode": data["mode"], "whitelist": entries}
+
+
+class SharingConfigField(JsonObjectField):
+    """`sharingConfig` given as an object (JSON clients) or as JSON text (HTML forms)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> dict[str, Any]:
+        loaded: dict[str, Any] = SharingConfigSchema().load(super()._deserialize(value, attr, data, **kwargs))
+        return loaded
+
+
 class AppCreateSchema(Strict):
     name = fields.String(required=True, validate=validate.Length(min=1, max=200))
     runner = fields.String(load_default="scripted", validate=validate.OneOf(RUNNER_NAMES))
     config = JsonObjectField(load_default=dict)
     limits = LimitsField(load_default=dict)
+    sharingConfig = SharingConfigField(load_default=None)
+    requiredVariables = VariableNamesField(load_default=list)
 
 
 class AppEditSchema(Strict):
@@ -151,6 +247,8 @@ class AppEditSchema(Strict):
     runner = fields.String(validate=validate.OneOf(RUNNER_NAMES))
     config = JsonObjectField()
     limits = LimitsField()
+    sharingConfig = SharingConfigField()
+    requiredVariables = VariableNamesField()
 
 
 class TeamEditSchema(Strict):
@@ -158,17 +256,78 @@ class TeamEditSchema(Strict):
     limits = LimitsField()
 
 
+CsrfEcho = fields.String(load_default=None, validate=validate.Length(max=500))
+
+
+def _one_app_id(data: dict[str, Any]) -> None:
+    """Agentcloud's client names the app `id`, its docs `appId`: either, or both when they are equal."""
+    ids = {data.pop(key) for key in ("appId", "id") if data.get(key) is not None}
+    if not ids:
+        raise ValidationError({"appId": ["Missing data for required field (`appId`, or Agentcloud's `id`)."]})
+    if len(ids) > 1:
+        raise ValidationError({"appId": ["`appId` and `id` name different apps; give one, or the same one."]})
+    data["appId"] = ids.pop()
+
+
+def _tidy_start(data: dict[str, Any]) -> dict[str, Any]:
+    data.pop("_csrf", None)
+    for key in ("name", "message"):
+        if isinstance(data.get(key), str) and not data[key].strip():
+            data[key] = None
+    return data
+
+
 class SessionCreateSchema(Strict):
-    appId = ObjectIdField(required=True)
+    """Start a session. Agentcloud's client sends `{id, skipRun?}` (and its `_csrf` and `resourceSlug`)."""
+
+    appId = ObjectIdField()
+    id = ObjectIdField()
     name = fields.String(load_default=None, validate=validate.Length(max=200))
     message = fields.String(load_default=None, validate=validate.Length(max=100_000))
+    # Create the session without running a turn; a first `message` is recorded and answered by `start`.
+    skipRun = fields.Boolean(load_default=False)
+    variables = VariablesField(load_default=None)
+    resourceSlug = ObjectIdField(load_default=None)
+    _csrf = CsrfEcho
 
     @post_load
-    def _blank_to_none(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        for key in ("name", "message"):
-            if isinstance(data.get(key), str) and not data[key].strip():
-                data[key] = None
-        return data
+    def _normalised(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        _one_app_id(data)
+        return _tidy_start(data)
+
+
+class SharedSessionCreateSchema(SessionCreateSchema):
+    """Start a session of a shared app: through its share link (`shareId`), or by `appId`/`id` for its team's
+    members and the accounts a whitelist names."""
+
+    shareId = fields.String(load_default=None, validate=validate.Length(min=1, max=200))
+
+    @post_load
+    def _normalised(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        if data["shareId"] is not None and data.get("appId") is None and data.get("id") is None:
+            data.pop("id", None)
+            data["appId"] = None
+        else:
+            _one_app_id(data)
+        return _tidy_start(data)
+
+
+class SessionIdsEcho(Strict):
+    """Agentcloud's UI repeats the path's ids (and its CSRF token) in the body; they must name the path's."""
+
+    sessionId = ObjectIdField(load_default=None)
+    resourceSlug = ObjectIdField(load_default=None)
+    _csrf = CsrfEcho
+
+
+class SessionEditSchema(SessionIdsEcho):
+    """Agentcloud's session edit: only `variables`, replaced as a whole."""
+
+    variables = VariablesField(required=True)
+
+
+class SessionStartSchema(SessionIdsEcho):
+    """Agentcloud's session start: nothing but the echoed ids."""
 
 
 class SendMessageSchema(Strict):
@@ -177,9 +336,11 @@ class SendMessageSchema(Strict):
     message = fields.String(validate=validate.Length(min=1, max=100_000))
     messageText = fields.String(validate=validate.Length(min=1, max=100_000))
     onBusy = fields.String(load_default=OnBusy.REJECT.value, validate=validate.OneOf(ON_BUSY))
+    _csrf = CsrfEcho
 
     @post_load
     def _one_message(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        data.pop("_csrf", None)
         texts = {data.pop(key) for key in ("message", "messageText") if key in data}
         if len(texts) != 1:
             message = "Give the message as `message` (or `messageText`), once."
@@ -245,11 +406,23 @@ class ApiKeyCreateSchema(Strict):
     name = fields.String(load_default="API key", validate=validate.Length(min=1, max=200))
 
 
+class CursorField(fields.Field[ObjectId | None]):
+    """A keyset cursor in a query string: an id, or Agentcloud's `null` for none."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> ObjectId | None:
+        if value == "null":
+            return None
+        oid = parse_object_id(value)
+        if oid is None:
+            raise ValidationError("Must be an id of 24 hexadecimal characters (or `null` for none).")
+        return oid
+
+
 class ListSessionsArgs(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    before = ObjectIdField(load_default=None)
+    before = CursorField(load_default=None)
     limit = QueryInteger(load_default=10, validate=validate.Range(min=1, max=100))
     status = fields.String(load_default=None, validate=validate.OneOf(STATUSES))
 
@@ -261,6 +434,18 @@ class ListEventsArgs(Schema):
     # MongoDB integers are 8 bytes; anything larger could never match and would not encode.
     after = QueryInteger(load_default=0, validate=validate.Range(min=0, max=2**63 - 1))
     limit = QueryInteger(load_default=500, validate=validate.Range(min=1, max=1000))
+
+
+class MessagesArgs(ListEventsArgs):
+    """Agentcloud's transcript polling: `?messageId=<id>` (a transcript event's `_id`) as well as `?after=<seq>`."""
+
+    messageId = ObjectIdField(load_default=None)
+
+    @post_load(pass_original=True)
+    def _one_cursor(self, data: dict[str, Any], original: Any, **kwargs: Any) -> dict[str, Any]:
+        if data["messageId"] is not None and "after" in (original or {}):
+            raise ValidationError({"messageId": ["Give one cursor: `after` or `messageId`."]})
+        return data
 
 
 # --- runner settings --------------------------------------------------------------------------------------
@@ -358,6 +543,38 @@ class SessionOut(Out):
     deadline = fields.DateTime(allow_none=True)
     queued = fields.Boolean(dump_default=False)
     queuedMessages = fields.Integer(dump_default=0)
+    variables = fields.Dict(dump_default=dict)
+    # Variables the app needs that the session does not have yet (no turn runs until they are set).
+    needsVariables = fields.List(fields.String(), dump_default=list)
+    # A message was recorded without a turn (skipRun, or variables needed first); `start` answers it.
+    pendingMessage = fields.Boolean(dump_default=False)
+
+
+# What the shared routes show: the conversation and its state, nothing about the team (who its members are, the
+# app's limits) that a visitor from outside it has no business seeing.
+SHARED_SESSION_FIELDS = (
+    "_id",
+    "teamId",
+    "appId",
+    "name",
+    "status",
+    "endReason",
+    "cancelling",
+    "turnInFlight",
+    "startDate",
+    "lastUpdatedDate",
+    "endedAt",
+    "cancelledAt",
+    "tokensUsed",
+    "previewLabel",
+    "sharingConfig",
+    "lastSeq",
+    "queued",
+    "queuedMessages",
+    "variables",
+    "needsVariables",
+    "pendingMessage",
+)
 
 
 class ActorOut(Out):
@@ -408,6 +625,24 @@ class AppOut(Out):
     createdBy = ObjectIdField(allow_none=True)
     createdAt = fields.DateTime()
     updatedAt = fields.DateTime()
+    sharingConfig = fields.Method("_sharing")
+    # That a share link exists and since when; the link itself is shown once, when it is made.
+    shareLink = fields.Method("_share_link")
+    requiredVariables = fields.List(fields.String(), dump_default=list)
+
+    def _sharing(self, obj: dict[str, Any]) -> dict[str, Any]:
+        sharing = obj.get("sharingConfig") or {}
+        return {
+            "mode": sharing.get("mode", SharingMode.TEAM),
+            "whitelist": [str(entry) for entry in sharing.get("whitelist") or []],
+        }
+
+    def _share_link(self, obj: dict[str, Any]) -> dict[str, Any] | None:
+        link = obj.get("shareLink")
+        if not link:
+            return None
+        created = link.get("createdAt")
+        return {"createdAt": created.isoformat() if isinstance(created, datetime) else created}
 
     def _config(self, obj: dict[str, Any]) -> dict[str, Any]:
         # An upstream API key is a secret: say that one is set, never what it is.
@@ -489,6 +724,8 @@ class DeliveryOut(Out):
 session_out = SessionOut()
 endpoint_out = EndpointOut()
 delivery_out = DeliveryOut()
+shared_session_out = SessionOut(only=SHARED_SESSION_FIELDS)
+shared_event_out = EventOut(exclude=("by",))
 operation_out = OperationOut()
 member_out = MemberOut()
 event_out = EventOut()

@@ -61,6 +61,7 @@ class CancelSource(StrEnum):
     MANAGED_API = "managed-api"
     BULK = "bulk"
     LIMIT = "limit"
+    SHARE = "share"  # the shared session routes under /s/<resourceSlug>/
 
 
 CANCEL_SOURCES: tuple[str, ...] = tuple(s.value for s in CancelSource)
@@ -72,6 +73,7 @@ class ActorKind(StrEnum):
     ACCOUNT = "account"
     API_KEY = "apiKey"
     SYSTEM = "system"
+    VISITOR = "visitor"  # someone outside the team using a public app's share link
 
 
 class EventType(StrEnum):
@@ -119,3 +121,17 @@ class Runner(StrEnum):
 
 RUNNER_NAMES: tuple[str, ...] = tuple(r.value for r in Runner)
 MAX_CANCEL_REASON = 500
+
+
+class SharingMode(StrEnum):
+    """Who may use an app's sessions (Agentcloud's `sharingConfig.mode`)."""
+
+    TEAM = "team"  # the team's members, by role (the default)
+    PUBLIC = "public"  # also anyone holding the app's share link, each visitor only their own sessions
+    OWNER = "owner"  # each session only its creator (Agentcloud's "private")
+    WHITELIST = "whitelist"  # also the accounts the app names, each only their own sessions
+
+
+SHARING_MODES: tuple[str, ...] = tuple(m.value for m in SharingMode)
+# Modes whose apps have a share link (`/s/<resourceSlug>/app_<64 hex>`).
+LINK_MODES: tuple[str, ...] = (SharingMode.PUBLIC, SharingMode.WHITELIST)

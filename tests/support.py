@@ -15,6 +15,7 @@ from flask.testing import FlaskClient
 
 from agentcloud_clone.access import Account
 from agentcloud_clone.repositories.accounts import find_account, find_team
+from agentcloud_clone.schemas import SharingConfigSchema
 from agentcloud_clone.services import accounts as accounts_service
 from agentcloud_clone.services import apps as apps_service
 from agentcloud_clone.services import sessions as sessions_service
@@ -107,21 +108,56 @@ class Factory:
         return User(email, str(account["_id"]), str(team["_id"]), role, api_key=key)
 
     def app_record(
-        self, team_id: str, runner: str = "scripted", *, limits: dict[str, Any] | None = None, **config: Any
+        self,
+        team_id: str,
+        runner: str = "scripted",
+        *,
+        limits: dict[str, Any] | None = None,
+        sharing: dict[str, Any] | None = None,
+        required_variables: list[str] | None = None,
+        **config: Any,
     ) -> str:
+        return str(
+            self.shared_app(
+                team_id, runner, limits=limits, sharing=sharing, required_variables=required_variables, **config
+            )["_id"]
+        )
+
+    def shared_app(
+        self,
+        team_id: str,
+        runner: str = "scripted",
+        *,
+        limits: dict[str, Any] | None = None,
+        sharing: dict[str, Any] | None = None,
+        required_variables: list[str] | None = None,
+        **config: Any,
+    ) -> dict[str, Any]:
+        """An app as the service stores it (with `shareId`, its share link, when its mode has one)."""
         with self.app.app_context():
             team = find_team(ObjectId(team_id))
             assert team is not None
             settings = config or {"steps": 3, "stepDelay": 0.01}
             name = f"app-{uuid.uuid4().hex[:6]}"
-            return str(apps_service.create_app_record(team, name, runner, settings, None, limits)["_id"])
+            if sharing is not None:
+                sharing = SharingConfigSchema().load(sharing)  # as the app routes take it
+            return apps_service.create_app_record(
+                team,
+                name,
+                runner,
+                settings,
+                None,
+                limits,
+                sharing_config=sharing,
+                required_variables=required_variables,
+            )
 
-    def session(self, user: User, app_id: str, message: str | None = None) -> dict[str, Any]:
-        """A session started by `user`, as the API would start it."""
+    def session(self, user: User, app_id: str, message: str | None = None, **options: Any) -> dict[str, Any]:
+        """A session started by `user`, as the API would start it (`options`: skip_run, variables)."""
         with self.app.app_context():
             team = find_team(user.team_oid)
             app = apps_service.get_app(user.team_oid, ObjectId(app_id))
-            return sessions_service.create_session(team, self.actor(user), app, None, message)
+            return sessions_service.create_session(team, self.actor(user), app, None, message, **options)
 
     def actor(self, user: User) -> Any:
         with self.app.app_context():

@@ -8,7 +8,8 @@ the handle is set, so a runner that ignores it only wastes its own work).
 User-supplied runners (`python`): an app with runner `python` and config
 `{"callable": "package.module:function", "options": {...}}` calls `function(ctx)`, for callables in the
 modules the operator allows (PYTHON_RUNNER_MODULES). It gets the same `TurnContext` (the user's message in
-`ctx.user_message`, earlier turns in `ctx.history`, its options in `ctx.options`) and yields strings or
+`ctx.user_message`, earlier turns in `ctx.history`, its options in `ctx.options`, the session's variables in
+`ctx.variables`, with `ctx.fill(text)` for `{{name}}` placeholders) and yields strings or
 `Piece(text, tokens)`. Setting `ctx.end_session = True` ends the session after the turn instead of waiting
 for the next message.
 
@@ -19,6 +20,7 @@ The context holds no secrets: the upstream key of an `openai` app is handed to t
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,11 +49,20 @@ class TurnContext:
     cancel: CancelHandle
     turn_number: int
     end_session: bool = False
+    # The session's variables (Agentcloud's, set with the edit route), as they were when the turn started.
+    variables: dict[str, str] = field(default_factory=dict)
 
     @property
     def options(self) -> dict[str, Any]:
         options: dict[str, Any] = (self.app.get("config") or {}).get("options", {})
         return options
+
+    def fill(self, text: str) -> str:
+        """`text` with each `{{name}}` replaced by the session's variable of that name (unknown ones are kept)."""
+        return PLACEHOLDER.sub(lambda found: self.variables.get(found[1], found[0]), text)
+
+
+PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_-]*)\s*\}\}")
 
 
 @dataclass(frozen=True)
@@ -75,7 +86,7 @@ def scripted(ctx: TurnContext, grant: TurnGrant) -> Iterator[Piece]:
     """The deterministic demo and test agent: `steps` pieces, `stepDelay` seconds apart."""
     config = ctx.app.get("config") or {}
     steps, delay = int(config.get("steps", 8)), float(config.get("stepDelay", 0.25))
-    reply = config.get("reply") or f"Turn {ctx.turn_number}: working on “{ctx.user_message[:60]}”."
+    reply = ctx.fill(config.get("reply") or f"Turn {ctx.turn_number}: working on “{ctx.user_message[:60]}”.")
     words = reply.split()
     for step in range(1, steps + 1):
         if delay and ctx.cancel.wait(delay):
@@ -102,7 +113,7 @@ def openai_chat(ctx: TurnContext, grant: TurnGrant) -> Iterator[Piece]:
     )
     messages: list[dict[str, str]] = []
     if config.get("systemPrompt"):
-        messages.append({"role": "system", "content": config["systemPrompt"]})
+        messages.append({"role": "system", "content": ctx.fill(config["systemPrompt"])})
     messages.extend(ctx.history)
     messages.append({"role": "user", "content": ctx.user_message})
     kwargs: dict[str, Any] = {"model": config["model"], "messages": messages, "stream": True}

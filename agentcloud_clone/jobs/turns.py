@@ -204,6 +204,7 @@ def run_turn(team_id: str, session_id: str, turn_id: str) -> dict[str, Any]:
             history=history,
             cancel=cancel,
             turn_number=number,
+            variables=dict(session.get("variables") or {}),
         )
         writer = OutputWriter(
             session, turn, float(config["OUTPUT_FLUSH_INTERVAL"]), int(config["TURN_MAX_OUTPUT_CHARS"]), cancel

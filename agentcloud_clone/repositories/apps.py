@@ -18,10 +18,12 @@ def insert_app(
     config: dict[str, Any],
     created_by: ObjectId | None,
     limits: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Store a new app in the team."""
+    """Store a new app in the team (`extra`: its sharing settings and the variables it needs)."""
     now = utcnow()
     doc = {
+        **(extra or {}),
         "orgId": team["orgId"],
         "teamId": team["_id"],
         "name": name,
@@ -39,6 +41,17 @@ def insert_app(
 def find_app(team_id: ObjectId, app_id: ObjectId) -> dict[str, Any] | None:
     """The app, only if it belongs to the team."""
     return get_db().apps.find_one({"_id": app_id, "teamId": team_id})
+
+
+def find_app_by_share_link(team_id: ObjectId, link_hash: str) -> dict[str, Any] | None:
+    """The team's app whose current share link has this hash (served by the `(teamId, _id)` index)."""
+    return get_db().apps.find_one({"teamId": team_id, "shareLink.hash": link_hash})
+
+
+def sharing_mode(team_id: ObjectId, app_id: ObjectId) -> str | None:
+    """The app's sharing mode as stored now (None: the app has no `sharingConfig`, or is gone)."""
+    found = get_db().apps.find_one({"_id": app_id, "teamId": team_id}, {"sharingConfig.mode": 1})
+    return ((found or {}).get("sharingConfig") or {}).get("mode")
 
 
 def list_apps(team_id: ObjectId) -> list[dict[str, Any]]:

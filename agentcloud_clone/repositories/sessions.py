@@ -8,6 +8,7 @@ before the delete still finds its session when its insert lands, so no event eve
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,7 +17,7 @@ from pymongo import ReturnDocument
 
 from ..db import chunked, get_db
 from ..timeutil import utcnow
-from ..vocabulary import ENDED_STATUSES, LIVE_STATUSES, Status
+from ..vocabulary import ENDED_STATUSES, LIVE_STATUSES, SharingMode, Status
 
 NOT_CANCELLED: dict[str, Any] = {"cancelledAt": {"$exists": False}}
 NOT_DELETED: dict[str, Any] = {"deletedAt": {"$exists": False}}
@@ -32,13 +33,42 @@ def before(when: datetime) -> dict[str, Any]:
     return {"$gt": EPOCH, "$lt": when}
 
 
-# A session's team, or one of several teams (the managed-agents API acts across the caller's teams).
-TeamScope = ObjectId | list[ObjectId]
+@dataclass(frozen=True)
+class Visible:
+    """A team scope as one account sees it: a session of an `owner`-mode app only when the account created it."""
+
+    teams: ObjectId | list[ObjectId]
+    viewer: ObjectId
+
+
+# A session's team, or one of several teams (the managed-agents API acts across the caller's teams), optionally
+# as one account sees them.
+TeamScope = ObjectId | list[ObjectId] | Visible
+
+
+def visible_to(viewer: ObjectId) -> dict[str, Any]:
+    """The sessions `viewer` may see among its teams': all but other people's sessions of `owner`-mode apps."""
+    return {"$or": [{"sharingConfig.mode": {"$ne": SharingMode.OWNER}}, {"createdBy": viewer}]}
 
 
 def in_scope(scope: TeamScope) -> Any:
     """The `teamId` filter of a scope."""
+    if isinstance(scope, Visible):
+        return in_scope(scope.teams)
     return {"$in": list(scope)} if isinstance(scope, list) else scope
+
+
+def scope_filter(scope: TeamScope) -> dict[str, Any]:
+    """The filter of a scope: its team(s), and what its viewer may see."""
+    found: dict[str, Any] = {"teamId": in_scope(scope)}
+    if isinstance(scope, Visible):
+        found.update(visible_to(scope.viewer))
+    return found
+
+
+def _empty(scope: TeamScope) -> bool:
+    teams = scope.teams if isinstance(scope, Visible) else scope
+    return isinstance(teams, list) and not teams
 
 
 def _applied(
@@ -99,17 +129,26 @@ def find_session(
 
 
 def find_session_in_teams(scope: TeamScope, session_id: ObjectId) -> dict[str, Any] | None:
-    """The session, only if it belongs to the team (or one of the teams) and is not deleted."""
-    if isinstance(scope, list) and not scope:
+    """The session, only if it belongs to the team (or one of the teams), is not deleted, and (for a `Visible`
+    scope) its viewer may see it."""
+    if _empty(scope):
         return None
-    return get_db().sessions.find_one({"_id": session_id, "teamId": in_scope(scope), **NOT_DELETED})
+    return get_db().sessions.find_one({"_id": session_id, **scope_filter(scope), **NOT_DELETED})
 
 
 def list_sessions(
-    team_ids: list[ObjectId], *, before: ObjectId | None, limit: int, status: str | None = None
+    team_ids: list[ObjectId],
+    *,
+    before: ObjectId | None,
+    limit: int,
+    status: str | None = None,
+    viewer: ObjectId | None = None,
 ) -> list[dict[str, Any]]:
-    """Newest first, keyset-paginated on `_id`; served by the `(teamId, [status,] _id)` indexes."""
+    """Newest first, keyset-paginated on `_id`; served by the `(teamId, [status,] _id)` indexes. With a `viewer`,
+    only the sessions it may see."""
     query: dict[str, Any] = {"teamId": team_ids[0] if len(team_ids) == 1 else in_scope(team_ids), **NOT_DELETED}
+    if viewer is not None:
+        query.update(visible_to(viewer))
     if status:
         query["status"] = status
     if before is not None:
@@ -154,7 +193,7 @@ def append_events(
     if pop:
         update["$pop"] = pop
     before = get_db().sessions.find_one_and_update(
-        {"_id": session_id, "teamId": in_scope(scope), **NOT_DELETED, **LIVE, **where},
+        {"_id": session_id, **scope_filter(scope), **NOT_DELETED, **LIVE, **where},
         update,
         projection={**projection, "teamId": 1, "eventSeq": 1} if projection else None,
         return_document=ReturnDocument.BEFORE,
@@ -196,6 +235,28 @@ def list_events(session_id: ObjectId, *, after: int, limit: int) -> list[dict[st
     """Transcript events with `seq > after`, oldest first; served by the `(sessionId, seq)` index."""
     cursor = get_db().session_events.find({"sessionId": session_id, "seq": {"$gt": after}}).sort("seq", 1)
     return list(cursor.limit(limit))
+
+
+def event_seq(session_id: ObjectId, event_id: ObjectId) -> int | None:
+    """The `seq` of one of the session's transcript events (an `_id` lookup), or None when it has no such event."""
+    found = get_db().session_events.find_one({"_id": event_id, "sessionId": session_id}, {"seq": 1})
+    return None if found is None else int(found["seq"])
+
+
+def release_started_turn(team_id: ObjectId, session_id: ObjectId, turn_id: ObjectId, pending: bool) -> bool:
+    """Give back a turn `start` reserved but could not queue (its message, if any, waits again); False when
+    something else happened to the session meanwhile."""
+    done = get_db().sessions.find_one_and_update(
+        {"_id": session_id, "teamId": team_id, "activeTurnId": turn_id, **NOT_DELETED, **LIVE},
+        {"$set": {"activeTurnId": None, "turnQueuedAt": None, "pendingTurnId": turn_id if pending else None}},
+        projection={"_id": 1},
+    )
+    return done is not None
+
+
+def set_sharing_mode(team_id: ObjectId, app_id: ObjectId, mode: str) -> None:
+    """Copy an app's sharing mode onto its sessions, which lists and loaders filter by."""
+    get_db().sessions.update_many({"teamId": team_id, "appId": app_id}, {"$set": {"sharingConfig.mode": mode}})
 
 
 def recent_events(session_id: ObjectId, limit: int) -> list[dict[str, Any]]:
@@ -248,7 +309,7 @@ def tombstone_ended_session(scope: TeamScope, session_id: ObjectId) -> bool:
     on its way lands on a session that still exists and is purged with it."""
     db = get_db()
     done = db.sessions.find_one_and_update(
-        {"_id": session_id, "teamId": in_scope(scope), **ENDED, **NOT_DELETED},
+        {"_id": session_id, **scope_filter(scope), **ENDED, **NOT_DELETED},
         {"$set": {"deletedAt": utcnow()}},
         projection={"_id": 1},
     )

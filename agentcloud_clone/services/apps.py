@@ -14,7 +14,8 @@ from ..errors import Conflict, InvalidInput, NotFound
 from ..repositories import apps as repo
 from ..repositories import sessions as sessions_repo
 from ..schemas import MASKED_SECRET, validate_runner_config
-from ..vocabulary import RUNNER_NAMES, Runner
+from ..vocabulary import LINK_MODES, RUNNER_NAMES, Runner, SharingMode
+from . import sharing
 
 
 def _checked_config(runner: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -57,9 +58,20 @@ def create_app_record(
     config: dict[str, Any],
     created_by: ObjectId | None,
     limits: dict[str, Any] | None = None,
+    *,
+    sharing_config: dict[str, Any] | None = None,
+    required_variables: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Store an app whose runner settings passed validation (limits are validated by the caller's schema)."""
-    return repo.insert_app(team, name, runner, _checked_config(runner, config), created_by, limits)
+    """Store an app whose runner settings passed validation (limits, sharing and variables are validated by the
+    caller's schema). An app shared by link (public, whitelist) gets one: the returned app carries its
+    `shareId` this once; only its hash is stored."""
+    sharing_config = sharing_config or {"mode": SharingMode.TEAM, "whitelist": []}
+    extra: dict[str, Any] = {"sharingConfig": sharing_config, "requiredVariables": list(required_variables or [])}
+    share_id = None
+    if sharing_config["mode"] in LINK_MODES:
+        extra["shareLink"], share_id = sharing.new_share_link()
+    app = repo.insert_app(team, name, runner, _checked_config(runner, config), created_by, limits, extra)
+    return {**app, "shareId": share_id} if share_id else app
 
 
 def get_app(team_id: ObjectId, app_id: ObjectId) -> dict[str, Any]:
@@ -100,10 +112,33 @@ def edit_app(team_id: ObjectId, app_id: ObjectId, changes: dict[str, Any]) -> di
             if "runner" not in changes and any(_fits(other, config) for other in RUNNER_NAMES if other != runner):
                 raise Conflict(f"These settings are not for this app's runner ({runner}); name the runner.") from None
             raise
+    share_id = None
+    old_mode, new_mode = sharing.mode_of(current), sharing.mode_of({"sharingConfig": changes.get("sharingConfig")})
+    mode_changed = "sharingConfig" in changes and new_mode is not old_mode
+    if mode_changed:
+        # A new mode ends every use of the old link (and the visitor access it gave); link modes get a new one.
+        changes["shareLink"] = None
+        if new_mode in LINK_MODES:
+            changes["shareLink"], share_id = sharing.new_share_link()
     updated = repo.update_app(team_id, app_id, changes)
     if updated is None:
         raise NotFound("No such app in this team.")
-    return updated
+    if mode_changed:
+        sessions_repo.set_sharing_mode(team_id, app_id, new_mode)
+    return {**updated, "shareId": share_id} if share_id else updated
+
+
+def renew_share_link(team_id: ObjectId, app_id: ObjectId) -> tuple[dict[str, Any], str]:
+    """Replace the app's share link: the old one stops working at once, and so does the access of the visitors
+    who came through it. Conflict for an app that is not shared by link."""
+    current = get_app(team_id, app_id)
+    if sharing.mode_of(current) not in LINK_MODES:
+        raise Conflict("Only public and whitelist apps have a share link; set the app's sharingConfig.mode first.")
+    link, share_id = sharing.new_share_link()
+    updated = repo.update_app(team_id, app_id, {"shareLink": link})
+    if updated is None:
+        raise NotFound("No such app in this team.")
+    return updated, share_id
 
 
 def delete_app(team_id: ObjectId, app_id: ObjectId) -> None:

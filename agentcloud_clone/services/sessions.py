@@ -21,18 +21,21 @@ from redis import RedisError
 from .. import notices, queueing
 from ..access import SYSTEM, Actor
 from ..errors import Conflict, NotFound, Unavailable
+from ..repositories import apps as apps_repo
 from ..repositories import sessions as repo
-from ..repositories.sessions import NOT_CANCELLED, TeamScope
+from ..repositories.sessions import NOT_CANCELLED, TeamScope, Visible
 from ..timeutil import utcnow
 from ..vocabulary import (
     CLAIMABLE_STATUSES,
     ENDED_STATUSES,
     MAX_QUEUED_TURNS,
+    SHARING_MODES,
     STATUS_FOR_END,
     CancelSource,
     EndReason,
     EventType,
     OnBusy,
+    SharingMode,
     Status,
 )
 from . import webhooks
@@ -81,16 +84,52 @@ def state_of(session: dict[str, Any]) -> dict[str, Any]:
         "turnInFlight": in_flight,
         "queued": in_flight and session.get("status") in CLAIMABLE_STATUSES,
         "queuedMessages": len(session.get("queuedTurns") or []),
+        "needsVariables": missing_variables(session) if live else [],
+        "pendingMessage": live and session.get("pendingTurnId") is not None,
     }
 
 
+def missing_variables(session: dict[str, Any]) -> list[str]:
+    """The variables the session's app needs that the session does not have yet."""
+    have = session.get("variables") or {}
+    return [name for name in session.get("requiredVariables") or [] if name not in have]
+
+
+def sharing_mode(app: dict[str, Any] | None) -> SharingMode:
+    """An app's sharing mode (`team` when it has none, or is gone)."""
+    return _mode(((app or {}).get("sharingConfig") or {}).get("mode"))
+
+
+def _mode(value: Any) -> SharingMode:
+    return SharingMode(value) if value in SHARING_MODES else SharingMode.TEAM
+
+
 def list_sessions_page(
-    team_ids: list[ObjectId], before: ObjectId | None, limit: int, status: str | None
+    team_ids: list[ObjectId],
+    before: ObjectId | None,
+    limit: int,
+    status: str | None,
+    viewer: ObjectId | None = None,
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """One page of sessions, newest first, and the `before` cursor of the next page (None on the last)."""
-    page = repo.list_sessions(team_ids, before=before, limit=limit + 1, status=status)
+    """One page of sessions, newest first, and the `before` cursor of the next page (None on the last); with a
+    `viewer`, only those it may see (other people's sessions of `owner`-mode apps are not)."""
+    page = repo.list_sessions(team_ids, before=before, limit=limit + 1, status=status, viewer=viewer)
     next_before = str(page[limit - 1]["_id"]) if len(page) > limit else None
     return page[:limit], next_before
+
+
+def events_after(
+    session_id: ObjectId, after: int, limit: int, *, after_event: ObjectId | None = None
+) -> tuple[list[dict[str, Any]], int]:
+    """Transcript events after a cursor, oldest first, and the `seq` the page starts after: `after` (a `seq`), or
+    `after_event` (an event's `_id`, Agentcloud's `messageId`), resolved to its `seq` with one `_id` lookup scoped
+    to the session; NotFound when the session has no such event. Both use the `(sessionId, seq)` index."""
+    if after_event is not None:
+        seq = repo.event_seq(session_id, after_event)
+        if seq is None:
+            raise NotFound("No message with this id in this session (messageId names one of its transcript events).")
+        after = seq
+    return repo.list_events(session_id, after=after, limit=limit), after
 
 
 def transcript_is_final(session: dict[str, Any], last_seq_read: int) -> bool:
@@ -139,8 +178,15 @@ def _deadline(limits: dict[str, Any], phase: str, now: datetime) -> dict[str, An
 
 
 def _queued(turn_id: ObjectId, limits: dict[str, Any], now: datetime) -> dict[str, Any]:
-    """The fields of a turn that waits for a worker."""
-    return {"activeTurnId": turn_id, "turnQueuedAt": now, "interruptTurnId": None, **_deadline(limits, "queued", now)}
+    """The fields of a turn that waits for a worker (a message still waiting for `start` is superseded: it is
+    history for this turn)."""
+    return {
+        "activeTurnId": turn_id,
+        "turnQueuedAt": now,
+        "interruptTurnId": None,
+        "pendingTurnId": None,
+        **_deadline(limits, "queued", now),
+    }
 
 
 # --- starting work -------------------------------------------------------------------------------------------
@@ -164,15 +210,32 @@ def _enqueue(session_id: ObjectId, team_id: ObjectId, turn_id: ObjectId) -> None
 
 
 def create_session(
-    team: dict[str, Any], actor: Actor, app: dict[str, Any], name: str | None, message: str | None
+    team: dict[str, Any],
+    actor: Actor,
+    app: dict[str, Any],
+    name: str | None,
+    message: str | None,
+    *,
+    skip_run: bool = False,
+    variables: dict[str, str] | None = None,
+    share: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A new `started` session from the team's app; with a first message, its first turn is queued.
+
+    With `skip_run` (Agentcloud's `skipRun`), or while the app needs variables the session lacks, no turn is
+    queued: a first message is recorded as pending and `start_session` answers it. `share` records how a
+    visitor from outside the team may reach the session (services.sharing). The session takes the app's sharing
+    mode, which lists and loaders filter by.
 
     When the turn cannot be queued the session is removed again and Unavailable raised: an error answer
     leaves nothing behind."""
     now = utcnow()
+    variables = dict(variables or {})
+    required = list(app.get("requiredVariables") or [])
     turn_id = ObjectId() if message else None
+    run_now = turn_id is not None and not skip_run and all(name in variables for name in required)
     limits = effective_limits(team, app)
+    mode = sharing_mode(app)
     doc: dict[str, Any] = {
         "orgId": team["orgId"],
         "teamId": team["_id"],
@@ -183,15 +246,24 @@ def create_session(
         "lastUpdatedDate": now,
         "tokensUsed": 0,
         "previewLabel": (message or "")[:80] or None,
-        "sharingConfig": {"mode": "team"},
+        "sharingConfig": {"mode": str(mode)},
         "createdBy": actor.account_id,
         "limits": limits,
         "queuedTurns": [],
-        **(_queued(turn_id, limits, now) if turn_id else {"activeTurnId": None, **_deadline(limits, "idle", now)}),
+        "variables": variables,
+        "requiredVariables": required,
+        **(
+            _queued(turn_id, limits, now)
+            if run_now and turn_id
+            else {"activeTurnId": None, "pendingTurnId": turn_id, **_deadline(limits, "idle", now)}
+        ),
     }
+    if share:
+        doc["share"] = share
     events = [_message_event(message, turn_id, actor)] if message and turn_id else []
     session = repo.insert_session(doc, events)
-    if turn_id is not None:
+    _follow_sharing_mode(session, mode)
+    if run_now and turn_id is not None:
         try:
             _enqueue(session["_id"], team["_id"], turn_id)
         except RedisError:
@@ -201,19 +273,88 @@ def create_session(
     return session
 
 
+def _follow_sharing_mode(session: dict[str, Any], mode: SharingMode) -> None:
+    """An admin may change the app's mode while the session is being created: the change is copied onto the
+    app's sessions (services.apps) after it is stored, and read again here after the insert, so whichever
+    comes second leaves the session with the app's current mode."""
+    current = _mode(apps_repo.sharing_mode(session["teamId"], session["appId"]))
+    if current is not mode:
+        repo.set_sharing_mode(session["teamId"], session["appId"], current)
+        session["sharingConfig"] = {"mode": str(current)}
+
+
+def start_session(team_id: ObjectId, session_id: ObjectId) -> dict[str, Any]:
+    """Run a turn for a session that has none in flight (Agentcloud's `start`): the turn answers the message
+    recorded without one (skipRun, or variables needed first), or runs on the session's variables alone.
+
+    Conflict when the session has ended, a turn is already queued or running, or variables the app needs are
+    missing. When the turn cannot be queued nothing changes and Unavailable is raised."""
+    for _ in range(RETRIES):
+        current = get_session(team_id, session_id)
+        if is_ended(current) or current.get("cancelledAt"):
+            raise Conflict("This session has ended; start a new one.")
+        if current.get("activeTurnId") is not None:
+            raise Conflict("A turn is already in flight; wait for it, or cancel it.")
+        missing = missing_variables(current)
+        if missing:
+            raise Conflict(f"Set the session's variables first: {', '.join(missing)}.")
+        pending = current.get("pendingTurnId")
+        turn_id = pending or ObjectId()
+        written = repo.append_events(
+            team_id,
+            session_id,
+            [],
+            where={"activeTurnId": None, "pendingTurnId": pending, **NOT_CANCELLED},
+            set_fields=_queued(turn_id, current.get("limits") or {}, utcnow()),
+        )
+        if written is None:
+            continue  # a message or another start got there first: look again
+        try:
+            _enqueue(session_id, team_id, turn_id)
+        except RedisError:
+            repo.release_started_turn(team_id, session_id, turn_id, pending is not None)
+            raise Unavailable(QUEUE_DOWN) from None
+        return written[1]
+    raise Conflict("The session changed while it was being started; try again.")
+
+
+def set_variables(team_id: ObjectId, session_id: ObjectId, variables: dict[str, str]) -> dict[str, Any]:
+    """Replace the session's variables (Agentcloud's edit); the next turn's runner sees them. Conflict once the
+    session has ended."""
+    updated = repo.update_session(
+        team_id,
+        session_id,
+        dict(NOT_CANCELLED),
+        {"$set": {"variables": dict(variables), "lastUpdatedDate": utcnow()}},
+    )
+    if updated is not None:
+        return updated
+    get_session(team_id, session_id)
+    raise Conflict("This session has ended; its variables can no longer change.")
+
+
 def send_message(
-    team_id: ObjectId, session_id: ObjectId, actor: Actor, text: str, on_busy: OnBusy = OnBusy.REJECT
+    team_id: ObjectId,
+    session_id: ObjectId,
+    actor: Actor,
+    text: str,
+    on_busy: OnBusy = OnBusy.REJECT,
+    *,
+    viewer: ObjectId | None = None,
 ) -> dict[str, Any]:
     """Record a message and queue the turn that answers it. With a turn in flight, `on_busy` decides: reject
     (Conflict), enqueue (it runs after the current turn), or interrupt (the current turn is stopped, its
     output kept and marked interrupted, and this one runs next).
 
-    Conflict when the session has ended. When a turn cannot be queued the message is taken back and
-    Unavailable raised."""
+    Conflict when the session has ended or still needs variables. When a turn cannot be queued the message is
+    taken back and Unavailable raised. With a `viewer`, a session it may not see is not found."""
     for _ in range(RETRIES):
-        current = get_session(team_id, session_id)
+        current = get_session(team_id if viewer is None else Visible(team_id, viewer), session_id)
         if is_ended(current) or current.get("cancelledAt"):
             raise Conflict("This session has ended; start a new one.")
+        missing = missing_variables(current)
+        if missing:
+            raise Conflict(f"Set the session's variables first: {', '.join(missing)}.")
         now, turn_id = utcnow(), ObjectId()
         limits = current.get("limits") or {}
         active = current.get("activeTurnId")

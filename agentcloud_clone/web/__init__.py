@@ -16,13 +16,14 @@ from . import (
     probes,
     ratelimits,
     sessions,
+    share,
     streams,
     teams,
     webhooks,
 )
 from .parsing import BoundedJSONProvider, ItemIdConverter
 
-BLUEPRINTS = (account, apps, sessions, streams, managed_agents, teams, webhooks, pages, probes, docs)
+BLUEPRINTS = (account, apps, sessions, streams, share, managed_agents, teams, webhooks, pages, probes, docs)
 
 
 def init_app(app: Flask) -> None:

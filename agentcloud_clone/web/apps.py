@@ -12,6 +12,7 @@ from ..repositories import apps as apps_repo
 from ..schemas import AppCreateSchema, AppEditSchema, app_out
 from ..services import accounts as accounts_service
 from ..services import apps as service
+from ..services import sharing
 from .parsing import csrf_field, load_body
 from .responses import redirect_or_json
 
@@ -41,18 +42,55 @@ def add_app(team_id: ObjectId) -> Any:
     team = accounts_service.get_team(team_id)
     account = current_account()
     app = service.create_app_record(
-        team, data["name"], data["runner"], data["config"], account.object_id, data["limits"]
+        team,
+        data["name"],
+        data["runner"],
+        data["config"],
+        account.object_id,
+        data["limits"],
+        sharing_config=data["sharingConfig"],
+        required_variables=data["requiredVariables"],
     )
-    return redirect_or_json(f"/{team_id}/apps", flash_message="App created.", _id=str(app["_id"]))
+    return redirect_or_json(
+        f"/{team_id}/apps", flash_message=_saved("App created.", app), _id=str(app["_id"]), **_link_fields(app)
+    )
+
+
+def _link_fields(app: dict[str, Any]) -> dict[str, str]:
+    """A share link made just now (`shareId`, and the path it opens), shown this once."""
+    share_id = app.get("shareId")
+    return {"shareId": share_id, "shareLink": sharing.share_path(app["teamId"], share_id)} if share_id else {}
+
+
+def _saved(message: str, app: dict[str, Any]) -> str:
+    link = _link_fields(app).get("shareLink")
+    return f"{message} Its share link, shown only now: {link}" if link else message
 
 
 @bp.post("/<resourceSlug>/forms/app/<appId>/edit")
 @require_team(Permission.APP_MANAGE)
 def edit_app(team_id: ObjectId, appId: str) -> Any:
-    """Change an app's name, runner or settings."""
+    """Change an app's name, runner, settings, sharing or the variables it needs; a new sharing mode replaces the
+    share link."""
     aid = parse_id(appId, "app")
-    service.edit_app(team_id, aid, load_body(AppEditSchema()))
-    return redirect_or_json(f"/{team_id}/apps", flash_message="App saved.", _id=str(aid))
+    app = service.edit_app(team_id, aid, load_body(AppEditSchema()))
+    return redirect_or_json(
+        f"/{team_id}/apps", flash_message=_saved("App saved.", app), _id=str(aid), **_link_fields(app)
+    )
+
+
+@bp.post("/<resourceSlug>/forms/app/<appId>/share-link")
+@require_team(Permission.APP_MANAGE)
+def renew_share_link(team_id: ObjectId, appId: str) -> Any:
+    """Replace a public or whitelist app's share link: the old one, and the visitor access it gave, end now."""
+    app, share_id = service.renew_share_link(team_id, parse_id(appId, "app"))
+    shown = {**app, "shareId": share_id}
+    return redirect_or_json(
+        f"/{team_id}/apps",
+        flash_message=_saved("New share link made.", shown),
+        _id=str(app["_id"]),
+        **_link_fields(shown),
+    )
 
 
 def _delete(team_id: ObjectId, appId: str) -> Any:

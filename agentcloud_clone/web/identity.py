@@ -13,7 +13,8 @@ from urllib.parse import urlsplit
 
 from flask import Flask, current_app, g, request
 from flask_login import LoginManager, current_user
-from flask_wtf.csrf import CSRFError, CSRFProtect
+from flask_wtf.csrf import CSRFError, CSRFProtect, validate_csrf
+from flask_wtf.csrf import ValidationError as CSRFTokenInvalid
 from pymongo.errors import PyMongoError
 
 from ..access import Account, Permission, has_permission
@@ -95,6 +96,16 @@ def _same_origin(origin: str) -> bool:
     return origin.rstrip("/") in {o.rstrip("/") for o in current_app.config["TRUSTED_ORIGINS"]}
 
 
+def _agentcloud_token() -> str | None:
+    """Agentcloud's UI sends the CSRF token as a `_csrf` field of the body (JSON or form)."""
+    if request.is_json:
+        body = request.get_json(silent=True)
+        token = body.get("_csrf") if isinstance(body, dict) else None
+    else:
+        token = request.form.get("_csrf")
+    return token if isinstance(token, str) and token else None
+
+
 def _enforce_csrf() -> None:
     """Cookie-authenticated unsafe requests need a token; JSON from our own origin may use the Origin check.
 
@@ -106,9 +117,25 @@ def _enforce_csrf() -> None:
         return
     if not authenticated and request.endpoint not in LOGIN_ENDPOINTS:
         return  # nothing to forge without a session; the view answers 401
+    require_csrf(authenticated)
+
+
+def require_csrf(authenticated: bool = True) -> None:
+    """The CSRF check of a request that carries an ambient credential (a cookie): a token (header, form field, or
+    Agentcloud's `_csrf` body field), or JSON whose Origin is this site."""
+    if g.get("csrf_valid"):
+        return
     token = request.headers.get("X-CSRFToken") or request.headers.get("X-CSRF-Token")
     if token or (not request.is_json and "csrf_token" in request.form):
         csrf.protect()
+        return
+    agentcloud_token = _agentcloud_token()
+    if agentcloud_token is not None:
+        try:
+            validate_csrf(agentcloud_token)
+        except CSRFTokenInvalid as exc:
+            raise CSRFError(f"the _csrf field is not valid ({exc.args[0]}); {HOW_TO_SEND_TOKEN}.") from None
+        g.csrf_valid = True
         return
     origin = request.headers.get("Origin")
     if request.is_json:

@@ -20,6 +20,7 @@ from ..access import (
 )
 from ..errors import NotFound, PermissionDenied
 from ..repositories import sessions as sessions_repo
+from ..repositories.sessions import Visible
 from ..schemas import (
     ListEventsArgs,
     ListSessionsArgs,
@@ -63,7 +64,7 @@ class ManagedListArgs(ListSessionsArgs):
 def _denied_or_missing(account: Account, session_id: ObjectId) -> Exception:
     """Why an action on a session in the caller's teams found nothing it may act on: 403 when the session is in
     one of their teams under a role without the permission, 404 otherwise."""
-    if sessions_repo.find_session_in_teams(account.team_ids, session_id) is not None:
+    if sessions_repo.find_session_in_teams(Visible(account.team_ids, account.object_id), session_id) is not None:
         return PermissionDenied("Your role does not allow this on that session's team.")
     return NotFound("No session with this id in your teams.")
 
@@ -78,7 +79,11 @@ def cancel() -> Any:
     allowed = account.teams_with(Permission.SESSION_CANCEL)
     try:
         outcome = service.cancel_session(
-            allowed, data["sessionId"], account.actor, CancelSource.MANAGED_API, data["reason"]
+            Visible(allowed, account.object_id),
+            data["sessionId"],
+            account.actor,
+            CancelSource.MANAGED_API,
+            data["reason"],
         )
     except NotFound:
         raise _denied_or_missing(account, data["sessionId"]) from None
@@ -142,7 +147,9 @@ def list_sessions() -> Any:
         team_ids = [args["teamId"]]
     if not team_ids:
         return jsonify(sessions=[], nextBefore=None)
-    page, next_before = service.list_sessions_page(team_ids, args["before"], args["limit"], args["status"])
+    page, next_before = service.list_sessions_page(
+        team_ids, args["before"], args["limit"], args["status"], account.object_id
+    )
     return jsonify(sessions=[dump_session(s) for s in page], nextBefore=next_before)
 
 
@@ -190,7 +197,7 @@ def delete_session(sessionId: str) -> Any:
     account = current_account()
     sid = parse_id(sessionId, "session")
     try:
-        service.delete_session(account.teams_with(Permission.SESSION_DELETE), sid)
+        service.delete_session(Visible(account.teams_with(Permission.SESSION_DELETE), account.object_id), sid)
     except NotFound:
         raise _denied_or_missing(account, sid) from None
     return jsonify(ok=True)

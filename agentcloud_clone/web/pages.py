@@ -15,17 +15,29 @@ from bson import ObjectId
 from flask import Blueprint, Flask, g, redirect, render_template, request, send_from_directory, session, url_for
 from flask_login import current_user
 
-from ..access import ROLES, Permission, app_for, current_account, has_permission, require_team, session_for
+from ..access import (
+    ROLES,
+    Permission,
+    app_for,
+    current_account,
+    has_permission,
+    parse_id,
+    require_team,
+    session_for,
+)
 from ..ids import parse_object_id
 from ..repositories import accounts as accounts_repo
 from ..repositories import apps as apps_repo
 from ..repositories import sessions as sessions_repo
-from ..schemas import ListSessionsArgs, api_key_out, app_out, event_out, member_out
+from ..schemas import ListSessionsArgs, api_key_out, app_out, event_out, member_out, shared_event_out
 from ..services import accounts as accounts_service
 from ..services import sessions as sessions_service
+from ..services import sharing
 from ..vocabulary import RUNNER_NAMES, STATUSES, EventType, Runner, Status
 from .parsing import load_args
+from .ratelimits import share_limit
 from .sessions import dump_session
+from .share import dump_shared, shared_route
 
 bp = Blueprint("pages", __name__)
 
@@ -71,7 +83,9 @@ def _examples() -> dict[str, str]:
 def sessions_page(team_id: ObjectId) -> Any:
     """The team's sessions, newest first, a page at a time, with the form that starts a new one."""
     args = load_args(ListSessionsArgs())
-    page, next_before = sessions_service.list_sessions_page([team_id], args["before"], args["limit"], args["status"])
+    page, next_before = sessions_service.list_sessions_page(
+        [team_id], args["before"], args["limit"], args["status"], current_account().object_id
+    )
     apps = apps_repo.list_apps(team_id)
     return render_template(
         "sessions.html",
@@ -108,6 +122,49 @@ def session_page(team_id: ObjectId, sessionId: str) -> Any:
         items=transcript(event_out.dump(events, many=True)),
         last_seq=events[-1]["seq"] if events else 0,
         confirm_delete=confirm_delete,
+    )
+
+
+# --- shared sessions (/s/<resourceSlug>/...) -------------------------------------------------------------
+
+
+@bp.get("/s/<resourceSlug>/<shareId>")
+@share_limit
+@shared_route(Permission.SESSION_CREATE, anyone=True)
+def share_link_page(team_id: ObjectId, caller: sharing.Caller, shareId: str) -> Any:
+    """A public or whitelist app's share link: a page that starts a session of it. (Agentcloud starts one on the
+    GET itself; here it takes a button, so link previews and prefetchers start nothing.)"""
+    start = sharing.app_to_start(caller, team_id, shareId, None)
+    return (
+        render_template("share_start.html", app_name=start.app["name"], base=f"/s/{team_id}", share_id=shareId),
+        200,
+        {"Cache-Control": "no-store"},
+    )
+
+
+@bp.get("/s/<resourceSlug>/session/<sessionId>")
+@share_limit
+@shared_route(Permission.SESSION_VIEW)
+def shared_session_page(team_id: ObjectId, caller: sharing.Caller, sessionId: str) -> Any:
+    """A shared session's transcript and the box for the next message, for whoever may use it."""
+    doc, app = sharing.shared_session(caller, team_id, parse_id(sessionId, "session"), Permission.SESSION_VIEW)
+    events = _all_events(doc["_id"])
+    account = caller.account
+    may_act = account is None or account.role_in(team_id) is None or account.can(team_id, Permission.SESSION_CREATE)
+    return (
+        render_template(
+            "shared_session.html",
+            base=f"/s/{team_id}",
+            session=dump_shared(doc),
+            state=session_state(dump_shared(doc)),
+            ended=sessions_service.is_ended(doc),
+            app_name=app["name"] if app else None,
+            items=transcript(shared_event_out.dump(events, many=True)),
+            last_seq=events[-1]["seq"] if events else 0,
+            may_act=may_act,
+        ),
+        200,
+        {"Cache-Control": "no-store"},
     )
 
 

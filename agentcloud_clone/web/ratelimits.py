@@ -5,6 +5,8 @@ requests are counted by, and the markers views carry. Every setting comes throug
 - Sign-in: only failed attempts count, per address and target account together (LOGIN_RATE_LIMIT) and per
   address over all accounts (LOGIN_ADDRESS_RATE_LIMIT), so a stranger cannot lock an owner out from
   elsewhere, and a successful sign-in never uses up the budget.
+- Shared routes (`/s/<team>/...`, open to anyone holding a public app's link): SHARE_RATE_LIMIT per address for
+  every request, and SHARE_START_RATE_LIMIT per address for those that start a turn.
 - Everything else: DEFAULT_RATE_LIMIT per user, or per address for anonymous callers. Probes are exempt.
 
 flask-limiter keeps its storage on the Limiter itself, so each app gets its own: two apps in one process
@@ -58,12 +60,14 @@ def rate_limited[F: Callable[..., Any]](
     scope: str,
     key_func: Callable[[], str] | None = None,
     deduct_when: Callable[[Response], bool] | None = None,
+    methods: tuple[str, ...] = ("POST",),
 ) -> Callable[[F], F]:
-    """Mark a view as limited by `app.config[setting]`; views marked with the same scope share one budget."""
+    """Mark a view as limited by `app.config[setting]` (for `methods`); views marked with the same scope share one
+    budget."""
 
     def decorator(view: F) -> F:
         limits = list(getattr(view, "rate_limits", []))
-        limits.append((setting, scope, key_func, deduct_when))
+        limits.append((setting, scope, key_func, deduct_when, methods))
         view.rate_limits = limits  # type: ignore[attr-defined]
         return view
 
@@ -74,6 +78,9 @@ def rate_limited[F: Callable[..., Any]](
 cancel_limit = rate_limited("CANCEL_RATE_LIMIT", scope="cancel")
 # Bulk cancels, per user, both families: each request may cancel thousands of sessions.
 bulk_cancel_limit = rate_limited("BULK_CANCEL_RATE_LIMIT", scope="bulk-cancel")
+# Every shared route, per address, reads included; and, tighter, those that start a turn.
+share_limit = rate_limited("SHARE_RATE_LIMIT", scope="share", key_func=address_key, methods=("GET", "POST"))
+share_start_limit = rate_limited("SHARE_START_RATE_LIMIT", scope="share-start", key_func=address_key)
 
 
 def sign_in_limits[F: Callable[..., Any]](view: F) -> F:
@@ -96,13 +103,13 @@ def init_app(app: Flask) -> Limiter:
 
     for endpoint, view in list(app.view_functions.items()):
         wrapped = view
-        for setting, scope, key_func, deduct_when in getattr(view, "rate_limits", []):
+        for setting, scope, key_func, deduct_when, methods in getattr(view, "rate_limits", []):
             if scope not in shared:
                 shared[scope] = limiter.shared_limit(
                     setting_of(setting),
                     scope=scope,
                     key_func=key_func,
-                    methods=["POST"],
+                    methods=list(methods),
                     deduct_when=deduct_when,
                 )
             wrapped = shared[scope](wrapped)

@@ -9,14 +9,16 @@ from flask import Blueprint, jsonify, request
 
 from ..access import Permission, app_for, current_account, parse_id, require_team, session_for
 from ..errors import InvalidInput
-from ..repositories import sessions as sessions_repo
+from ..repositories.sessions import Visible
 from ..schemas import (
     BulkCancelSchema,
     CancelSchema,
-    ListEventsArgs,
     ListSessionsArgs,
+    MessagesArgs,
     SendMessageSchema,
     SessionCreateSchema,
+    SessionEditSchema,
+    SessionStartSchema,
     event_out,
     operation_out,
     session_out,
@@ -55,17 +57,36 @@ def cancel_source(default: CancelSource) -> CancelSource:
     return CancelSource.API if api_key_in_use() else default
 
 
+def check_echoed_ids(data: dict[str, Any], team_id: ObjectId, session_id: ObjectId | None = None) -> None:
+    """Agentcloud's UI repeats the path's ids in the body; when it does, they must name what the path names."""
+    if data.pop("resourceSlug", None) not in (None, team_id):
+        raise InvalidInput("The body names a different team than the path.")
+    if session_id is not None and data.pop("sessionId", None) not in (None, session_id):
+        raise InvalidInput("The body names a different session than the path.")
+    data.pop("_csrf", None)
+
+
 @bp.post("/<resourceSlug>/forms/session/add")
 @require_team(Permission.SESSION_CREATE)
 def add_session(team_id: ObjectId) -> Any:
-    """Start a session from an app, with an optional first message."""
+    """Start a session from an app (`appId`, or Agentcloud's `id`), with an optional first message; `skipRun`
+    creates it without running a turn (`start` runs it)."""
     data = load_body(SessionCreateSchema())
+    check_echoed_ids(data, team_id)
     account = current_account()
     app = app_for(account, data["appId"], Permission.SESSION_CREATE, team_id=team_id)
 
     def create() -> tuple[dict[str, Any], ObjectId]:
         team = accounts_service.get_team(team_id)
-        session = service.create_session(team, account.actor, app, data["name"], data["message"])
+        session = service.create_session(
+            team,
+            account.actor,
+            app,
+            data["name"],
+            data["message"],
+            skip_run=data["skipRun"],
+            variables=data["variables"],
+        )
         return {"_id": str(session["_id"])}, session["_id"]
 
     request_hash = idempotency.fingerprint({"teamId": team_id, **data})
@@ -78,7 +99,8 @@ def add_session(team_id: ObjectId) -> Any:
 def list_sessions(team_id: ObjectId) -> Any:
     """The team's sessions, newest first, one page at a time."""
     args = load_args(ListSessionsArgs())
-    page, next_before = service.list_sessions_page([team_id], args["before"], args["limit"], args["status"])
+    viewer = current_account().object_id
+    page, next_before = service.list_sessions_page([team_id], args["before"], args["limit"], args["status"], viewer)
     return jsonify(sessions=[dump_session(s) for s in page], nextBefore=next_before, **csrf_field())
 
 
@@ -93,14 +115,21 @@ def session_json(team_id: ObjectId, sessionId: str) -> Any:
 @bp.get(f"/<resourceSlug>/session/{SID}/messages.json")
 @require_team(Permission.SESSION_VIEW)
 def session_messages(team_id: ObjectId, sessionId: str) -> Any:
-    """The transcript, oldest first; `?after=<seq>` returns only what is new."""
+    """The transcript, oldest first; `?after=<seq>` (or Agentcloud's `?messageId=<event id>`) returns only what
+    came after."""
     session = session_for(current_account(), sessionId, Permission.SESSION_VIEW, team_id=team_id)
-    args = load_args(ListEventsArgs())
-    events = sessions_repo.list_events(session["_id"], after=args["after"], limit=args["limit"])
-    last_seq = events[-1]["seq"] if events else args["after"]
+    return jsonify(messages_page(session, event_out))
+
+
+def messages_page(session: dict[str, Any], shown: Any) -> dict[str, Any]:
+    """A page of the session's transcript after the query's cursor, with the session's state (both families of
+    session routes, team and shared)."""
+    args = load_args(MessagesArgs())
+    events, after = service.events_after(session["_id"], args["after"], args["limit"], after_event=args["messageId"])
+    last_seq = events[-1]["seq"] if events else after
     state = service.state_of(session)
-    return jsonify(
-        messages=event_out.dump(events, many=True),
+    return dict(
+        messages=shown.dump(events, many=True),
         lastSeq=last_seq,
         status=session["status"],
         endReason=session.get("endReason"),
@@ -115,7 +144,10 @@ def send_message(team_id: ObjectId, sessionId: str) -> Any:
     """Record the user's next message and start the turn that answers it."""
     sid = parse_id(sessionId, "session")
     data = load_body(SendMessageSchema())
-    session = service.send_message(team_id, sid, current_account().actor, data["message"], OnBusy(data["onBusy"]))
+    account = current_account()
+    session = service.send_message(
+        team_id, sid, account.actor, data["message"], OnBusy(data["onBusy"]), viewer=account.object_id
+    )
     shown = dump_session(session)
     return redirect_or_json(
         f"/{team_id}/session/{sid}",
@@ -136,8 +168,9 @@ def cancel_session(team_id: ObjectId, sessionId: str) -> Any:
     # Agentcloud's UI repeats the ids in the body; they must name what the path names.
     if data["sessionId"] not in (None, sid) or data["resourceSlug"] not in (None, team_id):
         raise InvalidInput("The body names a different session or team than the path.")
+    account = current_account()
     outcome = service.cancel_session(
-        team_id, sid, current_account().actor, cancel_source(CancelSource.UI), data["reason"]
+        Visible(team_id, account.object_id), sid, account.actor, cancel_source(CancelSource.UI), data["reason"]
     )
     shown = dump_session(outcome.session)
     fields = {**cancel_fields(outcome), "_id": str(sid), "status": shown["status"]}
@@ -186,7 +219,7 @@ def operation_json(team_id: ObjectId, operationId: str) -> Any:
 
 def _delete(team_id: ObjectId, sessionId: str) -> Any:
     sid = parse_id(sessionId, "session")
-    service.delete_session(team_id, sid)
+    service.delete_session(Visible(team_id, current_account().object_id), sid)
     return redirect_or_json(f"/{team_id}/sessions", flash_message="Session deleted.", _id=str(sid), ok=True)
 
 
@@ -202,3 +235,36 @@ def delete_session(team_id: ObjectId, sessionId: str) -> Any:
 def delete_session_form(team_id: ObjectId, sessionId: str) -> Any:
     """The HTML-form twin of the DELETE route."""
     return _delete(team_id, sessionId)
+
+
+@bp.post(f"/<resourceSlug>/forms/session/{SID}/edit")
+@require_team(Permission.SESSION_CREATE)
+def edit_session(team_id: ObjectId, sessionId: str) -> Any:
+    """Set the session's `variables` (Agentcloud's edit), replacing them; the next turn's runner sees them."""
+    session = session_for(current_account(), sessionId, Permission.SESSION_CREATE, team_id=team_id)
+    data = load_body(SessionEditSchema())
+    check_echoed_ids(data, team_id, session["_id"])
+    updated = service.set_variables(team_id, session["_id"], data["variables"])
+    return edited(f"/{team_id}/session/{session['_id']}", dump_session(updated))
+
+
+def edited(path: str, shown: dict[str, Any]) -> Any:
+    """Agentcloud's edit answer, `{message, session}`, with ours (`_id`, `redirect`)."""
+    message = "Session updated successfully"
+    return redirect_or_json(path, flash_message=message, message=message, session=shown, _id=shown["_id"])
+
+
+@bp.post(f"/<resourceSlug>/forms/session/{SID}/start")
+@require_team(Permission.SESSION_CREATE)
+def start_session(team_id: ObjectId, sessionId: str) -> Any:
+    """Run a turn for a session with none in flight (created with `skipRun`, or once its variables are set)."""
+    session = session_for(current_account(), sessionId, Permission.SESSION_CREATE, team_id=team_id)
+    check_echoed_ids(load_body(SessionStartSchema()), team_id, session["_id"])
+    after = service.start_session(team_id, session["_id"])
+    return started(f"/{team_id}/session/{session['_id']}", dump_session(after))
+
+
+def started(path: str, shown: dict[str, Any]) -> Any:
+    """Agentcloud's start answer, `{message}`, with ours (`_id`, `redirect`, `queued`)."""
+    message = "Session started successfully"
+    return redirect_or_json(path, flash_message=message, message=message, _id=shown["_id"], queued=shown["queued"])
