@@ -128,6 +128,8 @@ class Config:
             # Workers: `thread` runs up to TURN_CONCURRENCY turns in one process; `fork` one per forked process.
             "WORKER_MODE": _env_choice("WORKER_MODE", "thread", ("thread", "fork")),
             "TURN_CONCURRENCY": _env_int("TURN_CONCURRENCY", 20, 1, 1000),
+            # A team's turns queued or running at once, whatever its backlog (the rest wait their turn).
+            "TEAM_MAX_ACTIVE_TURNS": _env_int("TEAM_MAX_ACTIVE_TURNS", 8, 1, 10_000),
             # Modules `python` runner callables may come from; anything else is refused when an app is saved
             # and again when a turn runs.
             "PYTHON_RUNNER_MODULES": _env_list("PYTHON_RUNNER_MODULES", "agentcloud_clone.examples"),

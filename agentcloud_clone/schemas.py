@@ -527,6 +527,8 @@ class SessionOut(Out):
     endReason = fields.String(allow_none=True)
     cancelling = fields.Boolean(dump_default=False)
     turnInFlight = fields.Boolean(dump_default=False)
+    activeTurnId = ObjectIdField(allow_none=True)
+    turnStartedAt = fields.DateTime(allow_none=True)
     startDate = fields.DateTime()
     lastUpdatedDate = fields.DateTime()
     endedAt = fields.DateTime(allow_none=True)

@@ -38,7 +38,7 @@ from ..services import sessions as service
 from ..vocabulary import CancelSource, OnBusy
 from .parsing import load_args, load_body
 from .ratelimits import bulk_cancel_limit, cancel_limit
-from .sessions import bulk_cancel_answer, cancel_fields, dump_session
+from .sessions import bulk_cancel_answer, cancel_fields, dump_session, with_queue_position
 from .streams import stream_response
 
 bp = Blueprint("managed_agents", __name__, url_prefix="/api/managed-agents")
@@ -157,7 +157,8 @@ def list_sessions() -> Any:
 @declares_permission(Permission.SESSION_VIEW)
 def get_session(sessionId: str) -> Any:
     """One session in the caller's teams."""
-    return jsonify(session=dump_session(session_for(current_account(), sessionId, Permission.SESSION_VIEW)))
+    session = session_for(current_account(), sessionId, Permission.SESSION_VIEW)
+    return jsonify(session=with_queue_position(dump_session(session)))
 
 
 @bp.get("/sessions/<sessionId>/events")

@@ -7,6 +7,7 @@ from typing import Any
 from bson import ObjectId
 from flask import Blueprint, jsonify, request
 
+from .. import queueing
 from ..access import Permission, app_for, current_account, parse_id, require_team, session_for
 from ..errors import InvalidInput
 from ..repositories.sessions import Visible
@@ -107,9 +108,16 @@ def list_sessions(team_id: ObjectId) -> Any:
 @bp.get(f"/<resourceSlug>/session/{SID}.json")
 @require_team(Permission.SESSION_VIEW)
 def session_json(team_id: ObjectId, sessionId: str) -> Any:
-    """One session."""
+    """One session (with its place in the queue while its turn waits for a worker)."""
     session = session_for(current_account(), sessionId, Permission.SESSION_VIEW, team_id=team_id)
-    return jsonify(session=dump_session(session), **csrf_field())
+    return jsonify(session=with_queue_position(dump_session(session)), **csrf_field())
+
+
+def with_queue_position(shown: dict[str, Any]) -> dict[str, Any]:
+    """A shown session, plus `queuePosition` ({state, position}) while its turn is queued."""
+    if shown.get("queued") and shown.get("activeTurnId"):
+        shown["queuePosition"] = queueing.queue_position(shown["activeTurnId"]) or None
+    return shown
 
 
 @bp.get(f"/<resourceSlug>/session/{SID}/messages.json")
