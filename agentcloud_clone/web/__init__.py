@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Flask
 
 from . import account, apps, docs, errors, hooks, identity, managed_agents, pages, probes, ratelimits, sessions, teams
-from .parsing import BoundedJSONProvider
+from .parsing import BoundedBody, BoundedJSONProvider
 
 BLUEPRINTS = (account, apps, sessions, managed_agents, teams, pages, probes, docs)
 
@@ -13,6 +13,7 @@ BLUEPRINTS = (account, apps, sessions, managed_agents, teams, pages, probes, doc
 def init_app(app: Flask) -> None:
     """Register the blueprints, the error handlers, identity and CSRF, the request hooks and the limiter."""
     app.json = BoundedJSONProvider(app)
+    app.wsgi_app = BoundedBody(app)  # type: ignore[method-assign]
     errors.init_app(app)
     identity.init_app(app)
     for module in BLUEPRINTS:
