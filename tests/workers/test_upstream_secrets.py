@@ -121,8 +121,10 @@ def test_no_trick_gets_the_operator_key_or_the_environment_to_a_teams_address(
     keyless = _add_app(call, team, "openai", {"model": "m", "baseUrl": attacker.base_url}).get_json()["_id"]
     # An address that starts like the operator's but is the attacker's (userinfo): not the operator's address.
     operator_host, attacker_host = (fake.base_url.split("/")[2] for fake in (operator, attacker))
-    lookalike = f"http://{operator_host}@{attacker_host}/v1"
-    lookalike_id = _add_app(call, team, "openai", {"model": "m", "baseUrl": lookalike}).get_json()["_id"]
+    # (A stricter URL grammar may refuse it outright, which is as good.)
+    lookalike = _add_app(call, team, "openai", {"model": "m", "baseUrl": f"http://{operator_host}@{attacker_host}/v1"})
+    assert lookalike.status_code in (200, 400), lookalike.get_json()
+    lookalikes = [lookalike.get_json()["_id"]] if lookalike.status_code == 200 else []
     # A team key entered for the team's own upstream goes there, and only there.
     keyed = _add_app(call, team, "openai", {"model": "m", "baseUrl": own.base_url, "apiKey": TEAM_KEY})
     keyed_id = keyed.get_json()["_id"]
@@ -140,7 +142,7 @@ def test_no_trick_gets_the_operator_key_or_the_environment_to_a_teams_address(
         assert edit.status_code == 400 and "apiKey" in edit.get_json()["errors"]["config"], moved
     assert call("POST", f"/{team}/forms/app/{keyed_id}/edit", {"runner": "python"}).status_code in (400, 409)
 
-    for app_id in (keyless, lookalike_id, keyed_id, default):
+    for app_id in (keyless, *lookalikes, keyed_id, default):
         outcome = run_queued_turn(app, _start_turn(call, team, app_id)["_id"])
         assert outcome["outcome"] == "completed", (app_id, outcome)
 
@@ -148,12 +150,12 @@ def test_no_trick_gets_the_operator_key_or_the_environment_to_a_teams_address(
     # The fakes did hear from the worker: the team key reached the team's upstream, the operator's key its own.
     assert own.authorizations == [f"Bearer {TEAM_KEY}"]
     assert operator.authorizations == [f"Bearer {OPERATOR_KEY}"]
-    assert len(attacker.received) == 2 and all(auth is None for auth in attacker.authorizations)
+    assert len(attacker.received) == 1 + len(lookalikes) and all(auth is None for auth in attacker.authorizations)
     assert _leaks(attacker, {**secrets, "the team key": TEAM_KEY}) == []
     assert _leaks(own, secrets) == []
     assert _leaks(operator, {k: v for k, v in secrets.items() if k != "config OPENAI_API_KEY"}) == []
     # No turn's context showed a key; the grant holds it without showing it.
-    assert len(contexts) == 4
+    assert len(contexts) == 3 + len(lookalikes)
     for shown_ctx, shown_grant in contexts:
         assert TEAM_KEY not in shown_ctx and OPERATOR_KEY not in shown_ctx
         assert TEAM_KEY not in shown_grant and OPERATOR_KEY not in shown_grant
