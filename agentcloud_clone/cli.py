@@ -19,11 +19,11 @@ from redis.exceptions import RedisError
 from .access import ROLES, parse_id
 from .db import ensure_indexes_once
 from .errors import DomainError, InvalidInput, NotFound
+from .jobs.reaper import reap_once
 from .repositories import accounts as accounts_repo
 from .repositories import apps as apps_repo
 from .services import accounts as accounts_service
 from .services import apps as apps_service
-from .services import sessions as sessions_service
 from .vocabulary import RUNNER_NAMES
 from .web.errors import status_for
 
@@ -214,10 +214,9 @@ def init_app(app: Flask) -> None:
     def reap_command(timeout: float | None, loop: bool) -> None:
         """One reaper pass → {"reaped": [...], "expired": [...], "requeued": [...]} (session ids): sessions whose
         worker was lost, sessions ended by a limit, turns queued again. `--loop` keeps going (one line a pass)."""
-        config = current_app.config
-        seconds = timeout if timeout is not None else float(config["HEARTBEAT_TIMEOUT"])
+        app = current_app._get_current_object()  # type: ignore[attr-defined]
         while True:
-            _emit(sessions_service.sweep(seconds, float(config["REQUEUE_AFTER"])))
+            _emit(reap_once(app, timeout))
             if not loop:
                 return
-            time.sleep(float(config["REAPER_INTERVAL"]))
+            time.sleep(float(app.config["REAPER_INTERVAL"]))

@@ -118,6 +118,13 @@ class Config:
             "TURN_MAX_OUTPUT_CHARS": _env_int("TURN_MAX_OUTPUT_CHARS", 2_000_000, 1000, 100_000_000),
             "OUTPUT_FLUSH_INTERVAL": _env_float("OUTPUT_FLUSH_INTERVAL", 0.25, 0.01, 5.0),
             "TURN_QUEUE": os.environ.get("TURN_QUEUE", "turns"),
+            # Webhooks: deliveries retried after these many seconds (at least a day in all), https only in
+            # production, and never to loopback or private addresses unless allowed (for receivers on a LAN).
+            "WEBHOOK_RETRY_INTERVALS": _env_list(
+                "WEBHOOK_RETRY_INTERVALS", "5,30,120,600,1800,3600,7200,14400,28800,36000,36000"
+            ),
+            "WEBHOOK_REQUIRE_HTTPS": _env_bool("WEBHOOK_REQUIRE_HTTPS", env == "production"),
+            "WEBHOOK_ALLOW_PRIVATE": _env_bool("WEBHOOK_ALLOW_PRIVATE", False),
             # Workers: `thread` runs up to TURN_CONCURRENCY turns in one process; `fork` one per forked process.
             "WORKER_MODE": _env_choice("WORKER_MODE", "thread", ("thread", "fork")),
             "TURN_CONCURRENCY": _env_int("TURN_CONCURRENCY", 20, 1, 1000),
@@ -148,6 +155,9 @@ class Config:
             "OPENAI_BASE_URL": os.environ.get("OPENAI_BASE_URL"),
             "OPENAI_API_KEY": os.environ.get("OPENAI_API_KEY"),
             "METRICS_TOKEN": os.environ.get("METRICS_TOKEN") or None,
+            # Live streams: a comment line this often, and at most this many open per web process.
+            "SSE_HEARTBEAT": _env_float("SSE_HEARTBEAT", 15.0, 0.05, 300.0),
+            "MAX_STREAMS_PER_PROCESS": _env_int("MAX_STREAMS_PER_PROCESS", 1000, 1, 100_000),
             "LOG_LEVEL": os.environ.get("LOG_LEVEL", "INFO").upper(),
             "LOG_FORMAT": os.environ.get("LOG_FORMAT", "json").lower(),
             "TESTING": False,
@@ -160,6 +170,7 @@ class Config:
                     "SECRET_KEY=$(python -c 'import secrets; print(secrets.token_hex(32))')"
                 )
             values["SECRET_KEY"] = _dev_secret_key(Path(values["VAR_DIR"]))
+        values.setdefault("WEBHOOK_QUEUE", os.environ.get("WEBHOOK_QUEUE") or f"{values['TURN_QUEUE']}.webhooks")
         # Limiter counters are namespaced per deployment like everything else this app keeps in Redis.
         values.setdefault(
             "RATELIMIT_KEY_PREFIX", os.environ.get("RATELIMIT_KEY_PREFIX") or f"{values['REDIS_PREFIX']}:rl"

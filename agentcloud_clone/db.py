@@ -90,6 +90,10 @@ def ensure_indexes(db: Database[Any]) -> None:
     db.idempotency_keys.create_index([("accountId", asc), ("key", asc)], unique=True, name="account_key")
     db.idempotency_keys.create_index([("sessionId", asc)], name="session", sparse=True)
     db.idempotency_keys.create_index([("createdAt", asc)], expireAfterSeconds=48 * 3600, name="expiry")
+    db.webhook_endpoints.create_index([("teamId", asc), ("_id", desc)], name="team_endpoints")
+    db.webhook_deliveries.create_index([("endpointId", asc), ("eventKey", asc)], unique=True, name="once_per_event")
+    db.webhook_deliveries.create_index([("endpointId", asc), ("_id", desc)], name="endpoint_deliveries")
+    db.webhook_deliveries.create_index([("status", asc), ("nextAttemptAt", asc)], name="due_retries")
 
 
 INDEXES_READY = "agentcloud_indexes_ready"

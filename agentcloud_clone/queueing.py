@@ -18,9 +18,15 @@ log = logging.getLogger(__name__)
 # silently break the handler that ends the session of a killed job.
 TURN_JOB = "agentcloud_clone.jobs.turns.run_turn"
 BULK_CANCEL_JOB = "agentcloud_clone.jobs.bulk.run_bulk_cancel"
+WEBHOOK_JOB = "agentcloud_clone.jobs.webhooks.deliver_webhook"
 
 _clients: dict[tuple[int, str], redis.Redis] = {}
 _lock = threading.Lock()
+
+
+# Connections one process may hold at once. A blocking pool waits (up to its timeout) for a free one rather
+# than failing, which matters under gevent, where a burst of requests asks for many at the same moment.
+POOL_SIZE = 100
 
 
 def redis_for(url: str) -> redis.Redis:
@@ -29,8 +35,15 @@ def redis_for(url: str) -> redis.Redis:
     with _lock:
         client = _clients.get(key)
         if client is None:
-            client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30)
-            _clients[key] = client
+            pool = redis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=POOL_SIZE,
+                timeout=5,
+                socket_connect_timeout=2,
+                socket_timeout=5,
+                health_check_interval=30,
+            )
+            client = _clients[key] = redis.Redis(connection_pool=pool)
         return client
 
 
@@ -78,6 +91,17 @@ def enqueue_bulk_cancel(team_id: str, operation_id: str) -> str:
         description=f"bulk cancel {operation_id}",
     )
     return str(job.id)
+
+
+def webhook_queue() -> Queue:
+    """The RQ queue webhook deliveries go to (workers serve it beside the turn queue)."""
+    return Queue(current_app.config["WEBHOOK_QUEUE"], connection=get_redis())
+
+
+def enqueue_webhook_delivery(delivery_id: str) -> None:
+    """Queue one delivery attempt now. (Retries wait in MongoDB until the reaper queues them when due: no RQ
+    scheduler process is needed.)"""
+    webhook_queue().enqueue(WEBHOOK_JOB, delivery_id, job_timeout=60, result_ttl=600, failure_ttl=86400)
 
 
 def drop_queued_turn(turn_id: str) -> None:

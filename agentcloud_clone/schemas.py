@@ -8,6 +8,7 @@ from typing import Any
 
 from bson import ObjectId
 from marshmallow import EXCLUDE, RAISE, Schema, ValidationError, fields, post_load, validate
+from marshmallow.experimental.context import Context
 
 from .ids import parse_object_id
 from .vocabulary import (
@@ -91,6 +92,21 @@ class QueryInteger(fields.Integer):
         return super()._deserialize(value, attr, data, **kwargs)
 
 
+# True while an HTML form is loaded: its values are all text, where JSON values carry their own types.
+FormInput = Context[bool]
+
+
+class FormBoolean(fields.Boolean):
+    """A JSON `true`/`false`; from an HTML form, the text a checkbox sends (`on`, `true`, ...). `0` is not one."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+        if isinstance(value, bool):
+            return value
+        if not (isinstance(value, str) and FormInput.get(False)):
+            raise self.make_error("invalid")
+        return bool(super()._deserialize(value, attr, data, **kwargs))
+
+
 class JsonObjectField(fields.Field[dict[str, Any]]):
     """A JSON object, given as an object (JSON clients) or as JSON text (HTML forms)."""
 
@@ -127,7 +143,7 @@ class LoginSchema(Strict):
     email = fields.Email(required=True, validate=validate.Length(max=320))
     password = fields.String(required=True, validate=validate.Length(min=1, max=1024))
     next = fields.String(load_default=None, validate=validate.Length(max=2000))
-    remember = fields.Boolean(load_default=False)
+    remember = FormBoolean(load_default=False)
 
 
 DAY = 86400
@@ -287,11 +303,19 @@ class ScriptedRunnerConfig(Strict):
     failAtStep = fields.Integer(load_default=None, validate=validate.Range(min=1, max=10_000))
 
 
+# An http(s) URL of ASCII: a host name or [IPv6 address], an optional port, then any visible characters. openapi.yaml
+# states the same pattern, so what the spec calls valid is exactly what is accepted.
+BASE_URL = (
+    r"^https?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*)"
+    r"(:[0-9]{1,5})?([/?#][!-~]*)?\Z"
+)
+
+
 class OpenAIRunnerConfig(Strict):
     """Any OpenAI-compatible chat-completions endpoint."""
 
     model = fields.String(required=True, validate=validate.Length(min=1, max=200))
-    baseUrl = fields.Url(load_default=None, require_tld=False, schemes={"http", "https"})
+    baseUrl = fields.String(load_default=None, validate=validate.Regexp(BASE_URL, error="Must be an http(s) URL."))
     apiKey = fields.String(load_default=None, validate=validate.Length(max=500))
     systemPrompt = fields.String(load_default=None, validate=validate.Length(max=20_000))
     temperature = fields.Float(load_default=None, validate=validate.Range(min=0, max=2))
@@ -389,6 +413,7 @@ class EventOut(Out):
     text = fields.String()
     turnId = fields.String()
     interrupted = fields.Boolean()
+    queued = fields.Boolean()
     by = ObjectIdField()
     status = fields.String()
     endReason = fields.String()
@@ -458,7 +483,39 @@ class OperationOut(Out):
     finishedAt = fields.DateTime(allow_none=True)
 
 
+class EndpointOut(Out):
+    _id = ObjectIdField()
+    teamId = ObjectIdField()
+    url = fields.String()
+    eventTypes = fields.List(fields.String())
+    disabled = fields.Boolean()
+    createdAt = fields.DateTime()
+    updatedAt = fields.DateTime()
+
+
+class AttemptOut(Out):
+    at = fields.DateTime()
+    statusCode = fields.Integer(allow_none=True)
+    error = fields.String(allow_none=True)
+    durationMs = fields.Float()
+
+
+class DeliveryOut(Out):
+    _id = ObjectIdField()
+    endpointId = ObjectIdField()
+    type = fields.String()
+    status = fields.String()
+    payload = fields.Dict()
+    attempts = fields.List(fields.Nested(AttemptOut))
+    attemptCount = fields.Integer()
+    createdAt = fields.DateTime()
+    deliveredAt = fields.DateTime(allow_none=True)
+    nextAttemptAt = fields.DateTime(allow_none=True)
+
+
 session_out = SessionOut()
+endpoint_out = EndpointOut()
+delivery_out = DeliveryOut()
 operation_out = OperationOut()
 member_out = MemberOut()
 event_out = EventOut()

@@ -97,6 +97,18 @@ ON_BUSY: tuple[str, ...] = tuple(b.value for b in OnBusy)
 MAX_QUEUED_TURNS = 20
 
 
+class WebhookEvent(StrEnum):
+    """What a webhook endpoint can be told about."""
+
+    SESSION_STARTED = "session.started"
+    TURN_COMPLETED = "turn.completed"
+    SESSION_ENDED = "session.ended"
+    CANCEL_REQUESTED = "session.cancel_requested"
+
+
+WEBHOOK_EVENTS: tuple[str, ...] = tuple(e.value for e in WebhookEvent)
+
+
 class Runner(StrEnum):
     """The agent runners an app can name."""
 

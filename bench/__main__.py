@@ -13,9 +13,9 @@ from typing import Any
 
 from devtools.servers import start_mongo, start_redis
 
-from . import api, cancel_latency, poll_cost, report, storm
+from . import api, cancel_latency, poll_cost, report, store_growth, storm
 
-PARTS = ("cancel_latency", "api", "storm", "poll_cost")
+PARTS = ("cancel_latency", "api", "storm", "poll_cost", "store_growth")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -27,6 +27,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=1.0, help="CANCEL_POLL_INTERVAL for the latency runs")
     parser.add_argument("--seconds", type=float, default=5.0, help="load time per API endpoint")
     parser.add_argument("--connections", type=int, default=16, help="concurrent connections for the API runs")
+    parser.add_argument(
+        "--store-events",
+        default="0,10000,100000",
+        help="stored transcript events per store for store_growth, comma-separated, the empty store first",
+    )
     args = parser.parse_args(argv)
     chosen = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = set(chosen) - set(PARTS)
@@ -59,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
             "storm": lambda: storm.run(mongo, redis_url, requests_total=1000, threads=64),
             "poll_cost": lambda: poll_cost.run(mongo, redis_url, sizes=[10, 100, 1000], interval=0.5, seconds=5.0),
+            # Its own stores and servers: `make run`'s engine on disk, not the in-memory one the other parts use.
+            "store_growth": lambda: store_growth.run(sizes=[int(n) for n in args.store_events.split(",")]),
         }
         for name in (p for p in PARTS if p in chosen):
             print(f"running {name}…", file=sys.stderr, flush=True)

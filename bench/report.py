@@ -165,7 +165,38 @@ def _poll_lines(part: dict[str, Any]) -> list[str]:
     return lines
 
 
-RENDERERS = {"cancel_latency": _latency_lines, "api": _api_lines, "storm": _storm_lines, "poll_cost": _poll_lines}
+def _store_lines(part: dict[str, Any]) -> list[str]:
+    stores = part["stores"]
+    sizes = "  ".join(f"{s['events']:,} events / {s['sessions']:,} sessions" for s in stores)
+    lines = [
+        f"5. Store growth: `make run`'s engine (mongoeco over SQLite, on disk), one store per size: {sizes}; "
+        f"{part['write_rounds']} rounds per write, {part['read_rounds']} per read, interleaved across the stores",
+        f"   {'operation':<19}" + "".join(f"{f'p50 @ {s['events']:,}':>15}" for s in stores)
+        + "".join(f"{f'÷empty @ {s['events']:,}':>17}" for s in stores[1:]) + f"  {'target':<9}met",
+    ]  # fmt: skip
+    for name, first in stores[0]["operations"].items():
+        row = f"   {name:<19}" + "".join(f"{ms(s['operations'][name]['seconds']['p50']):>15}" for s in stores)
+        row += "".join(f"{s['operations'][name]['ratio_to_empty']:>17.2f}" for s in stores[1:])
+        if first["write"]:
+            met = all(s["operations"][name]["target_met"] for s in stores[1:])
+            row += f"  {'≤ ' + format(part['target_ratio'], 'g') + '×':<9}{yes(met)}"
+        lines.append(row)
+    lines.append(
+        "   on disk: "
+        + ", ".join(f"{s['events']:,} events {s['file_bytes'] / 2**20:.1f} MiB (seeded in {s['seed_seconds']:.0f} s)"
+                    for s in stores)
+    )  # fmt: skip
+    lines.append(f"   → writes {'within' if part['targets_met'] else 'NOT within'} the target at every size")
+    return lines
+
+
+RENDERERS = {
+    "cancel_latency": _latency_lines,
+    "api": _api_lines,
+    "storm": _storm_lines,
+    "poll_cost": _poll_lines,
+    "store_growth": _store_lines,
+}
 
 
 def render(results: dict[str, Any]) -> str:

@@ -7,7 +7,9 @@ The self-started stack is gunicorn plus a turn worker on a MongoDB-wire server a
 `devstack.Stack`), with rate limits raised so the run measures conformance, not the limiter. Path parameters
 are pinned to real objects (the caller's team, and two apps and a session with a transcript that the run creates
 there) so requests reach the services instead of stopping at the team check; the spec's links drive
-create → get → cancel → cancel again → delete on the sessions the run creates. Exit status 0: no check failed.
+create → get → cancel → cancel again → delete on the sessions the run creates. Member routes act on an account
+that does not exist, so a run never changes who is on the team. Every schemathesis check runs (`--checks all`),
+with `devtools/contract_hooks.py` filling in what the spec states only in words. Exit status 0: no check failed.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from agentcloud_clone.config import PROJECT_ROOT
 
 SPEC_PATH = PROJECT_ROOT / "openapi.yaml"
 REPORT_ROOT = PROJECT_ROOT / "test-artifacts" / "contract"
-CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conformance", "response_schema_conformance")
+# Every schemathesis check: status codes, content types, schemas and headers of responses, valid requests accepted
+# and invalid ones refused, auth enforced, `Allow` and 405s, resources gone after a delete.
+CHECKS = ("all",)
 PHASES = ("examples", "coverage", "fuzzing", "stateful")
 # Limits high enough that a bounded run never meets them; 429s are still in the spec for real instances.
 STACK_SETTINGS = {
@@ -47,13 +51,29 @@ SCRATCH_APP = {"name": "contract: app to edit", "runner": "scripted", "config": 
 MANAGE_ROLES = ("admin", "owner")
 # Long enough for create → get → cancel → cancel again → delete → get within one scenario.
 STATEFUL_STEPS = 12
+# Member routes act on this account, which exists nowhere: a run must not edit or remove real members (a
+# deployment's test team, or the key's own account) through ids it reads or infers from members.json.
+NO_ACCOUNT = "0" * 24
+# The run's own schemathesis hooks (a module path, imported by `st run` from the project root).
+HOOKS = "devtools.contract_hooks"
+# Statuses a schema-valid create may also answer, for the state it meets: besides schemathesis's defaults, 422 for an
+# `Idempotency-Key` already used with another body (the IETF draft's answer, documented on both operations), which
+# drawn keys hit as soon as two examples share one.
+IDEMPOTENT_CREATES = ["addSessionApi", "managedCreateSession"]
+VALID_REQUEST_STATUSES = ["2xx", "3xx", "401", "403", "404", "409", "422", "429", "5xx"]
+# Statuses that refuse an invalid request: schemathesis's defaults, and 413 for a body drawn over the size limit.
+INVALID_REQUEST_STATUSES = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429", "5xx"]
+# Operations only a browser session may call (an API key is a 403). The run has none, so each of its requests is
+# refused before its input is read: a JSON 401, or for a form post the 302 to the sign-in page a browser gets.
+BROWSER_ONLY = ["createApiKey", "revokeApiKey", "signOutEverywhere"]
+MISSING_HEADER_STATUSES = ["400", "401", "403", "406", "415", "422"]  # a missing X-CSRFToken, say
 
 
 @dataclass(frozen=True)
 class Options:
-    """How much to generate: bounded so a full run takes a minute or two."""
+    """How much to generate: bounded so a full run takes a few minutes at most."""
 
-    max_examples: int = 25
+    max_examples: int = 60
     phases: tuple[str, ...] = PHASES
     checks: tuple[str, ...] = CHECKS
     workers: int = 4
@@ -132,12 +152,16 @@ def schemathesis_config(targets: Targets) -> str:
 
     return "\n".join(
         [
+            f"hooks = {quote(HOOKS)}",
+            "",
             "[parameters]",
             f'"path.resourceSlug" = {quote(targets.team_id)}',
             f'"body.appId" = {quote(targets.app_id)}',
             "",
             "[auth.openapi.bearerAuth]",
             f"bearer = {quote(targets.api_key)}",
+            "",
+            f"[checks.negative_data_rejection]\nexpected-statuses = {quote(INVALID_REQUEST_STATUSES)}",
             "",
             f"[phases.stateful]\nmax-steps = {STATEFUL_STEPS}",
             # Ids seen in responses would otherwise be fed to the delete routes, removing the pinned objects
@@ -146,6 +170,16 @@ def schemathesis_config(targets: Targets) -> str:
             "",
             *pin(["getApp", "editApp"], "path.appId", targets.scratch_app_id),
             *pin(["getSessionMessages", "managedSessionEvents"], "path.sessionId", targets.session_id),
+            *pin(["editMember", "removeMember", "removeMemberForm"], "path.accountId", NO_ACCOUNT),
+            "[[operations]]",
+            f"include-operation-id = {quote(IDEMPOTENT_CREATES)}",
+            f"checks.positive_data_acceptance.expected-statuses = {quote(VALID_REQUEST_STATUSES)}",
+            "",
+            "[[operations]]",
+            f"include-operation-id = {quote(BROWSER_ONLY)}",
+            f"checks.negative_data_rejection.expected-statuses = {quote(['302', *INVALID_REQUEST_STATUSES])}",
+            f"checks.missing_required_header.expected-statuses = {quote(['302', *MISSING_HEADER_STATUSES])}",
+            "",
         ]
     )
 
@@ -225,7 +259,9 @@ def _parse_args(argv: Sequence[str] | None) -> Options:
     default_examples = int(os.environ.get("CONTRACT_MAX_EXAMPLES", Options.max_examples))
     parser.add_argument("--max-examples", type=int, default=default_examples, help="per operation and phase")
     parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated: " + ", ".join(PHASES))
-    parser.add_argument("--checks", default=",".join(CHECKS), help="comma-separated schemathesis checks, or 'all'")
+    parser.add_argument(
+        "--checks", default=",".join(CHECKS), help="comma-separated schemathesis checks, or 'all' (the default)"
+    )
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--max-failures", type=int, default=None)

@@ -43,7 +43,11 @@ POLL_INTERVAL = 0.5
 WEB_START_TIMEOUT = 60.0
 SEED_TIMEOUT = 120.0
 # The web app's listening socket is make run's own (see _listen); gunicorn gets it as fd://N.
-GUNICORN_OPTIONS = shlex.split("--workers 2 --threads 4 --graceful-timeout 5 --no-control-socket --access-logfile -")
+# gevent workers: an open live stream costs a greenlet, not a thread of a small pool (docs/DEPLOY.md).
+GUNICORN_OPTIONS = shlex.split(
+    "--workers 2 --worker-class gevent --worker-connections 1000 --graceful-timeout 5 --no-control-socket "
+    "--access-logfile -"
+)
 
 
 def say(message: str) -> None:

@@ -380,7 +380,8 @@ def _mongo_ready(server: ManagedProcess, deadline: float) -> None:
 def start_mongo(port: int | None = None, *, data_dir: str | None = None) -> ManagedProcess:
     """Start the mongoeco MongoDB-wire server on 127.0.0.1 and return once pymongo's `ping` succeeds.
 
-    With `data_dir` the data lives in a SQLite file there and survives restarts; otherwise it is in memory and a
+    With `data_dir` the data lives in a SQLite file there (mongoeco's SQLite engine as corrected by
+    `embedded_store.EmbeddedSQLiteEngine`) and survives restarts and a kill; otherwise it is in memory and a
     restart starts empty. Without `port` the server picks a free one itself (no race), and keeps it on restart.
     Raises RuntimeError if it is not ready within 20 s. url = mongodb://127.0.0.1:PORT/.
     """
@@ -402,12 +403,15 @@ def start_mongo(port: int | None = None, *, data_dir: str | None = None) -> Mana
 
 async def _serve_mongo(host: str, port: int, data_dir: str | None) -> None:
     # Imported here: only the server process needs mongoeco, and importing it costs start-up time.
-    from mongoeco.engines import MemoryEngine, SQLiteEngine
+    from mongoeco.engines import MemoryEngine
     from mongoeco.wire import AsyncMongoEcoProxyServer
+
+    from .embedded_store import EmbeddedSQLiteEngine
 
     if data_dir is not None:
         Path(data_dir).mkdir(parents=True, exist_ok=True)
-        engine = SQLiteEngine(str(Path(data_dir) / SQLITE_FILENAME))
+        # mongoeco's SQLite engine with its insert path corrected (see embedded_store.py).
+        engine = EmbeddedSQLiteEngine(str(Path(data_dir) / SQLITE_FILENAME))
     else:
         engine = MemoryEngine()
     stopping = asyncio.Event()

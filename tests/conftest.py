@@ -14,6 +14,7 @@ from pymongo.errors import PyMongoError
 from agentcloud_clone import create_app
 from agentcloud_clone.db import client_for, database_name, ensure_indexes_once
 from agentcloud_clone.jobs.watcher import stop_watchers
+from agentcloud_clone.notices import stop_dispatchers
 from devtools.servers import ManagedProcess, start_mongo, start_redis
 from tests.support import Client, Factory, User, make_test_config
 
@@ -61,6 +62,7 @@ def make_app(redis_server: ManagedProcess, mongo_uri_template: str) -> Iterator[
 
     yield _make
     stop_watchers()
+    stop_dispatchers()
     for app in made:
         uri = app.config["MONGO_URI"]
         with contextlib.suppress(PyMongoError):  # some tests point an app at a server that is not there

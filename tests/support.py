@@ -51,6 +51,7 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
     The deadline is generous on purpose: it bounds a hang, it does not measure speed."""
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
+    pause = 0.02  # quick at first, then gentler (a long wait polling over HTTP must not trip rate limits)
     while True:
         try:
             value = predicate()
@@ -61,7 +62,8 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = 
         if time.monotonic() > deadline:
             detail = f" (last error: {last_error!r})" if last_error else ""
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{detail}")
-        time.sleep(0.02)
+        time.sleep(pause)
+        pause = min(pause * 1.5, 0.25)
 
 
 @dataclass
@@ -162,3 +164,12 @@ def run_queued_turn(app: Flask, session_id: str | ObjectId) -> dict[str, Any]:
         doc = get_db().sessions.find_one({"_id": ObjectId(session_id)})
         assert doc is not None and doc.get("activeTurnId"), "the session has no queued turn"
         return run_turn(str(doc["teamId"]), str(doc["_id"]), str(doc["activeTurnId"]))
+
+
+def reply_was_cut_off(events: list[dict[str, Any]], turn_id: Any = None) -> bool:
+    """Whether a turn's reply is marked interrupted: on its last output event, or (when nothing was left to
+    write) on the event that closed the turn. The transcript is append-only, so it is one or the other."""
+    turn = str(turn_id) if turn_id is not None else next(e["turnId"] for e in events if e["type"] == "output")
+    outputs = [e for e in events if e["type"] == "output" and e.get("turnId") == turn]
+    closers = [e for e in events if e["type"] in ("status", "turn_end") and e.get("turnId") == turn]
+    return bool(outputs) and (bool(outputs[-1].get("interrupted")) or any(e.get("interrupted") for e in closers))

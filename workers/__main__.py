@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("indexes not ensured yet (MongoDB unavailable: %s); the reaper retries", exc)
     mode = args.mode or app.config["WORKER_MODE"]
     with app.app_context():
-        queues = args.queues or [app.config["TURN_QUEUE"]]
+        queues = args.queues or [app.config["TURN_QUEUE"], app.config["WEBHOOK_QUEUE"]]
         if mode == "thread":
             worker = _thread_worker(app, queues, args.name, args.concurrency or int(app.config["TURN_CONCURRENCY"]))
         else:

@@ -13,12 +13,14 @@ import os
 import socket
 import threading
 import time
+from typing import Any
 
 import redis
 from flask import Flask
 
 from ..db import ensure_indexes_once
 from ..queueing import redis_for
+from ..services import webhooks
 from ..services.sessions import sweep
 
 log = logging.getLogger(__name__)
@@ -65,11 +67,15 @@ def _take_turn(app: Flask, interval: float) -> bool:
         return True
 
 
-def reap_once(app: Flask) -> dict[str, list[str]]:
-    """One pass of the reaper (with the indexes in place first)."""
+def reap_once(app: Flask, heartbeat_timeout: float | None = None) -> dict[str, Any]:
+    """One pass of the reaper (with the indexes in place first): lost turns, limits, lost jobs, tombstones,
+    and webhook deliveries a crashed process never recorded."""
     ensure_indexes_once(app)
     with app.app_context():
-        return sweep(float(app.config["HEARTBEAT_TIMEOUT"]), float(app.config["REQUEUE_AFTER"]))
+        timeout = float(app.config["HEARTBEAT_TIMEOUT"]) if heartbeat_timeout is None else heartbeat_timeout
+        result: dict[str, Any] = sweep(timeout, float(app.config["REQUEUE_AFTER"]))
+        result["webhooks"] = webhooks.sweep_missed()
+        return result
 
 
 class ReaperLoop:

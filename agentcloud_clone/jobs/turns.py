@@ -105,7 +105,6 @@ class OutputWriter:
         self.turn_tokens = 0
         self.last_flush = time.monotonic()
         self.chars_written = 0
-        self.last_event_id: ObjectId | None = None
 
     def add(self, piece: Any) -> None:
         """Take one piece from the runner; raises OutputTooLongError past the turn's output limit."""
@@ -138,13 +137,11 @@ class OutputWriter:
         """Write what is buffered. A session no longer running this turn (ended elsewhere, deleted) sets the
         cancel handle, so the turn stops; a write MongoDB refuses raises TranscriptWriteError.
 
-        `interrupted` marks the turn's last output event (the one written now, or the previous one when
-        nothing is buffered) so readers can tell a cut-off reply from a finished one."""
+        `interrupted` marks the output written now as cut off. (The transcript is append-only: when nothing
+        is left to write, the turn's closing event says it was interrupted instead.)"""
         self.last_flush = time.monotonic()
         text, tokens = "".join(self.buffer), self.tokens
         if not text and not tokens:
-            if interrupted and self.last_event_id is not None:
-                sessions.mark_interrupted(self.session_id, self.last_event_id)
             return
         self.buffer, self.buffered, self.tokens = [], 0, 0
         try:
@@ -157,7 +154,6 @@ class OutputWriter:
             self.cancel.trigger("ended")
             return
         self.chars_written += len(text)
-        self.last_event_id = events[-1]["_id"]
 
 
 def _context_from_transcript(session_id: ObjectId, turn_id: ObjectId) -> tuple[str, list[dict[str, str]], int]:
@@ -273,7 +269,9 @@ def _stop(writer: OutputWriter, reason: EndReason, message: str, *, flush: bool 
             writer.flush(interrupted=True)
         except TranscriptWriteError as exc:
             reason, message = EndReason.ERROR, str(exc)
-    return sessions.end_turn(writer.team_id, writer.session_id, writer.turn_id, reason, message)
+    return sessions.end_turn(
+        writer.team_id, writer.session_id, writer.turn_id, reason, message, interrupted=writer.chars_written > 0
+    )
 
 
 def end_turn_abandoned(job: Any, reason: str, detail: str) -> bool:

@@ -192,11 +192,6 @@ def release_turn(team_id: ObjectId, session_id: ObjectId, turn_id: ObjectId, seq
     return done is not None
 
 
-def mark_event(session_id: ObjectId, event_id: ObjectId, **fields: Any) -> None:
-    """Set fields on one transcript event of the session."""
-    get_db().session_events.update_one({"_id": event_id, "sessionId": session_id}, {"$set": fields})
-
-
 def list_events(session_id: ObjectId, *, after: int, limit: int) -> list[dict[str, Any]]:
     """Transcript events with `seq > after`, oldest first; served by the `(sessionId, seq)` index."""
     cursor = get_db().session_events.find({"sessionId": session_id, "seq": {"$gt": after}}).sort("seq", 1)

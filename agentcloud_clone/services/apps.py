@@ -14,7 +14,7 @@ from ..errors import Conflict, InvalidInput, NotFound
 from ..repositories import apps as repo
 from ..repositories import sessions as sessions_repo
 from ..schemas import MASKED_SECRET, validate_runner_config
-from ..vocabulary import Runner
+from ..vocabulary import RUNNER_NAMES, Runner
 
 
 def _checked_config(runner: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -29,6 +29,14 @@ def _checked_config(runner: str, config: dict[str, Any]) -> dict[str, Any]:
             {"config": {"callable": ["Not in a module this installation allows (PYTHON_RUNNER_MODULES)."]}},
         )
     return checked
+
+
+def _fits(runner: str, config: dict[str, Any]) -> bool:
+    try:
+        _checked_config(runner, config)
+    except InvalidInput:
+        return False
+    return True
 
 
 def module_allowed(target: str, allowed_modules: Sequence[str]) -> bool:
@@ -82,7 +90,16 @@ def edit_app(team_id: ObjectId, app_id: ObjectId, changes: dict[str, Any]) -> di
                     {"config": {"apiKey": ["Re-enter the key when changing baseUrl."]}},
                 )
             config["apiKey"] = stored.get("apiKey")
-        changes["config"] = _checked_config(runner, config)
+        try:
+            changes["config"] = _checked_config(runner, config)
+        except InvalidInput:
+            # Well-formed, but not for the app as it stands (the same request succeeds on an app in another state):
+            # a switch to a runner that has no defaults, or settings that fit another runner than the app's.
+            if "config" not in changes:
+                raise Conflict(f"Switching this app to the {runner} runner needs that runner's settings.") from None
+            if "runner" not in changes and any(_fits(other, config) for other in RUNNER_NAMES if other != runner):
+                raise Conflict(f"These settings are not for this app's runner ({runner}); name the runner.") from None
+            raise
     updated = repo.update_app(team_id, app_id, changes)
     if updated is None:
         raise NotFound("No such app in this team.")

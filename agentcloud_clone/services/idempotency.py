@@ -36,8 +36,9 @@ def run_once(
     nothing, so the caller may retry with the same key."""
     if key is None:
         return action()[0]
-    if not key or len(key) > MAX_KEY_LENGTH or not key.isprintable():
-        raise InvalidInput(f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable characters.")
+    # Visible ASCII, as the IETF Idempotency-Key draft's sf-string allows; other bytes reach us as latin-1 guesses.
+    if not key or len(key) > MAX_KEY_LENGTH or not (key.isascii() and key.isprintable()):
+        raise InvalidInput(f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable ASCII characters.")
     keys = get_db().idempotency_keys
     try:
         record_id = keys.insert_one(

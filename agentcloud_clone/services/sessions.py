@@ -18,7 +18,7 @@ from typing import Any
 from bson import ObjectId
 from redis import RedisError
 
-from .. import queueing
+from .. import notices, queueing
 from ..access import SYSTEM, Actor
 from ..errors import Conflict, NotFound, Unavailable
 from ..repositories import sessions as repo
@@ -35,6 +35,7 @@ from ..vocabulary import (
     OnBusy,
     Status,
 )
+from . import webhooks
 
 log = logging.getLogger(__name__)
 CLAIMABLE: dict[str, Any] = {"status": {"$in": list(CLAIMABLE_STATUSES)}}
@@ -96,6 +97,18 @@ def transcript_is_final(session: dict[str, Any], last_seq_read: int) -> bool:
     """True once the session has ended and the reader has every event up to its closing one, so it can stop
     polling. (The closing event is the last `seq` the ending write reserved.)"""
     return is_ended(session) and last_seq_read >= int(session.get("eventSeq", 0))
+
+
+def _append(
+    scope: TeamScope, session_id: ObjectId, events: list[dict[str, Any]], **changes: Any
+) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]] | None:
+    """`repositories.sessions.append_events`, then announce what was written (live streams, webhooks) without
+    waiting for anyone to hear it."""
+    written = repo.append_events(scope, session_id, events, **changes)
+    if written is not None:
+        notices.publish_events(session_id, written[2])
+        webhooks.on_transcript(written[1], written[2])
+    return written
 
 
 # --- limits ----------------------------------------------------------------------------------------------------
@@ -184,6 +197,7 @@ def create_session(
         except RedisError:
             repo.delete_new_session(team["_id"], session["_id"])
             raise Unavailable(QUEUE_DOWN) from None
+    webhooks.on_session_started(session)
     return session
 
 
@@ -204,7 +218,7 @@ def send_message(
         limits = current.get("limits") or {}
         active = current.get("activeTurnId")
         if active is None:
-            written = repo.append_events(
+            written = _append(
                 team_id,
                 session_id,
                 [_message_event(text, turn_id, actor)],
@@ -225,7 +239,7 @@ def send_message(
         if len(current.get("queuedTurns") or []) >= MAX_QUEUED_TURNS:
             raise Conflict(f"{MAX_QUEUED_TURNS} messages are already waiting; wait for some to be answered.")
         interrupt = on_busy is OnBusy.INTERRUPT
-        written = repo.append_events(
+        written = _append(
             team_id,
             session_id,
             [_message_event(text, turn_id, actor, queued=True)],
@@ -310,7 +324,7 @@ def cancel_session(
     stamp = {"cancelledAt": now, "cancelledBy": actor.account_id}
     for _ in range(RETRIES):
         # Running: its worker ends it. Tried first, as the case a cancel is mostly for.
-        stamped = repo.append_events(
+        stamped = _append(
             scope,
             session_id,
             [cancel_event],
@@ -323,7 +337,7 @@ def cancel_session(
         # Idle, or a turn queued that no worker has claimed: nobody else would end it, so it ends now. The claim
         # requires no stamp, so either the worker claimed first (the write above applies next time round) or
         # this wins and the worker skips the turn.
-        ended = repo.append_events(
+        ended = _append(
             scope,
             session_id,
             [cancel_event, _closing_event(end_reason, _cancel_message(end_reason, reason))],
@@ -432,7 +446,7 @@ def record_output(
         events[-1]["tokens"] = tokens
     if interrupted:
         events[-1]["interrupted"] = True
-    written = repo.append_events(
+    written = _append(
         team_id,
         session_id,
         events,
@@ -441,11 +455,6 @@ def record_output(
         projection={"eventSeq": 1, "tokensUsed": 1},
     )
     return None if written is None else written[2]
-
-
-def mark_interrupted(session_id: ObjectId, event_id: ObjectId) -> None:
-    """Mark an output event as cut off (its turn was stopped after it was written)."""
-    repo.mark_event(session_id, event_id, interrupted=True)
 
 
 def complete_turn(
@@ -458,7 +467,7 @@ def complete_turn(
         where = {"activeTurnId": turn_id, "status": Status.RUNNING, **NOT_CANCELLED}
         event = _closing_event(EndReason.COMPLETED, "The agent ended the session.", turn_id)
         ending = _ending(EndReason.COMPLETED, utcnow())
-        return repo.append_events(team_id, session_id, [event], where=where, set_fields=ending) is not None
+        return _append(team_id, session_id, [event], where=where, set_fields=ending) is not None
     return _advance(team_id, session_id, turn_id, interrupted=interrupted, started=True)
 
 
@@ -482,9 +491,7 @@ def _advance(team_id: ObjectId, session_id: ObjectId, turn_id: ObjectId, *, inte
         if waiting:
             where["queuedTurns.0"] = waiting[0]
             fields = {"status": Status.WAITING, **_queued(waiting[0], limits, now)}
-            written = repo.append_events(
-                team_id, session_id, [event], where=where, set_fields=fields, pop={"queuedTurns": -1}
-            )
+            written = _append(team_id, session_id, [event], where=where, set_fields=fields, pop={"queuedTurns": -1})
             if written is not None:
                 _enqueue_or_leave_to_reaper(team_id, session_id, waiting[0])
                 return True
@@ -497,7 +504,7 @@ def _advance(team_id: ObjectId, session_id: ObjectId, turn_id: ObjectId, *, inte
                 "interruptTurnId": None,
                 **_deadline(limits, "idle", now),
             }
-            if repo.append_events(team_id, session_id, [event], where=where, set_fields=fields) is not None:
+            if _append(team_id, session_id, [event], where=where, set_fields=fields) is not None:
                 return True
     return False
 
@@ -519,6 +526,7 @@ def end_turn(
     message: str,
     *,
     where: dict[str, Any] | None = None,
+    interrupted: bool = False,
 ) -> dict[str, Any] | None:
     """End a live session whose active turn is `turn_id` (None: whatever it is), with its closing event.
 
@@ -546,10 +554,13 @@ def end_turn(
             "cancelledAt": cancelled_at if cancelled_at is not None else {"$exists": False},
             **(where or {}),
         }
-        written = repo.append_events(
+        closing = _closing_event(ending_reason, text, current.get("activeTurnId"))
+        if interrupted:
+            closing["interrupted"] = True  # the turn's output stops short
+        written = _append(
             team_id,
             session_id,
-            [_closing_event(ending_reason, text, current.get("activeTurnId"))],
+            [closing],
             where=guard,
             set_fields={**_ending(ending_reason, now), **extra},
         )

@@ -4,16 +4,32 @@ from __future__ import annotations
 
 from flask import Flask
 
-from . import account, apps, docs, errors, hooks, identity, managed_agents, pages, probes, ratelimits, sessions, teams
-from .parsing import BoundedBody, BoundedJSONProvider
+from . import (
+    account,
+    apps,
+    docs,
+    errors,
+    hooks,
+    identity,
+    managed_agents,
+    pages,
+    probes,
+    ratelimits,
+    sessions,
+    streams,
+    teams,
+    webhooks,
+)
+from .parsing import BoundedBody, BoundedJSONProvider, ItemIdConverter
 
-BLUEPRINTS = (account, apps, sessions, managed_agents, teams, pages, probes, docs)
+BLUEPRINTS = (account, apps, sessions, streams, managed_agents, teams, webhooks, pages, probes, docs)
 
 
 def init_app(app: Flask) -> None:
     """Register the blueprints, the error handlers, identity and CSRF, the request hooks and the limiter."""
     app.json = BoundedJSONProvider(app)
     app.wsgi_app = BoundedBody(app)  # type: ignore[method-assign]
+    app.url_map.converters["item"] = ItemIdConverter  # before the blueprints' rules use it
     errors.init_app(app)
     identity.init_app(app)
     for module in BLUEPRINTS:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, jsonify, redirect, render_template, request, session, url_for
+from flask import Blueprint, current_app, jsonify, redirect, render_template, request, session, url_for
 from flask_login import login_user, logout_user
 
 from ..access import Account, current_account, parse_id
@@ -37,6 +37,15 @@ def _sign_in() -> tuple[Account, str | None]:
     return account, data["next"]
 
 
+def _demo_login() -> dict[str, str] | None:
+    """The demo account's login, shown on the sign-in page of a development instance that has one."""
+    if current_app.config["ENV"] != "development":
+        return None
+    from ..cli import DEMO_EMAIL, DEMO_PASSWORD
+
+    return {"email": DEMO_EMAIL, "password": DEMO_PASSWORD} if accounts_repo.find_account_by_email(DEMO_EMAIL) else None
+
+
 def _browser_session_required(action: str) -> None:
     """Key management needs a person signed in with a browser: a stolen API key must not outlive its revocation
     by minting another."""
@@ -49,13 +58,16 @@ def _browser_session_required(action: str) -> None:
 def login() -> Any:
     """The sign-in form; a browser is sent on to `next` or its first team."""
     if request.method == "GET":
-        return render_template("login.html", next=request.args.get("next", ""))
+        return render_template("login.html", next=request.args.get("next", ""), demo_login=_demo_login())
     try:
         account, next_path = _sign_in()
     except NotSignedIn as exc:
         if wants_json():
             raise
-        return render_template("login.html", error=exc.message, next=request.form.get("next", "")), 401
+        page = render_template(
+            "login.html", error=exc.message, next=request.form.get("next", ""), demo_login=_demo_login()
+        )
+        return page, 401
     return redirect_or_json(safe_next(next_path, _home_for(account)), _id=account.id)
 
 

@@ -61,7 +61,7 @@ def _delete(team_id: ObjectId, appId: str) -> Any:
     return redirect_or_json(f"/{team_id}/apps", flash_message="App deleted.", _id=str(aid), ok=True)
 
 
-@bp.delete("/<resourceSlug>/forms/app/<appId>")
+@bp.delete("/<resourceSlug>/forms/app/<item:appId>")
 @require_team(Permission.APP_MANAGE)
 def delete_app(team_id: ObjectId, appId: str) -> Any:
     """Remove an app no live session depends on."""

@@ -97,6 +97,8 @@ def _operation(
         "path": path,
         "operation_id": operation_id,
         "anchor": f"op-{operation_id}",
+        # Earlier ids of the operation (`x-aliases`): shown beside the id, and anchors so old links still land.
+        "aliases": [{"name": alias, "anchor": f"op-{alias}"} for alias in op.get("x-aliases", [])],
         "summary": op.get("summary", ""),
         "description": prose(op.get("description")),
         "security": [" + ".join(requirement) or "none" for requirement in security] or ["none"],
@@ -169,11 +171,14 @@ def schema_label(schema: dict[str, Any]) -> Label:
                 label.extend(schema_label(part))
             return _nullable(schema, label)
     kind = schema.get("type", "any")
+    if isinstance(kind, list):  # OpenAPI 3.1: `type: [string, "null"]`
+        kinds = [k for k in kind if k != "null"]
+        kind = " | ".join(kinds) if kinds else "null"
     if kind == "array":
         return _nullable(schema, [("array of ", None), *schema_label(schema.get("items", {}))])
     details = []
     if "enum" in schema:
-        details.append(" | ".join(_scalar(v) for v in schema["enum"]))
+        details.append(" | ".join(_scalar(v) for v in schema["enum"] if v is not None))
     if "format" in schema:
         details.append(schema["format"])
     if "pattern" in schema:
@@ -186,7 +191,9 @@ def schema_label(schema: dict[str, Any]) -> Label:
 
 
 def _nullable(schema: dict[str, Any], label: Label) -> Label:
-    return [*label, (" or null", None)] if schema.get("nullable") else label
+    kind = schema.get("type")
+    nullable = schema.get("nullable") or (isinstance(kind, list) and "null" in kind and kind != ["null"])
+    return [*label, (" or null", None)] if nullable else label
 
 
 def _bounds(schema: dict[str, Any]) -> list[str]:

@@ -38,6 +38,7 @@ from ..vocabulary import CancelSource, OnBusy
 from .parsing import load_args, load_body
 from .ratelimits import bulk_cancel_limit, cancel_limit
 from .sessions import bulk_cancel_answer, cancel_fields, dump_session
+from .streams import stream_response
 
 bp = Blueprint("managed_agents", __name__, url_prefix="/api/managed-agents")
 
@@ -173,6 +174,13 @@ def send_message(sessionId: str) -> Any:
         session["teamId"], session["_id"], account.actor, data["message"], OnBusy(data["onBusy"])
     )
     return jsonify(session=dump_session(after)), 202
+
+
+@bp.get("/sessions/<sessionId>/stream")
+@declares_permission(Permission.SESSION_VIEW)
+def session_stream(sessionId: str) -> Any:
+    """The session's events as a live SSE stream, from `Last-Event-ID` (or `?after=`) to its end."""
+    return stream_response(session_for(current_account(), sessionId, Permission.SESSION_VIEW))
 
 
 @bp.delete("/sessions/<sessionId>")

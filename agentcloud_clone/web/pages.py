@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from bson import ObjectId
-from flask import Blueprint, Flask, g, redirect, render_template, request, session, url_for
+from flask import Blueprint, Flask, g, redirect, render_template, request, send_from_directory, session, url_for
 from flask_login import current_user
 
 from ..access import ROLES, Permission, app_for, current_account, has_permission, require_team, session_for
@@ -36,6 +36,12 @@ RUNNER_EXAMPLES = {
     Runner.PYTHON: {"callable": "agentcloud_clone.examples:echo", "options": {"times": 3, "delay": 0.2}},
 }
 TRANSCRIPT_PAGE = 1000
+
+
+@bp.get("/favicon.ico")
+def favicon() -> Any:
+    """Browsers ask for /favicon.ico whatever the page says: the same icon."""
+    return send_from_directory(bp.root_path + "/../static", "favicon.svg", mimetype="image/svg+xml", max_age=86400)
 
 
 @bp.get("/")
@@ -143,7 +149,11 @@ def transcript(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
         elif kind == EventType.CANCEL:
             reason = event.get("reason")
             items.append({"kind": "note", "text": f"Cancel requested: {reason}" if reason else "Cancel requested."})
-        elif kind == EventType.STATUS:
+        if kind in (EventType.STATUS, EventType.TURN_END) and event.get("interrupted"):
+            reply = replies.get(event.get("turnId") or "")
+            if reply is not None:
+                reply["interrupted"] = True  # the turn was cut off after its last output
+        if kind == EventType.STATUS:
             items.append(
                 {
                     "kind": "error" if event.get("status") == Status.ERROR else "note",

@@ -10,9 +10,10 @@ from flask import Flask, request
 from flask.json.provider import DefaultJSONProvider
 from flask_wtf.csrf import generate_csrf
 from marshmallow import Schema, ValidationError
+from werkzeug.routing import BaseConverter
 
 from ..errors import InvalidInput
-from ..schemas import MAX_JSON_DEPTH, json_problem
+from ..schemas import MAX_JSON_DEPTH, FormInput, json_problem
 from .identity import api_key_in_use
 
 
@@ -67,6 +68,14 @@ class BoundedJSONProvider(DefaultJSONProvider):
         return value
 
 
+class ItemIdConverter(BaseConverter):
+    """`<item:...>`: a path segment naming one item of a collection, so anything but `add`, the collection's create
+    route. `DELETE /<team>/forms/app/<appId>` would otherwise also match `/<team>/forms/app/add`, whose `Allow`
+    would then advertise a DELETE that can only fail. Malformed ids still reach the view, which answers 400."""
+
+    regex = r"(?!add$)[^/]+"
+
+
 def load_body(schema: Schema) -> dict[str, Any]:
     """The request body (JSON object or HTML form) validated by `schema`; InvalidInput with field errors."""
     if request.is_json:
@@ -79,7 +88,8 @@ def load_body(schema: Schema) -> dict[str, Any]:
         data = request.form.to_dict()
         data.pop("csrf_token", None)
     try:
-        loaded: dict[str, Any] = schema.load(data)
+        with FormInput(not request.is_json):
+            loaded: dict[str, Any] = schema.load(data)
     except ValidationError as exc:
         raise InvalidInput("Invalid input.", _messages(exc)) from None
     return loaded

@@ -13,11 +13,16 @@ PROGRAM_PATHS = frozenset({"/openapi.yaml", "/metrics", "/healthz", "/readyz"})
 
 
 def wants_json() -> bool:
-    """True for programs: JSON bodies, API keys, `Accept: application/json`, and the `.json`/`/api/` routes."""
-    if request.is_json or request.headers.get("Authorization", "").lower().startswith("bearer "):
-        return True  # a JSON body, or an API key (valid or not): a program, not a browser
+    """True for programs: JSON bodies, any `Authorization` header, `Accept: application/json`, and the
+    `.json`/`/api/` routes."""
+    if request.is_json or "Authorization" in request.headers:
+        # A JSON body, or credentials of any scheme, valid or malformed: browsers never send this header to an app
+        # that never asks for it, so a program gets its 401 as JSON rather than a redirect to the sign-in page.
+        return True
     if request.method not in ("GET", "HEAD", "POST"):
         return True  # HTML forms only GET and POST; anything else comes from a program
+    if "text/event-stream" in request.headers.get("Accept", ""):
+        return True  # an EventSource or SSE client
     if request.path.endswith(".json") or request.path.startswith("/api/") or request.path in PROGRAM_PATHS:
         return True
     best = request.accept_mimetypes.best_match(["text/html", "application/json"])

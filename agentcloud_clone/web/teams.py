@@ -78,7 +78,7 @@ def _remove(team_id: ObjectId, accountId: str) -> Any:
     return redirect_or_json(f"/{team_id}/members", flash_message="Member removed.", _id=accountId, ok=True)
 
 
-@bp.delete("/<resourceSlug>/forms/member/<accountId>")
+@bp.delete("/<resourceSlug>/forms/member/<item:accountId>")
 @require_team(Permission.TEAM_MANAGE)
 def remove_member(team_id: ObjectId, accountId: str) -> Any:
     """Take a member off the team; their next request no longer reaches it."""

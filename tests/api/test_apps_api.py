@@ -116,6 +116,50 @@ def test_settings_keys_mongodb_cannot_store_are_refused(factory, login):
         assert response.status_code == 400 and response.get_json()["errors"]["config"], options
 
 
+def test_create_routes_allow_only_post_and_item_deletes_do_not_match_them(factory, api_key_client):
+    """`/forms/<thing>/add` is not an item: `Allow` lists what the resource serves, and DELETE on it is a 405."""
+    user = factory.user("owner", api_key=True)
+    call = api_key_client(user)
+    for thing in ("app", "session", "member"):
+        path = f"/{user.team_id}/forms/{thing}/add"
+        assert set(call("OPTIONS", path).headers["Allow"].split(", ")) == {"POST", "OPTIONS"}, thing
+        refused = call("DELETE", path)
+        assert refused.status_code == 405 and set(refused.headers["Allow"].split(", ")) == {"POST", "OPTIONS"}, thing
+        assert call("DELETE", f"/{user.team_id}/forms/{thing}/adds").status_code == 400, thing  # still an id, malformed
+
+
+def test_upstream_base_url_is_an_ascii_http_url(factory, login):
+    """The same grammar openapi.yaml states: a host name or [IPv6], an optional port, visible ASCII after it."""
+    admin = login(factory.user("admin"))
+    path = f"/{admin.user.team_id}/forms/app/add"
+
+    def status(url: str) -> int:
+        body = {"name": "gpt", "runner": "openai", "config": {"model": "m", "baseUrl": url}}
+        return int(admin.json("POST", path, body).status_code)
+
+    for url in ("http://127.0.0.1:8001/v1", "https://api.example.com/v1?x=1", "http://[::1]:8080/", "http://llm"):
+        assert status(url) == 200, url
+    for url in ("https://\u00cf", "http://under_score", "http://host.", "http://a/b c", "http://a\n", "ftp://a"):
+        assert status(url) == 400, url
+
+
+def test_edits_that_only_the_apps_current_state_refuses_are_conflicts(factory, login):
+    """A well-formed edit that would succeed on an app in another state is a 409, not invalid input."""
+    admin = login(factory.user("admin"))
+    team = admin.user.team_id
+    app_id = factory.app_record(team)  # scripted
+    path = f"/{team}/forms/app/{app_id}/edit"
+    switch = admin.json("POST", path, {"runner": "python"})
+    assert switch.status_code == 409 and "settings" in switch.get_json()["message"]
+    foreign = admin.json("POST", path, {"config": {"model": "m"}})
+    assert foreign.status_code == 409 and "scripted" in foreign.get_json()["message"]
+    assert admin.json("POST", path, {"config": {"nonsense": 1}}).status_code == 400  # fits no runner
+    python = {"callable": "agentcloud_clone.examples:echo"}
+    assert admin.json("POST", path, {"runner": "python", "config": python}).status_code == 200
+    assert admin.json("POST", path, {"runner": "python", "name": "same runner keeps its settings"}).status_code == 200
+    assert admin.json("POST", path, {"runner": "scripted"}).status_code == 200  # scripted has defaults
+
+
 def _stored_config(app, app_id):
     from bson import ObjectId
 

@@ -192,3 +192,29 @@ def test_csrf_refusals_say_what_to_send(factory, login):
     assert "Content-Type: application/json" in delete.get_json()["message"]
     same_site = me.client.post(path, json={}, headers={"Origin": "http://localhost"})
     assert same_site.status_code == 404
+
+
+def test_any_authorization_header_gets_json_401_not_a_sign_in_redirect(app):
+    """A program's malformed credentials (another scheme, a bare token) are a 401 it can read, on form routes too."""
+    client = app.test_client()
+    for header in ("Basic dXNlcjpwYXNz", "ak_without_a_scheme", "Bearer"):
+        response = client.post(f"/{'a' * 24}/forms/app/{'b' * 24}/delete", headers={"Authorization": header})
+        assert response.status_code == 401, header
+        assert response.get_json()["code"] == 401, header
+    assert client.post(f"/{'a' * 24}/forms/app/{'b' * 24}/delete").status_code == 302  # a browser is still sent on
+
+
+def test_remember_is_a_json_boolean_or_a_form_checkbox(factory, app):
+    user = factory.user("member")
+    for value in (0, 1, "true", None):
+        body = {"email": user.email, "password": user.password, "remember": value}
+        refused = app.test_client().post("/forms/account/login", json=body)
+        assert refused.status_code == 400 and "remember" in refused.get_json()["errors"], value
+    assert app.test_client().post("/forms/account/login", json={**body, "remember": True}).status_code == 200
+    client = app.test_client()
+    page = client.get("/login").get_data(as_text=True)
+    token = page.split('name="csrf_token" value="')[1].split('"')[0]
+    form = {"email": user.email, "password": user.password, "remember": "true", "csrf_token": token}
+    signed_in = client.post("/login", data=form)
+    assert signed_in.status_code == 302
+    assert any(cookie.startswith("remember_token=") for cookie in signed_in.headers.getlist("Set-Cookie"))

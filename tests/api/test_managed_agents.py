@@ -160,3 +160,14 @@ def test_idempotency_key_is_per_user(factory, api_key_client):
     a = api_key_client(owner)("POST", "/api/managed-agents/sessions", {"appId": app_id}, headers=headers)
     b = api_key_client(colleague)("POST", "/api/managed-agents/sessions", {"appId": app_id}, headers=headers)
     assert a.get_json()["session"]["_id"] != b.get_json()["session"]["_id"]
+
+
+def test_idempotency_key_is_visible_ascii(factory, api_key_client):
+    user = factory.user("member", api_key=True)
+    call = api_key_client(user)
+    app_id = factory.app_record(user.team_id)
+    for key in ("caf\u00e9", "tab\there", "x" * 256):
+        refused = call("POST", "/api/managed-agents/sessions", {"appId": app_id}, headers={"Idempotency-Key": key})
+        assert refused.status_code == 400 and "ASCII" in refused.get_json()["message"], key
+    fine = call("POST", "/api/managed-agents/sessions", {"appId": app_id}, headers={"Idempotency-Key": "a b~!"})
+    assert fine.status_code == 201

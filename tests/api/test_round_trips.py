@@ -20,15 +20,17 @@ AUTH = 1  # the cookie's account lookup
 
 
 class CommandCounter(monitoring.CommandListener):
-    """Counts the commands sent to one database, from the moment `counting` is entered."""
+    """Counts the commands one thread sends to one database (pymongo calls listeners in the sending thread, so
+    the background threads of the process, such as the webhook emitter, are not counted)."""
 
     def __init__(self) -> None:
         self.database: str | None = None
+        self.thread: int | None = None
         self.commands: list[str] = []
         self._lock = threading.Lock()
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
-        if event.database_name == self.database:
+        if event.database_name == self.database and threading.get_ident() == self.thread:
             with self._lock:
                 self.commands.append(event.command_name)
 
@@ -41,7 +43,7 @@ class CommandCounter(monitoring.CommandListener):
     def count(self, action: Any) -> list[str]:
         """The commands `action()` sends."""
         with self._lock:
-            self.commands = []
+            self.commands, self.thread = [], threading.get_ident()
         action()
         with self._lock:
             return list(self.commands)

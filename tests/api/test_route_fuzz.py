@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
+import uuid
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -20,7 +22,7 @@ import marshmallow
 import pytest
 
 from agentcloud_clone.services import accounts as accounts_service
-from agentcloud_clone.services import bulk
+from agentcloud_clone.services import bulk, webhooks
 from tests.api.test_security_matrix import ROUTES
 
 SEED = 20261201
@@ -202,6 +204,9 @@ def app_settings() -> dict[str, Any]:
         "BULK_CANCEL_RATE_LIMIT": roomy,
         "LOGIN_RATE_LIMIT": roomy,
         "LOGIN_ADDRESS_RATE_LIMIT": roomy,
+        # Webhook endpoints on loopback, as the security matrix has them; live streams answer quickly.
+        "WEBHOOK_ALLOW_PRIVATE": True,
+        "SSE_HEARTBEAT": 0.2,
     }
 
 
@@ -234,7 +239,9 @@ class Fuzz:
         with self.app.app_context():
             operation = bulk.start_bulk_cancel(self.team_doc["_id"], self.factory.actor(self.owner), {"ids": []}, None)
             key = accounts_service.create_api_key(self.cookie_user.oid, "fuzz")[0]
+            hook = self.webhook() if "<webhookId>" in rule.rule or "<item:webhookId>" in rule.rule else {}
         return {
+            **hook,
             "resourceSlug": self.team,
             "sessionId": str(self.factory.session(self.owner, self.app_id)["_id"]),
             "appId": self.factory.app_record(self.team) if "app" in rule.rule else self.app_id,
@@ -244,6 +251,14 @@ class Fuzz:
             "filename": "app.css",
         }
 
+    def webhook(self) -> dict[str, str]:
+        """A webhook endpoint of the team with one delivery recorded (call within an app context)."""
+        team_id = self.team_doc["_id"]
+        endpoint, _ = webhooks.create_endpoint(team_id, "http://127.0.0.1:9/hook", [], self.factory.actor(self.owner))
+        webhooks.record_deliveries(team_id, [(f"fuzz:{uuid.uuid4().hex}", {"type": "session.started", "data": {}})])
+        delivery = webhooks.repo.list_deliveries(team_id, endpoint["_id"])[0]
+        return {"webhookId": str(endpoint["_id"]), "deliveryId": str(delivery["_id"])}
+
     def send(self, caller: str, method: str, path: str, endpoint: str, **kwargs: Any) -> None:
         headers = {"Accept": "application/json", **kwargs.pop("headers", {})}
         client = self.cookie if caller == "cookie" else self.app.test_client()
@@ -251,14 +266,20 @@ class Fuzz:
             headers.setdefault("Authorization", f"Bearer {self.key_user.api_key}")
         elif caller == "cookie" and method not in BODYLESS:
             headers.setdefault("X-CSRFToken", self.csrf)
-        response = client.open(path, method=method, headers=headers, **kwargs)
+        # Unbuffered, so a live stream (SSE) that opened is checked by its headers and closed, not read forever.
+        response = client.open(path, method=method, headers=headers, buffered=False, **kwargs)
         self.requests += 1
-        self.check(caller, method, path, kwargs, response)
+        try:
+            self.check(caller, method, path, kwargs, response)
+        finally:
+            response.close()
         if caller == "cookie" and (endpoint in SIGN_OUT or response.status_code == 401):
             self.sign_in()
 
     def check(self, caller: str, method: str, path: str, sent: dict[str, Any], response: Any) -> None:
         what = f"{caller} {method} {path[:120]} {str(sent)[:160]}"
+        if response.status_code == 200 and response.mimetype == "text/event-stream":
+            return
         text = response.get_data(as_text=True)
         if response.status_code >= 500:
             self.failures.append(f"{response.status_code} for {what}: {text[:200]}")
@@ -287,8 +308,9 @@ def _routes(app: Any) -> Iterator[tuple[Any, str]]:
 def _path(rule: Any, ids: dict[str, str], hostile: dict[str, str] | None = None) -> str:
     path = rule.rule
     for argument in rule.arguments:
-        value = (hostile or {}).get(argument) or quote(ids[argument], safe="")
-        path = path.replace(f"<path:{argument}>", value).replace(f"<{argument}>", value)
+        # A new route's unknown id is still an id of the right shape (one that exists nowhere).
+        value = (hostile or {}).get(argument) or quote(ids.get(argument, "0" * 24), safe="")
+        path = re.sub(rf"<(?:\w+:)?{argument}>", value, path)
     return path
 
 
@@ -385,7 +407,10 @@ def _for_caller(
         others = [case for case in cases if case.get("kind") != "path"]
         return rng.sample(others, (len(others) + 1) // 2) + rng.sample(paths, min(len(paths), 12))
     if caller == "anonymous":
-        probe = fuzz.app.test_client().open(_path(rule, ids), method=method, headers={"Accept": "application/json"})
+        probe = fuzz.app.test_client().open(
+            _path(rule, ids), method=method, headers={"Accept": "application/json"}, buffered=False
+        )
+        probe.close()
         if probe.status_code == 401:
             return rng.sample(cases, min(len(cases), 10))
     return cases

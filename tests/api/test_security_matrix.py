@@ -8,6 +8,7 @@ route comes from the permission its view declares (`required_permission`). Objec
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import pytest
 
 from agentcloud_clone.access import Permission, permissions_for
 from agentcloud_clone.services import accounts as accounts_service
-from agentcloud_clone.services import bulk
+from agentcloud_clone.services import bulk, webhooks
 from agentcloud_clone.services import sessions as sessions_service
 from agentcloud_clone.vocabulary import CancelSource
 from tests.support import PASSWORD
@@ -31,6 +32,7 @@ PUBLIC = {
     "account.login_json",
     "account.logout",
     "pages.index",
+    "pages.favicon",
     "docs.openapi_yaml",
     "docs.docs_page",
     "probes.healthz",
@@ -43,6 +45,8 @@ ID_PARAMS = {
     "keyId": "key",
     "accountId": "member",
     "operationId": "operation",
+    "webhookId": "webhook",
+    "deliveryId": "delivery",
 }
 
 
@@ -60,6 +64,8 @@ class Route:
     browser_only: bool = False
     # The body names the team (`teamId`), which is checked like a team slug.
     team_in_body: bool = False
+    # A live SSE stream: only its first line is read.
+    stream: bool = False
 
 
 ROUTES: dict[str, Route] = {
@@ -83,6 +89,7 @@ ROUTES: dict[str, Route] = {
     "sessions.delete_session": Route(fresh="ended-session"),
     "sessions.delete_session_form": Route(fresh="ended-session"),
     "sessions.bulk_cancel": Route(ok=202, body={"all": True}),
+    "streams.session_events": Route(stream=True),
     "sessions.operation_json": Route(),
     "managed_agents.cancel": Route(body={"sessionId": "{session}"}, body_id="session", fresh="idle-session"),
     "managed_agents.create_session": Route(ok=201, body={"appId": "{app}"}, body_id="app"),
@@ -93,6 +100,7 @@ ROUTES: dict[str, Route] = {
     "managed_agents.send_message": Route(ok=202, body={"message": "next"}, fresh="idle-session"),
     "managed_agents.bulk_cancel": Route(ok=202, body={"teamId": "{team}", "all": True}, team_in_body=True),
     "managed_agents.get_operation": Route(),
+    "managed_agents.session_stream": Route(stream=True),
     "teams.team_json": Route(),
     "teams.edit_team": Route(body={"limits": {"queueTtl": 600}}),
     "teams.list_members": Route(),
@@ -100,6 +108,13 @@ ROUTES: dict[str, Route] = {
     "teams.edit_member": Route(body={"role": "viewer"}, fresh="member"),
     "teams.remove_member": Route(fresh="member"),
     "teams.remove_member_form": Route(fresh="member"),
+    "webhooks.list_endpoints": Route(),
+    "webhooks.add_endpoint": Route(ok=201, body={"url": "http://127.0.0.1:9/hook"}),
+    "webhooks.rotate_secret": Route(fresh="webhook"),
+    "webhooks.delete_endpoint": Route(fresh="webhook"),
+    "webhooks.delete_endpoint_form": Route(fresh="webhook"),
+    "webhooks.list_deliveries": Route(),
+    "webhooks.redeliver": Route(ok=202),
     "pages.sessions_page": Route(),
     "pages.session_page": Route(),
     "pages.apps_page": Route(),
@@ -128,6 +143,8 @@ class World:
         other_session = factory.session(stranger, other_app, self.secret)
         with app.app_context():
             other_key = accounts_service.create_api_key(stranger.oid, self.secret)[0]
+            own_hook = self.webhook(self.own_team["_id"], self.owner)
+            other_hook = self.webhook(other_team["_id"], stranger)
             own_operation = bulk.start_bulk_cancel(self.own_team["_id"], factory.actor(self.owner), {"ids": []}, None)
             other_operation = bulk.start_bulk_cancel(other_team["_id"], factory.actor(stranger), {"ids": []}, None)
         self.ids = {
@@ -138,6 +155,7 @@ class World:
                 "member": None,
                 "operation": str(own_operation["_id"]),
                 "team": self.team,
+                **own_hook,
             },
             "other-team": {
                 "session": str(other_session["_id"]),
@@ -145,6 +163,7 @@ class World:
                 "key": str(other_key["_id"]),
                 "member": stranger.account_id,
                 "operation": str(other_operation["_id"]),
+                **other_hook,
             },
             "nonexistent": {
                 "session": "0" * 24,
@@ -152,9 +171,26 @@ class World:
                 "key": "2" * 24,
                 "member": "3" * 24,
                 "operation": "4" * 24,
+                "webhook": "5" * 24,
+                "delivery": "6" * 24,
             },
-            "malformed": {"session": "not-an-id", "app": "ZZZ", "key": "12", "member": "a" * 23, "operation": "x"},
+            "malformed": {
+                "session": "not-an-id",
+                "app": "ZZZ",
+                "key": "12",
+                "member": "a" * 23,
+                "operation": "x",
+                "webhook": "w",
+                "delivery": "d",
+            },
         }
+
+    def webhook(self, team_id: Any, user: Any) -> dict[str, str]:
+        """An endpoint of the team with one delivery recorded, as ids."""
+        endpoint, _ = webhooks.create_endpoint(team_id, "http://127.0.0.1:9/hook", [], self.factory.actor(user))
+        webhooks.record_deliveries(team_id, [(f"x:{uuid.uuid4().hex}", {"type": "session.started", "data": {}})])
+        delivery = webhooks.repo.list_deliveries(team_id, endpoint["_id"])[0]
+        return {"webhook": str(endpoint["_id"]), "delivery": str(delivery["_id"])}
 
     def fresh(self, kind: str | None) -> dict[str, str]:
         """Own ids with a fresh object of `kind` in place, for a request that may change or remove it."""
@@ -170,6 +206,9 @@ class World:
             ids["app"] = self.factory.app_record(self.team)
         elif kind == "member":
             ids["member"] = self.factory.user("member", self.own_team).account_id
+        elif kind == "webhook":
+            with self.app.app_context():
+                ids.update(self.webhook(self.own_team["_id"], self.owner))
         return ids
 
     def newcomer(self) -> str:
@@ -180,13 +219,18 @@ class World:
         return email
 
 
+@pytest.fixture
+def app_settings() -> dict[str, Any]:
+    return {"WEBHOOK_ALLOW_PRIVATE": True, "SSE_HEARTBEAT": 0.2}  # endpoints on loopback for the matrix
+
+
 def _routes(app: Any) -> list[tuple[str, str, str]]:
     routes = []
     for rule in app.url_map.iter_rules():
         if rule.endpoint in PUBLIC:
             continue
         for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
-            routes.append((rule.endpoint, method, rule.rule))
+            routes.append((rule.endpoint, method, re.sub(r"<\w+:(\w+)>", r"<\1>", rule.rule)))  # no converters
     return routes
 
 
@@ -240,8 +284,13 @@ def test_security_matrix(app, factory, actor):
             if actor != "anonymous":
                 headers["Authorization"] = f"Bearer {world.users[actor].api_key}"
             response = app.test_client().open(
-                path, method=method, json=body if method != "GET" else None, headers=headers
+                path, method=method, json=body if method != "GET" else None, headers=headers, buffered=not route.stream
             )
+            if route.stream and response.status_code == 200:
+                assert response.mimetype == "text/event-stream"
+                next(iter(response.response))  # the stream opened; its first line is enough
+                response.close()
+                continue
             expected = _expected(app, endpoint, rule, actor, case, id_kind)
             text = response.get_data(as_text=True)
             if response.status_code != expected:

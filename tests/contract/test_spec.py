@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tomllib
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from flask.testing import FlaskClient
 from openapi_spec_validator import validate
 
 from agentcloud_clone.web.docs import SPEC_PATH
+from devtools import contract
 
 from .conftest import spec_operations
 
@@ -67,6 +69,27 @@ def test_operation_ids_are_unique_and_every_operation_is_tagged(spec: dict[str, 
     assert len(ids) == len(set(ids))
     declared_tags = {tag["name"] for tag in spec["tags"]}
     assert all(op.get("tags") and set(op["tags"]) <= declared_tags for op in operations)
+
+
+def test_aliases_are_earlier_ids_that_name_no_other_operation(spec: dict[str, Any]) -> None:
+    operations = spec_operations(spec).values()
+    names = [op["operationId"] for op in operations] + [alias for op in operations for alias in op.get("x-aliases", [])]
+    assert len(names) == len(set(names))
+    links = [
+        link["operationId"]
+        for op in operations
+        for response in op["responses"].values()
+        for link in response.get("links", {}).values()
+    ]
+    assert set(links) <= {op["operationId"] for op in operations}, "a link names an alias or a missing operation"
+
+
+def test_the_contract_run_pins_operations_the_spec_has(spec: dict[str, Any]) -> None:
+    """devtools.contract configures schemathesis by operationId: a renamed operation must not drop out silently."""
+    targets = contract.Targets("http://127.0.0.1:1", "ak_x", "a" * 24, "b" * 24, "c" * 24, "d" * 24)
+    config = tomllib.loads(contract.schemathesis_config(targets))
+    named = {operation_id for entry in config["operations"] for operation_id in entry["include-operation-id"]}
+    assert named <= {op["operationId"] for op in spec_operations(spec).values()}
 
 
 def test_path_parameters_are_object_ids(spec: dict[str, Any]) -> None:
@@ -126,6 +149,8 @@ def test_the_docs_page_lists_every_operation(client: FlaskClient, spec: dict[str
     for (method, path), op in spec_operations(spec).items():
         assert f'id="op-{op["operationId"]}"' in html, (method, path)
         assert f'<code class="docs-path">{path}</code>' in html, (method, path)
+        for alias in op.get("x-aliases", []):  # old links to an operation still land on it
+            assert f'id="op-{alias}"' in html and f"<code>{alias}</code>" in html, (method, path, alias)
     for name in spec["components"]["schemas"]:
         assert f'id="schema-{name}"' in html
 

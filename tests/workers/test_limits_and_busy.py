@@ -10,6 +10,7 @@ import pytest
 from agentcloud_clone.errors import Conflict
 from agentcloud_clone.services import sessions as service
 from tests.fakes.openai_server import FakeOpenAI
+from tests.support import reply_was_cut_off
 
 
 def _turn_ends(harness: Any, session: dict[str, Any]) -> list[dict[str, Any]]:
@@ -48,8 +49,7 @@ def test_a_turn_over_its_duration_limit_ends_timed_out_while_others_are_untouche
     doc = harness.doc(slow)
     assert doc["status"] == "error" and doc["endReason"] == "timed_out"
     assert result[0]["outcome"] == "cancelled"
-    outputs = [e for e in harness.events(slow) if e["type"] == "output"]
-    assert outputs and outputs[-1]["interrupted"] is True
+    assert reply_was_cut_off(harness.events(slow))
     assert harness.doc(other)["status"] == "waiting"
 
 
@@ -119,8 +119,7 @@ def test_interrupting_message_stops_the_turn_keeps_its_output_and_runs_next(harn
     assert result[0]["outcome"] == "interrupted"
     ends = _turn_ends(harness, session)
     assert ends[0]["turnId"] == str(first_turn) and ends[0]["interrupted"] is True
-    outputs = [e for e in harness.events(session) if e["type"] == "output" and e["turnId"] == str(first_turn)]
-    assert outputs[-1]["interrupted"] is True
+    assert reply_was_cut_off(harness.events(session), first_turn)
     doc = harness.doc(session)
     assert doc["status"] == "waiting" and doc["activeTurnId"] is not None and doc.get("interruptTurnId") is None
     messages = [e for e in harness.events(session) if e["type"] == "message"]

@@ -1,0 +1,142 @@
+"""Webhook endpoints a team registered, and the deliveries made to them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from bson import ObjectId
+from pymongo import ReturnDocument
+from pymongo.errors import DuplicateKeyError
+
+from ..db import get_db
+from ..timeutil import utcnow
+from .sessions import EPOCH
+
+
+def insert_endpoint(doc: dict[str, Any]) -> dict[str, Any]:
+    """Store a new endpoint."""
+    doc["_id"] = get_db().webhook_endpoints.insert_one(doc).inserted_id
+    return doc
+
+
+def list_endpoints(team_id: ObjectId) -> list[dict[str, Any]]:
+    """The team's endpoints, newest first, without their secrets."""
+    cursor = get_db().webhook_endpoints.find({"teamId": team_id}, {"secret": 0}).sort("_id", -1).limit(100)
+    return list(cursor)
+
+
+def endpoints_with_secrets(team_id: ObjectId) -> list[dict[str, Any]]:
+    """The team's enabled endpoints, secrets included (for signing only)."""
+    return list(get_db().webhook_endpoints.find({"teamId": team_id, "disabled": {"$ne": True}}).limit(100))
+
+
+def teams_with_endpoints() -> list[ObjectId]:
+    """Every team that has at least one enabled endpoint."""
+    return [team for team in get_db().webhook_endpoints.distinct("teamId", {"disabled": {"$ne": True}}) if team]
+
+
+def find_endpoint(team_id: ObjectId, endpoint_id: ObjectId, *, with_secret: bool = False) -> dict[str, Any] | None:
+    """The team's endpoint."""
+    projection = None if with_secret else {"secret": 0}
+    return get_db().webhook_endpoints.find_one({"_id": endpoint_id, "teamId": team_id}, projection)
+
+
+def update_endpoint(team_id: ObjectId, endpoint_id: ObjectId, changes: dict[str, Any]) -> dict[str, Any] | None:
+    """Apply `changes` to the team's endpoint; the endpoint after (without its secret)."""
+    return get_db().webhook_endpoints.find_one_and_update(
+        {"_id": endpoint_id, "teamId": team_id},
+        {"$set": {**changes, "updatedAt": utcnow()}},
+        projection={"secret": 0},
+        return_document=ReturnDocument.AFTER,
+    )
+
+
+def delete_endpoint(team_id: ObjectId, endpoint_id: ObjectId) -> bool:
+    """Remove the team's endpoint and its delivery records."""
+    db = get_db()
+    if db.webhook_endpoints.delete_one({"_id": endpoint_id, "teamId": team_id}).deleted_count != 1:
+        return False
+    db.webhook_deliveries.delete_many({"endpointId": endpoint_id, "teamId": team_id})
+    return True
+
+
+def insert_delivery(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """Store a delivery once per (endpoint, event); None when that event already has one."""
+    try:
+        doc["_id"] = get_db().webhook_deliveries.insert_one(doc).inserted_id
+    except DuplicateKeyError:
+        return None
+    return doc
+
+
+def find_delivery(delivery_id: ObjectId) -> dict[str, Any] | None:
+    """A delivery by id (the delivery job's own lookup; the team is in the document)."""
+    return get_db().webhook_deliveries.find_one({"_id": delivery_id})
+
+
+def find_team_delivery(team_id: ObjectId, endpoint_id: ObjectId, delivery_id: ObjectId) -> dict[str, Any] | None:
+    """A delivery of the team's endpoint."""
+    return get_db().webhook_deliveries.find_one({"_id": delivery_id, "endpointId": endpoint_id, "teamId": team_id})
+
+
+def list_deliveries(team_id: ObjectId, endpoint_id: ObjectId, limit: int = 100) -> list[dict[str, Any]]:
+    """The endpoint's latest deliveries, newest first."""
+    cursor = get_db().webhook_deliveries.find({"endpointId": endpoint_id, "teamId": team_id}).sort("_id", -1)
+    return list(cursor.limit(limit))
+
+
+def record_attempt(delivery_id: ObjectId, attempt: dict[str, Any], changes: dict[str, Any]) -> None:
+    """Add an attempt to a delivery (keeping the latest 20) and apply `changes` (its status)."""
+    get_db().webhook_deliveries.update_one(
+        {"_id": delivery_id},
+        {"$push": {"attempts": {"$each": [attempt], "$slice": -20}}, "$set": changes, "$inc": {"attemptCount": 1}},
+    )
+
+
+def set_delivery(delivery_id: ObjectId, changes: dict[str, Any]) -> None:
+    """Apply `changes` to a delivery."""
+    get_db().webhook_deliveries.update_one({"_id": delivery_id}, {"$set": changes})
+
+
+def due_retries(now: datetime, limit: int = 1000) -> list[ObjectId]:
+    """Deliveries waiting for another attempt whose back-off is over; each is marked queued as it is taken, so
+    two reapers do not both queue it."""
+    db = get_db()
+    taken = []
+    query = {"status": "retrying", "nextAttemptAt": {"$gt": EPOCH, "$lte": now}}
+    for doc in db.webhook_deliveries.find(query, {"_id": 1}).limit(limit):
+        if db.webhook_deliveries.update_one(
+            {"_id": doc["_id"], "status": "retrying"}, {"$set": {"status": "queued"}}
+        ).modified_count:
+            taken.append(doc["_id"])
+    return taken
+
+
+def watermark(name: str) -> ObjectId | None:
+    """Where a sweep got to last time."""
+    doc = get_db().sweeps.find_one({"_id": name})
+    return doc.get("after") if doc else None
+
+
+def set_watermark(name: str, after: ObjectId) -> None:
+    """Remember where a sweep got to."""
+    get_db().sweeps.update_one({"_id": name}, {"$set": {"after": after, "at": utcnow()}}, upsert=True)
+
+
+def events_since(after: ObjectId, types: list[str], teams: list[ObjectId], limit: int) -> list[dict[str, Any]]:
+    """Transcript events written after `after` (by `_id`), of these types, in these teams, oldest first."""
+    query = {"_id": {"$gt": after}, "type": {"$in": types}, "teamId": {"$in": teams}}
+    return list(get_db().session_events.find(query).sort("_id", 1).limit(limit))
+
+
+def sessions_since(after: ObjectId, teams: list[ObjectId], limit: int) -> list[dict[str, Any]]:
+    """Sessions created after `after`, in these teams, oldest first."""
+    query = {"_id": {"$gt": after}, "teamId": {"$in": teams}}
+    return list(get_db().sessions.find(query, {"teamId": 1, "status": 1, "startDate": 1}).sort("_id", 1).limit(limit))
+
+
+def prune_deliveries(older_than: datetime) -> int:
+    """Forget deliveries older than `older_than`."""
+    cutoff = ObjectId.from_datetime(older_than)
+    return int(get_db().webhook_deliveries.delete_many({"_id": {"$lt": cutoff}}).deleted_count)

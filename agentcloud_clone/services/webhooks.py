@@ -1,0 +1,403 @@
+"""Signed webhooks: team admins register endpoints; sessions starting, turns completing, cancels being asked for
+and sessions ending are delivered to them, signed per Standard Webhooks, by RQ jobs with back-off.
+
+Nothing here holds up a request or a turn: the session service hands what it wrote to a background thread,
+which records the deliveries and queues their jobs; the reaper sweeps what a crashed process may have left
+(deliveries are unique per endpoint and event, so both paths together deliver once). Payloads are thin:
+ids, type, status, end reason, timestamps.
+
+Where a delivery may go is checked when the endpoint is saved and again at every attempt, against the
+addresses the name resolves to then, and the connection is made to the address that was checked: https
+only in production, and never loopback, private or link-local addresses unless WEBHOOK_ALLOW_PRIVATE.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+import logging
+import os
+import queue
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+import certifi
+import urllib3
+from bson import ObjectId
+from flask import Flask, current_app
+from standardwebhooks import Webhook
+
+from .. import queueing
+from ..access import Actor
+from ..errors import InvalidInput, NotFound
+from ..repositories import webhooks as repo
+from ..timeutil import utcnow
+from ..vocabulary import WEBHOOK_EVENTS, EventType, WebhookEvent
+
+log = logging.getLogger(__name__)
+MAX_ENDPOINTS = 20
+TIMEOUT = urllib3.Timeout(connect=3.0, read=5.0)
+KEEP_DELIVERIES = timedelta(days=7)
+# Which transcript event announces which webhook event.
+EVENT_FOR: dict[str, WebhookEvent] = {
+    EventType.CANCEL: WebhookEvent.CANCEL_REQUESTED,
+    EventType.TURN_END: WebhookEvent.TURN_COMPLETED,
+    EventType.STATUS: WebhookEvent.SESSION_ENDED,
+}
+
+
+def new_secret() -> str:
+    """A signing secret in the Standard Webhooks form: `whsec_` and 32 random bytes in base64."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+# --- where deliveries may go -----------------------------------------------------------------------------------
+
+
+def check_destination(url: str, settings: Mapping[str, Any]) -> tuple[str, str, int, str, list[str]]:
+    """The scheme, host, port, path and the resolved addresses a delivery to `url` may use now; InvalidInput
+    when the URL is malformed, not https where https is required, or resolves to an address not allowed."""
+    parts = urlsplit(url)
+    schemes = {"https"} if settings["WEBHOOK_REQUIRE_HTTPS"] else {"https", "http"}
+    if parts.scheme not in schemes or not parts.hostname or parts.username or parts.password:
+        raise InvalidInput(f"The URL must be {' or '.join(sorted(schemes))}://host/path, without credentials.")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
+    except (OSError, ValueError):
+        raise InvalidInput(f"The host {parts.hostname} cannot be resolved.") from None
+    addresses = sorted({str(info[4][0]) for info in infos})
+    if not settings["WEBHOOK_ALLOW_PRIVATE"]:
+        for address in addresses:
+            if not ipaddress.ip_address(address.split("%")[0]).is_global:
+                raise InvalidInput(
+                    f"The host {parts.hostname} resolves to {address}, which is not a public address; "
+                    "webhooks never go to loopback or private networks unless the operator allows it."
+                )
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return parts.scheme, parts.hostname, port, path, addresses
+
+
+# --- endpoints -------------------------------------------------------------------------------------------------
+
+
+def create_endpoint(team_id: ObjectId, url: str, event_types: list[str], actor: Actor) -> tuple[dict[str, Any], str]:
+    """Register an endpoint; returns it (without its secret) and the secret, shown only now."""
+    check_destination(url, current_app.config)
+    if len(repo.list_endpoints(team_id)) >= MAX_ENDPOINTS:
+        raise InvalidInput(f"A team has at most {MAX_ENDPOINTS} webhook endpoints.")
+    secret = new_secret()
+    now = utcnow()
+    doc = repo.insert_endpoint(
+        {
+            "teamId": team_id,
+            "url": url,
+            "eventTypes": event_types or list(WEBHOOK_EVENTS),
+            "secret": secret,
+            "disabled": False,
+            "createdAt": now,
+            "updatedAt": now,
+            "createdBy": actor.as_doc(),
+        }
+    )
+    _forget_teams()
+    return {k: v for k, v in doc.items() if k != "secret"}, secret
+
+
+def list_endpoints(team_id: ObjectId) -> list[dict[str, Any]]:
+    """The team's endpoints, newest first, without their secrets."""
+    return repo.list_endpoints(team_id)
+
+
+def get_endpoint(team_id: ObjectId, endpoint_id: ObjectId) -> dict[str, Any]:
+    """The team's endpoint (without its secret); NotFound otherwise."""
+    endpoint = repo.find_endpoint(team_id, endpoint_id)
+    if endpoint is None:
+        raise NotFound("No such webhook endpoint in this team.")
+    return endpoint
+
+
+def rotate_secret(team_id: ObjectId, endpoint_id: ObjectId) -> tuple[dict[str, Any], str]:
+    """Give the endpoint a new signing secret (shown only now); deliveries from now on are signed with it."""
+    secret = new_secret()
+    endpoint = repo.update_endpoint(team_id, endpoint_id, {"secret": secret})
+    if endpoint is None:
+        raise NotFound("No such webhook endpoint in this team.")
+    return endpoint, secret
+
+
+def delete_endpoint(team_id: ObjectId, endpoint_id: ObjectId) -> None:
+    """Remove the endpoint and its deliveries."""
+    if not repo.delete_endpoint(team_id, endpoint_id):
+        raise NotFound("No such webhook endpoint in this team.")
+    _forget_teams()
+
+
+def list_deliveries(team_id: ObjectId, endpoint_id: ObjectId) -> list[dict[str, Any]]:
+    """The endpoint's recent deliveries, newest first."""
+    get_endpoint(team_id, endpoint_id)
+    return repo.list_deliveries(team_id, endpoint_id)
+
+
+def redeliver(team_id: ObjectId, endpoint_id: ObjectId, delivery_id: ObjectId) -> dict[str, Any]:
+    """Send a delivery again now (with a fresh signature, the same `webhook-id`)."""
+    delivery = repo.find_team_delivery(team_id, endpoint_id, delivery_id)
+    if delivery is None:
+        raise NotFound("No such delivery for this endpoint.")
+    repo.set_delivery(delivery_id, {"status": "pending", "nextAttemptAt": utcnow()})
+    queueing.enqueue_webhook_delivery(str(delivery_id))
+    return {**delivery, "status": "pending"}
+
+
+# --- what gets delivered ----------------------------------------------------------------------------------------
+
+
+def _payload(kind: WebhookEvent, team_id: ObjectId, session_id: ObjectId, at: datetime, **data: Any) -> dict[str, Any]:
+    body = {"sessionId": str(session_id), "teamId": str(team_id), **{k: v for k, v in data.items() if v is not None}}
+    return {"type": str(kind), "timestamp": at.isoformat(), "data": body}
+
+
+def _items_for_events(events: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """(event key, payload) of each transcript event that webhooks announce."""
+    items = []
+    for event in events:
+        kind = EVENT_FOR.get(event["type"])
+        if kind is None:
+            continue
+        data: dict[str, Any] = {"seq": event["seq"], "turnId": event.get("turnId")}
+        if kind is WebhookEvent.SESSION_ENDED:
+            data.update(status=str(event.get("status")), endReason=str(event.get("endReason")))
+        elif kind is WebhookEvent.TURN_COMPLETED:
+            data.update(interrupted=bool(event.get("interrupted")) or None)
+        elif kind is WebhookEvent.CANCEL_REQUESTED:
+            data.update(source=event.get("source"), reason=event.get("reason"))
+        key = f"{event['sessionId']}:{event['seq']}"
+        items.append((key, _payload(kind, event["teamId"], event["sessionId"], event["createdAt"], **data)))
+    return items
+
+
+def _started_item(session: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    payload = _payload(
+        WebhookEvent.SESSION_STARTED, session["teamId"], session["_id"], session["startDate"], status="started"
+    )
+    return f"{session['_id']}:started", payload
+
+
+class _Emitter:
+    """One background thread per process turning announcements into deliveries and queued jobs."""
+
+    def __init__(self) -> None:
+        self.inbox: queue.Queue[tuple[Flask, ObjectId, list[tuple[str, dict[str, Any]]]]] = queue.Queue(10_000)
+        self.teams: tuple[float, set[ObjectId]] = (0.0, set())
+        threading.Thread(target=self._run, name="webhook-emitter", daemon=True).start()
+
+    def put(self, app: Flask, team_id: ObjectId, items: list[tuple[str, dict[str, Any]]]) -> None:
+        try:
+            self.inbox.put_nowait((app, team_id, items))
+        except queue.Full:
+            log.warning("webhook announcements dropped (backlog full); the reaper's sweep delivers them")
+
+    def settle(self, timeout: float) -> bool:
+        """Wait until every announcement so far is recorded (or `timeout` passes); True when it is."""
+        done = threading.Event()
+
+        def wait() -> None:
+            self.inbox.join()
+            done.set()
+
+        threading.Thread(target=wait, daemon=True).start()
+        return done.wait(timeout)
+
+    def _teams(self) -> set[ObjectId]:
+        fetched_at, teams = self.teams
+        if time.monotonic() - fetched_at > 5:
+            teams = set(repo.teams_with_endpoints())
+            self.teams = (time.monotonic(), teams)
+        return teams
+
+    def _run(self) -> None:
+        while True:
+            app, team_id, items = self.inbox.get()
+            try:
+                with app.app_context():
+                    if team_id in self._teams():
+                        record_deliveries(team_id, items)
+            except Exception:
+                log.exception("webhook deliveries not recorded; the reaper's sweep retries them")
+            finally:
+                self.inbox.task_done()
+
+
+_emitters: dict[int, _Emitter] = {}
+_emitters_lock = threading.Lock()
+
+
+def _emitter() -> _Emitter:
+    with _emitters_lock:
+        emitter = _emitters.get(os.getpid())
+        if emitter is None:
+            emitter = _emitters[os.getpid()] = _Emitter()
+        return emitter
+
+
+def settle(timeout: float = 10.0) -> bool:
+    """Wait until this process's webhook announcements so far are recorded and queued (shutdown, tests)."""
+    emitter = _emitters.get(os.getpid())
+    return emitter is None or emitter.settle(timeout)
+
+
+def _forget_teams() -> None:
+    """A team just gained or lost an endpoint: look again on the next announcement."""
+    emitter = _emitters.get(os.getpid())
+    if emitter is not None:
+        emitter.teams = (0.0, set())
+
+
+def on_transcript(session: dict[str, Any], events: list[dict[str, Any]]) -> None:
+    """The session service wrote these events: announce those webhooks care about (without waiting)."""
+    items = _items_for_events(events)
+    if items:
+        _emitter().put(current_app._get_current_object(), events[0]["teamId"], items)  # type: ignore[attr-defined]
+
+
+def on_session_started(session: dict[str, Any]) -> None:
+    """A session was created: announce it (without waiting)."""
+    _emitter().put(current_app._get_current_object(), session["teamId"], [_started_item(session)])  # type: ignore[attr-defined]
+
+
+def record_deliveries(team_id: ObjectId, items: list[tuple[str, dict[str, Any]]]) -> int:
+    """One delivery per endpoint subscribed to each item's type (once: keyed by endpoint and event), queued."""
+    queued = 0
+    for endpoint in repo.endpoints_with_secrets(team_id):
+        for key, payload in items:
+            if payload["type"] not in endpoint.get("eventTypes", WEBHOOK_EVENTS):
+                continue
+            delivery = repo.insert_delivery(
+                {
+                    "teamId": team_id,
+                    "endpointId": endpoint["_id"],
+                    "eventKey": key,
+                    "type": payload["type"],
+                    "payload": payload,
+                    "status": "pending",
+                    "attempts": [],
+                    "attemptCount": 0,
+                    "createdAt": utcnow(),
+                    "nextAttemptAt": utcnow(),
+                }
+            )
+            if delivery is not None:
+                queueing.enqueue_webhook_delivery(str(delivery["_id"]))
+                queued += 1
+    return queued
+
+
+def sweep_missed(window: timedelta = timedelta(minutes=10)) -> int:
+    """The reaper's part: queue retries whose back-off is over, and record deliveries a crashed process never
+    recorded (events and sessions since the last sweep, at most `window` back, of teams that have endpoints).
+    Deliveries already made are not made again. Returns how many were queued."""
+    teams = repo.teams_with_endpoints()
+    if not teams:
+        return 0
+    due = repo.due_retries(utcnow())
+    for delivery_id in due:
+        queueing.enqueue_webhook_delivery(str(delivery_id))
+    floor = ObjectId.from_datetime(utcnow() - window)
+    recorded = len(due)
+    events_after = max(repo.watermark("webhook-events") or floor, floor)
+    events = repo.events_since(events_after, list(EVENT_FOR), teams, 1000)
+    for team_id in {e["teamId"] for e in events}:
+        recorded += record_deliveries(team_id, _items_for_events([e for e in events if e["teamId"] == team_id]))
+    if events:
+        repo.set_watermark("webhook-events", events[-1]["_id"])
+    sessions_after = max(repo.watermark("webhook-sessions") or floor, floor)
+    started = repo.sessions_since(sessions_after, teams, 1000)
+    for session in started:
+        recorded += record_deliveries(session["teamId"], [_started_item(session)])
+    if started:
+        repo.set_watermark("webhook-sessions", started[-1]["_id"])
+    repo.prune_deliveries(utcnow() - KEEP_DELIVERIES)
+    return recorded
+
+
+# --- sending ---------------------------------------------------------------------------------------------------
+
+
+def retry_intervals() -> list[float]:
+    """Seconds to wait before each further attempt (WEBHOOK_RETRY_INTERVALS): at least a day in all by default."""
+    return [float(v) for v in current_app.config["WEBHOOK_RETRY_INTERVALS"]]
+
+
+def deliver(delivery_id: ObjectId) -> dict[str, Any]:
+    """Attempt one delivery: sign, send to the checked address, record the answer, and schedule the next attempt
+    (with back-off) or give up when the schedule is spent. Returns the attempt."""
+    delivery = repo.find_delivery(delivery_id)
+    if delivery is None or delivery["status"] == "delivered":
+        return {"skipped": True}
+    endpoint = repo.find_endpoint(delivery["teamId"], delivery["endpointId"], with_secret=True)
+    if endpoint is None or endpoint.get("disabled"):
+        repo.set_delivery(delivery_id, {"status": "failed", "error": "The endpoint was removed or disabled."})
+        return {"skipped": True}
+    body = json.dumps(delivery["payload"], separators=(",", ":"))
+    started = time.monotonic()
+    attempt: dict[str, Any] = {"at": utcnow()}
+    try:
+        scheme, host, port, path, addresses = check_destination(endpoint["url"], current_app.config)
+        # Signed afresh on every attempt (receivers refuse old timestamps), with the same webhook-id.
+        signed_at = datetime.now(UTC).replace(microsecond=0)
+        headers = {
+            "content-type": "application/json",
+            "user-agent": "agentcloud-clone-webhooks",
+            "webhook-id": str(delivery_id),
+            "webhook-timestamp": str(int(signed_at.timestamp())),
+            "webhook-signature": Webhook(endpoint["secret"]).sign(str(delivery_id), signed_at, body),
+        }
+        attempt["statusCode"] = _post(scheme, host, port, path, addresses[0], headers, body)
+    except InvalidInput as exc:
+        attempt["error"] = exc.message
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        attempt["error"] = f"{exc.__class__.__name__}: {exc}"[:500]
+    attempt["durationMs"] = round((time.monotonic() - started) * 1000, 1)
+    ok = 200 <= int(attempt.get("statusCode") or 0) < 300
+    intervals = retry_intervals()
+    made = int(delivery.get("attemptCount", 0)) + 1
+    if ok:
+        repo.record_attempt(delivery_id, attempt, {"status": "delivered", "deliveredAt": utcnow()})
+    elif made <= len(intervals):
+        # The reaper's sweep queues it again once this back-off is over.
+        due = utcnow() + timedelta(seconds=intervals[made - 1])
+        repo.record_attempt(delivery_id, attempt, {"status": "retrying", "nextAttemptAt": due})
+    else:
+        repo.record_attempt(delivery_id, attempt, {"status": "failed", "nextAttemptAt": None})
+    return attempt
+
+
+def _post(scheme: str, host: str, port: int, path: str, address: str, headers: dict[str, str], body: str) -> int:
+    """POST to the checked address (not to whatever the name resolves to by now), with TLS verified for `host`."""
+    host_header = host if port in (80, 443) else f"{host}:{port}"
+    pool: urllib3.HTTPConnectionPool
+    if scheme == "https":
+        pool = urllib3.HTTPSConnectionPool(
+            address,
+            port,
+            server_hostname=host,
+            assert_hostname=host,
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=certifi.where(),
+            timeout=TIMEOUT,
+            retries=False,
+        )
+    else:
+        pool = urllib3.HTTPConnectionPool(address, port, timeout=TIMEOUT, retries=False)
+    with pool:
+        response = pool.urlopen(
+            "POST", path, body=body.encode(), headers={**headers, "host": host_header}, redirect=False
+        )
+        return int(response.status)
