@@ -205,3 +205,20 @@ def test_query_integers_are_ascii_digits_only(admin, factory, digits):
         f"/api/managed-agents/sessions/{sid}/events?after={digits}",
     ):
         assert _error(admin.client.get(path))["errors"], path
+
+
+def test_a_stream_cursor_of_any_length_is_400(admin, factory):
+    team = admin.user.team_id
+    sid = factory.session(admin.user, factory.app_record(team), None)["_id"]
+    for path in (f"/{team}/session/{sid}/events", f"/api/managed-agents/sessions/{sid}/stream"):
+        for cursor in ("9" * 5000, "9" * 20, str(2**63), "\u0663", "-1"):
+            for query, headers in (({"after": cursor}, {}), ({}, {"Last-Event-ID": cursor})):
+                if headers and not cursor.isascii():
+                    continue  # not a header value
+                response = admin.client.get(
+                    path, query_string=query, headers={"Accept": "application/json", **headers}, buffered=False
+                )
+                try:
+                    _error(response)
+                finally:
+                    response.close()
