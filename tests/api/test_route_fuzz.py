@@ -222,6 +222,7 @@ class Fuzz:
         self.owner = factory.user("owner", self.team_doc)
         self.app_id = factory.app_record(self.team)
         self.csrf = ""
+        self.shared: dict[str, str] | None = None
         self.sign_in()
         self.failures: list[str] = []
         self.requests = 0
@@ -235,21 +236,34 @@ class Fuzz:
         self.csrf = response.get_json()["csrf"]
 
     def ids(self, rule: Any) -> dict[str, str]:
-        """Valid ids for the rule's path, fresh where a request may have used them up."""
+        """Valid ids for the rule's path: fresh objects where a request may change or remove them, shared ones for
+        reads (mongomock scans every document per query, so the fewer the faster)."""
+        changes = bool(rule.methods - {"GET", "HEAD", "OPTIONS"})
         with self.app.app_context():
-            operation = bulk.start_bulk_cancel(self.team_doc["_id"], self.factory.actor(self.owner), {"ids": []}, None)
-            key = accounts_service.create_api_key(self.cookie_user.oid, "fuzz")[0]
-            hook = self.webhook() if "<webhookId>" in rule.rule or "<item:webhookId>" in rule.rule else {}
-        return {
-            **hook,
-            "resourceSlug": self.team,
-            "sessionId": str(self.factory.session(self.owner, self.app_id)["_id"]),
-            "appId": self.factory.app_record(self.team) if "app" in rule.rule else self.app_id,
-            "accountId": self.factory.user("member", self.team_doc).account_id if "<accountId>" in rule.rule else "",
-            "operationId": str(operation["_id"]),
-            "keyId": str(key["_id"]),
-            "filename": "app.css",
-        }
+            if self.shared is None:
+                operation = bulk.start_bulk_cancel(
+                    self.team_doc["_id"], self.factory.actor(self.owner), {"ids": []}, None
+                )
+                self.shared = {
+                    "sessionId": str(self.factory.session(self.owner, self.app_id)["_id"]),
+                    "appId": self.app_id,
+                    "operationId": str(operation["_id"]),
+                    "keyId": str(accounts_service.create_api_key(self.cookie_user.oid, "fuzz")[0]["_id"]),
+                    "accountId": self.owner.account_id,
+                    "filename": "app.css",
+                }
+            ids = {"resourceSlug": self.team, **self.shared}
+            if changes and "<sessionId>" in rule.rule:
+                ids["sessionId"] = str(self.factory.session(self.owner, self.app_id)["_id"])
+            if changes and "<appId>" in rule.rule:
+                ids["appId"] = self.factory.app_record(self.team)
+            if changes and "<keyId>" in rule.rule:
+                ids["keyId"] = str(accounts_service.create_api_key(self.cookie_user.oid, "fuzz")[0]["_id"])
+            if changes and "<accountId>" in rule.rule:
+                ids["accountId"] = self.factory.user("member", self.team_doc).account_id
+            if "webhookId>" in rule.rule:
+                ids.update(self.webhook())
+        return ids
 
     def webhook(self) -> dict[str, str]:
         """A webhook endpoint of the team with one delivery recorded (call within an app context)."""
