@@ -182,6 +182,8 @@ class Config:
             "RATELIMIT_KEY_PREFIX", os.environ.get("RATELIMIT_KEY_PREFIX") or f"{values['REDIS_PREFIX']}:rl"
         )
         values.setdefault("RATELIMIT_STORAGE_URI", values["REDIS_URL"])
+        # "Keep me signed in" cookies travel only where the session cookie may (flask-login's default is never Secure).
+        values.setdefault("REMEMBER_COOKIE_SECURE", values["SESSION_COOKIE_SECURE"])
         values.setdefault("RATELIMIT_DEFAULT", values["DEFAULT_RATE_LIMIT"])
         low, high = self.POLL_INTERVAL_BOUNDS
         if not low <= float(values["CANCEL_POLL_INTERVAL"]) <= high:

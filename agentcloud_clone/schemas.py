@@ -42,20 +42,47 @@ class ObjectIdField(fields.Field[ObjectId]):
         return None if value is None else str(value)
 
 
-def _bad_key(value: Any) -> str | None:
-    """The first key, at any depth, that MongoDB cannot store or would read as an operator."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str) or key.startswith("$") or "." in key or "\x00" in key:
-                return str(key)
-            found = _bad_key(item)
-            if found is not None:
-                return found
-    elif isinstance(value, list):
-        for item in value:
-            found = _bad_key(item)
-            if found is not None:
-                return found
+# JSON nests at most this deep, in a body and in the settings a form spells as JSON text: far more than any request
+# needs, far less than what would exhaust the parser's recursion or MongoDB's nesting limit (100).
+MAX_JSON_DEPTH = 32
+INT64_RANGE = range(-(2**63), 2**63)
+
+
+def _is_text(value: str) -> bool:
+    """Whether `value` is Unicode text that UTF-8 (and so BSON) can hold: JSON's \\ud800 escapes spell lone
+    surrogates, which it cannot."""
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def json_problem(value: Any, max_depth: int = MAX_JSON_DEPTH, *, storable: bool = False) -> str | None:
+    """What is wrong with a parsed JSON value, or None: nesting deeper than `max_depth`, or text that is not
+    Unicode; with `storable`, also what MongoDB cannot store as given (a key it would read as an operator or
+    cannot hold, an integer beyond 64 bits). Checked without recursion, so no nesting exhausts the stack."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list) and depth > max_depth:
+            return f"nested more than {max_depth} levels deep"
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str) or not _is_text(key):
+                    return "keys must be Unicode text"
+                if storable and (key.startswith("$") or "." in key or "\x00" in key):
+                    return f"key {key!r} is not allowed: keys may not start with '$' or contain '.' or NUL"
+                stack.append((child, depth + 1))
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+        elif isinstance(item, str):
+            if not _is_text(item):
+                return "text must be Unicode (a lone surrogate such as \\ud800 is not)"
+        elif storable and isinstance(item, int) and not isinstance(item, bool) and item not in INT64_RANGE:
+            return "integers must fit in 64 bits"
     return None
 
 
@@ -92,13 +119,13 @@ class JsonObjectField(fields.Field[dict[str, Any]]):
                 return {}
             try:
                 value = json.loads(value)
-            except ValueError:
-                raise ValidationError("Must be a JSON object.") from None
+            except (ValueError, RecursionError):
+                raise ValidationError(f"Must be a JSON object (nested at most {MAX_JSON_DEPTH} levels).") from None
         if not isinstance(value, dict):
             raise ValidationError("Must be a JSON object.")
-        bad = _bad_key(value)
-        if bad is not None:
-            raise ValidationError(f"Key {bad!r} is not allowed: keys may not start with '$' or contain '.' or NUL.")
+        problem = json_problem(value, storable=True)
+        if problem is not None:
+            raise ValidationError(f"Not storable: {problem}.")
         return value
 
 

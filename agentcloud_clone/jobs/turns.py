@@ -199,7 +199,7 @@ def run_turn(team_id: str, session_id: str, turn_id: str) -> dict[str, Any]:
         user_message, history, number = _context_from_transcript(sid, turn)
         ctx = TurnContext(
             session=session,
-            app=app_doc,
+            app=apps_service.without_secrets(app_doc),
             user_message=user_message,
             history=history,
             cancel=cancel,

@@ -150,6 +150,15 @@ def delete_app(team_id: ObjectId, app_id: ObjectId) -> None:
         raise NotFound("No such app in this team.")
 
 
+def without_secrets(app: dict[str, Any]) -> dict[str, Any]:
+    """The app as a turn's context holds it: an upstream key shows only as the mask (the key itself travels in
+    the turn's grant, to the runner that sends it)."""
+    config = dict(app.get("config") or {})
+    if config.get("apiKey"):
+        config["apiKey"] = MASKED_SECRET
+    return {**app, "config": config}
+
+
 def _same_endpoint(a: str | None, b: str | None) -> bool:
     return (a or "").rstrip("/") == (b or "").rstrip("/")
 

@@ -37,7 +37,8 @@ MAX_CURSOR = 2**63 - 1
 def _cursor() -> int:
     """Where the client wants to resume: `Last-Event-ID`, else `?after=`, else the start."""
     raw = request.headers.get("Last-Event-ID") or request.args.get("after") or "0"
-    if not (raw.isascii() and raw.isdigit()) or int(raw) > MAX_CURSOR:
+    # The length first: int() refuses (ValueError) strings of more than 4,300 digits.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > len(str(MAX_CURSOR)) or int(raw) > MAX_CURSOR:
         raise InvalidInput("Last-Event-ID (or ?after=) must be an event seq: a whole number from 0.")
     return int(raw)
 
