@@ -19,13 +19,12 @@ The context holds no secrets: the upstream key of an `openai` app is handed to t
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..services.apps import module_allowed
+from ..services.apps import UnusableCallableError, load_runner_callable
 from ..vocabulary import Runner
 from .watcher import CancelHandle
 
@@ -202,13 +201,10 @@ def _stream_chat(ctx: TurnContext, grant: TurnGrant, client: Any) -> Iterator[Pi
 def python_callable(ctx: TurnContext, grant: TurnGrant) -> Iterable[Any]:
     """A user callable named `module:function` in the app's settings, from a module the operator allows."""
     target = (ctx.app.get("config") or {})["callable"]
-    if not module_allowed(target, grant.allowed_modules):
-        raise RunnerError(f"the runner callable {target!r} is not in a module this installation allows")
-    module_name, _, function_name = target.partition(":")
     try:
-        function = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError):
-        raise RunnerError(f"cannot load the runner callable {target!r}") from None
+        function = load_runner_callable(target, grant.allowed_modules)
+    except UnusableCallableError as exc:
+        raise RunnerError(f"the runner callable {target!r} cannot be used: {exc}") from None
     pieces: Iterable[Any] = function(ctx)
     return pieces
 

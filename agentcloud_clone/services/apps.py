@@ -3,7 +3,9 @@ upstream key goes only where the app said it goes when the key was entered."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import importlib
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from bson import ObjectId
@@ -24,11 +26,11 @@ def _checked_config(runner: str, config: dict[str, Any]) -> dict[str, Any]:
     except ValidationError as exc:
         messages = exc.messages if isinstance(exc.messages, dict) else {"config": exc.messages}
         raise InvalidInput("Invalid runner settings.", messages) from None
-    if runner == Runner.PYTHON and not module_allowed(checked["callable"], allowed_runner_modules()):
-        raise InvalidInput(
-            "Invalid runner settings.",
-            {"config": {"callable": ["Not in a module this installation allows (PYTHON_RUNNER_MODULES)."]}},
-        )
+    if runner == Runner.PYTHON:
+        try:
+            load_runner_callable(checked["callable"], allowed_runner_modules())
+        except UnusableCallableError as exc:
+            raise InvalidInput("Invalid runner settings.", {"config": {"callable": [str(exc)]}}) from None
     return checked
 
 
@@ -44,6 +46,27 @@ def module_allowed(target: str, allowed_modules: Sequence[str]) -> bool:
     """Whether `module:function` lies in one of the allowed modules (or their submodules)."""
     module_name = target.partition(":")[0]
     return any(module_name == m or module_name.startswith(f"{m}.") for m in allowed_modules)
+
+
+class UnusableCallableError(Exception):
+    """A `python` runner's `module:function` that this installation will not call (the message says why)."""
+
+
+def load_runner_callable(target: str, allowed_modules: Sequence[str]) -> Callable[..., Any]:
+    """The function `module:function` names: public, defined in that module (not merely imported there, which
+    would reach any name an allowed module happens to import), and the module in the operator's allow-list."""
+    if not module_allowed(target, allowed_modules):
+        raise UnusableCallableError("Not in a module this installation allows (PYTHON_RUNNER_MODULES).")
+    module_name, _, function_name = target.partition(":")
+    if function_name.startswith("_"):
+        raise UnusableCallableError("Name a public function: one whose name does not start with an underscore.")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError):
+        raise UnusableCallableError(f"There is no function {function_name!r} in module {module_name!r}.") from None
+    if not inspect.isfunction(function) or function.__module__ != module_name:
+        raise UnusableCallableError(f"{target!r} is not a function defined in module {module_name!r}.")
+    return function
 
 
 def allowed_runner_modules() -> list[str]:
