@@ -6,11 +6,12 @@ import io
 import json
 from typing import Any
 
-from flask import Flask, request
+from flask import Flask, current_app, request
 from flask.json.provider import DefaultJSONProvider
 from flask_wtf.csrf import generate_csrf
 from marshmallow import Schema, ValidationError
-from werkzeug.routing import BaseConverter
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import BaseConverter, Map
 
 from ..errors import InvalidInput
 from ..schemas import MAX_JSON_DEPTH, FormInput, json_problem
@@ -68,12 +69,46 @@ class BoundedJSONProvider(DefaultJSONProvider):
         return value
 
 
+class PathSegmentConverter(BaseConverter):
+    """The default `<...>`: one path segment, which may be empty. `POST /<team>/forms/session//cancel` then
+    reaches the cancel view, whose id check answers 400 (as for any malformed id, after the sign-in and team
+    checks), instead of routing's 404 or 405 saying nothing of the missing id."""
+
+    regex = r"[^/]*"
+
+
 class ItemIdConverter(BaseConverter):
     """`<item:...>`: a path segment naming one item of a collection, so anything but `add`, the collection's create
     route. `DELETE /<team>/forms/app/<appId>` would otherwise also match `/<team>/forms/app/add`, whose `Allow`
-    would then advertise a DELETE that can only fail. Malformed ids still reach the view, which answers 400."""
+    would then advertise a DELETE that can only fail. Malformed (and empty) ids still reach the view: 400."""
 
-    regex = r"(?!add$)[^/]+"
+    regex = r"(?!add$)[^/]*"
+
+
+_STAND_IN = "0" * 24
+
+
+def empty_leading_parameter() -> str | None:
+    """The route parameter a path leaves empty in its first segment (`//sessions.json`), if any: werkzeug strips
+    a path's leading slashes before routing, so that one empty segment never reaches a converter."""
+    # `request.path` has the leading slashes folded already; the WSGI path (latin-1 text of the bytes) has not.
+    path = request.environ.get("PATH_INFO", "").encode("latin-1").decode("utf-8", "replace")
+    if not path.startswith("//"):
+        return None
+    adapter = current_app.url_map.bind_to_environ(request.environ)
+    try:
+        _, values = adapter.match(f"/{_STAND_IN}{path[1:]}", method=request.method)
+    except HTTPException:
+        return None
+    return next((name for name, value in values.items() if value == _STAND_IN), None)
+
+
+def use_path_converters(url_map: Map) -> None:
+    """Path segments that may be empty, and no merging of `//` (which would turn an empty id into another
+    route); before any rule is added."""
+    url_map.converters["default"] = PathSegmentConverter
+    url_map.converters["item"] = ItemIdConverter
+    url_map.merge_slashes = False
 
 
 def load_body(schema: Schema) -> dict[str, Any]:

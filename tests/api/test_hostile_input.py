@@ -222,3 +222,42 @@ def test_a_stream_cursor_of_any_length_is_400(admin, factory):
                     _error(response)
                 finally:
                     response.close()
+
+
+def _route_paths_with_one_empty_id(app: Any, team: str) -> list[tuple[str, str, str]]:
+    """(method, path, parameter) for every route and every id in its path, that id left empty, the others set."""
+    import re
+
+    from bson import ObjectId
+
+    cases = []
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        method = sorted(rule.methods - {"HEAD", "OPTIONS"})[0]
+        for empty in sorted(rule.arguments):
+
+            def fill(match: re.Match[str], empty: str = empty) -> str:
+                name = match.group(1)
+                return "" if name == empty else team if name == "resourceSlug" else str(ObjectId())
+
+            cases.append((method, re.sub(r"<(?:\w+:)?(\w+)>", fill, rule.rule), empty))
+    return cases
+
+
+def test_an_empty_id_anywhere_in_a_path_is_400_on_every_route(app, admin):
+    # `POST /<team>/forms/session//cancel` was a 405 (and `//sessions.json` a 404) saying nothing of the id.
+    cases = _route_paths_with_one_empty_id(app, admin.user.team_id)
+    assert len(cases) > 60 and ("POST", f"/{admin.user.team_id}/forms/session//cancel", "sessionId") in cases
+    for method, path, empty in cases:
+        response = admin.json(method, "/", {}, environ_overrides={"PATH_INFO": path})
+        assert response.status_code == 400, (method, path, response.status_code)
+        body = _error(response)
+        assert empty in body["message"] or "id" in body["message"].lower(), (method, path, body)
+    # Signed out, the sign-in check still comes first wherever it does for a malformed id.
+    stranger = app.test_client()
+    assert stranger.post(f"/{admin.user.team_id}/forms/session//cancel", json={}).status_code == 401
+    # `//sessions.json` names no team at all; werkzeug folds leading slashes before routing, so it is told here.
+    # (The test client would read `//x` as a host, as a browser does; an HTTP request line keeps it.)
+    empty_team = stranger.get("/", environ_overrides={"PATH_INFO": "//sessions.json"})
+    assert empty_team.status_code == 400 and "resourceSlug" in empty_team.get_json()["message"]
