@@ -24,6 +24,7 @@ from .errors import DomainError, InvalidInput, NotFound
 from .jobs.reaper import reap_once
 from .repositories import accounts as accounts_repo
 from .repositories import apps as apps_repo
+from .sealing import reseal_all
 from .services import accounts as accounts_service
 from .services import apps as apps_service
 from .vocabulary import RUNNER_NAMES
@@ -255,6 +256,13 @@ def init_app(app: Flask) -> None:
     def seed_demo_command() -> None:
         """Create (or reuse) the demo user, team, app and a fresh API key."""
         _emit(seed_demo())
+
+    @app.cli.command("reseal-secrets")
+    @_reports_errors
+    def reseal_secrets_command() -> None:
+        """Seal every stored app key and webhook secret under the current SECRET_KEY (after a rotation, with the
+        old key in SECRET_KEY_FALLBACKS) → {"resealed", "unreadable"}."""
+        _emit(reseal_all(current_app.config))
 
     @app.cli.command("reap")
     @click.option("--timeout", type=float, default=None, help="Heartbeat age in seconds (default HEARTBEAT_TIMEOUT).")

@@ -97,6 +97,8 @@ class Config:
             "ENV": env,
             "VAR_DIR": str(var_dir),
             "SECRET_KEY": os.environ.get("SECRET_KEY"),
+            # Earlier SECRET_KEYs, still accepted for sign-in cookies and sealed secrets while rotating.
+            "SECRET_KEY_FALLBACKS": _env_list("SECRET_KEY_FALLBACKS", ""),
             "MONGO_URI": os.environ.get("MONGO_URI", make_run.get("MONGO_URI", "mongodb://127.0.0.1:27017/agentcloud")),
             "REDIS_URL": os.environ.get("REDIS_URL", make_run.get("REDIS_URL", "redis://127.0.0.1:6379/0")),
             # Namespaces this deployment's metrics and cancel channel on a shared Redis.

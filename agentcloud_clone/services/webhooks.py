@@ -38,6 +38,7 @@ from .. import queueing
 from ..access import Actor
 from ..errors import InvalidInput, NotFound
 from ..repositories import webhooks as repo
+from ..sealing import UnsealError, seal, unseal
 from ..timeutil import utcnow
 from ..vocabulary import WEBHOOK_EVENTS, EventType, WebhookEvent
 
@@ -100,7 +101,7 @@ def create_endpoint(team_id: ObjectId, url: str, event_types: list[str], actor: 
             "teamId": team_id,
             "url": url,
             "eventTypes": event_types or list(WEBHOOK_EVENTS),
-            "secret": secret,
+            "secret": seal(secret, current_app.config),
             "disabled": False,
             "createdAt": now,
             "updatedAt": now,
@@ -127,7 +128,7 @@ def get_endpoint(team_id: ObjectId, endpoint_id: ObjectId) -> dict[str, Any]:
 def rotate_secret(team_id: ObjectId, endpoint_id: ObjectId) -> tuple[dict[str, Any], str]:
     """Give the endpoint a new signing secret (shown only now); deliveries from now on are signed with it."""
     secret = new_secret()
-    endpoint = repo.update_endpoint(team_id, endpoint_id, {"secret": secret})
+    endpoint = repo.update_endpoint(team_id, endpoint_id, {"secret": seal(secret, current_app.config)})
     if endpoint is None:
         raise NotFound("No such webhook endpoint in this team.")
     return endpoint, secret
@@ -357,11 +358,15 @@ def deliver(delivery_id: ObjectId) -> dict[str, Any]:
             "user-agent": "agentcloud-clone-webhooks",
             "webhook-id": str(delivery_id),
             "webhook-timestamp": str(int(signed_at.timestamp())),
-            "webhook-signature": Webhook(endpoint["secret"]).sign(str(delivery_id), signed_at, body),
+            "webhook-signature": Webhook(unseal(endpoint["secret"], current_app.config)).sign(
+                str(delivery_id), signed_at, body
+            ),
         }
         attempt["statusCode"] = _post(scheme, host, port, path, addresses[0], headers, body)
     except InvalidInput as exc:
         attempt["error"] = exc.message
+    except UnsealError as exc:
+        attempt["error"] = f"{exc} Rotate the endpoint's secret."
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         attempt["error"] = f"{exc.__class__.__name__}: {exc}"[:500]
     attempt["durationMs"] = round((time.monotonic() - started) * 1000, 1)

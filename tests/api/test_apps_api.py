@@ -91,6 +91,7 @@ def test_saving_the_masked_upstream_key_keeps_the_stored_one(factory, login, app
     from bson import ObjectId
 
     from agentcloud_clone.db import get_db
+    from agentcloud_clone.sealing import unseal
 
     admin = login(factory.user("admin"))
     team = admin.user.team_id
@@ -104,7 +105,9 @@ def test_saving_the_masked_upstream_key_keeps_the_stored_one(factory, login, app
     )
     with app.app_context():
         stored = get_db().apps.find_one({"_id": ObjectId(app_id)})["config"]
-    assert stored["apiKey"] == "sk-real-secret" and stored["model"] == "m2"
+    # Stored sealed (sealing.py), and still the key that was entered.
+    assert stored["apiKey"].startswith("sealed:v1:") and "sk-real-secret" not in stored["apiKey"]
+    assert unseal(stored["apiKey"], app.config) == "sk-real-secret" and stored["model"] == "m2"
 
 
 def test_settings_keys_mongodb_cannot_store_are_refused(factory, login):
@@ -161,12 +164,16 @@ def test_edits_that_only_the_apps_current_state_refuses_are_conflicts(factory, l
 
 
 def _stored_config(app, app_id):
+    """The app's settings as stored, its sealed key opened."""
     from bson import ObjectId
 
     from agentcloud_clone.db import get_db
+    from agentcloud_clone.sealing import is_sealed, unseal
 
     with app.app_context():
-        return get_db().apps.find_one({"_id": ObjectId(app_id)})["config"]
+        config = get_db().apps.find_one({"_id": ObjectId(app_id)})["config"]
+    assert "apiKey" not in config or is_sealed(config["apiKey"])
+    return {**config, "apiKey": unseal(config["apiKey"], app.config)} if "apiKey" in config else config
 
 
 def test_changing_where_a_key_is_sent_needs_the_key_again_by_json_and_by_form(factory, login, app):
