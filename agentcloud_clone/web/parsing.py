@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from flask import request
 from flask.json.provider import DefaultJSONProvider
 from flask_wtf.csrf import generate_csrf
 from marshmallow import Schema, ValidationError
-from werkzeug.routing import BaseConverter
+from werkzeug.routing import BaseConverter, Map
 
 from ..errors import InvalidInput
 from ..schemas import FormInput
@@ -47,11 +48,36 @@ class BoundedJSONProvider(DefaultJSONProvider):
 
 
 class ItemIdConverter(BaseConverter):
-    """`<item:...>`: a path segment naming one item of a collection, so anything but `add`, the collection's create
-    route. `DELETE /<team>/forms/app/<appId>` would otherwise also match `/<team>/forms/app/add`, whose `Allow`
-    would then advertise a DELETE that can only fail. Malformed ids still reach the view, which answers 400."""
+    """`<item:...>`: a path segment naming one item of a collection, so anything but the names of the collection's
+    own routes beside it (`add`, its create route). `DELETE /<team>/forms/app/<appId>` would otherwise also match
+    `/<team>/forms/app/add`, whose `Allow` would then advertise a DELETE that can only fail. Malformed ids still
+    reach the view, which answers 400."""
 
-    regex = r"(?!add$)[^/]+"
+    siblings: tuple[str, ...] = ("add",)
+
+    def __init__(self, url_map: Map, *args: Any, **kwargs: Any) -> None:
+        super().__init__(url_map, *args, **kwargs)
+        names = "|".join(re.escape(name) for name in self.siblings)
+        self.regex = rf"(?!(?:{names})$)[^/]+"
+
+
+class SessionItemConverter(ItemIdConverter):
+    """`<session_item:...>`: a session under `/<team>/forms/session/`, beside its `add` and `bulk-cancel` routes."""
+
+    siblings = ("add", "bulk-cancel")
+
+
+class ManagedSessionItemConverter(ItemIdConverter):
+    """`<managed_session:...>`: a session under `/api/managed-agents/sessions/`, beside its `bulk-cancel` route."""
+
+    siblings = ("bulk-cancel",)
+
+
+CONVERTERS: dict[str, type[BaseConverter]] = {
+    "item": ItemIdConverter,
+    "session_item": SessionItemConverter,
+    "managed_session": ManagedSessionItemConverter,
+}
 
 
 def load_body(schema: Schema) -> dict[str, Any]:

@@ -223,7 +223,7 @@ def _delete(team_id: ObjectId, sessionId: str) -> Any:
     return redirect_or_json(f"/{team_id}/sessions", flash_message="Session deleted.", _id=str(sid), ok=True)
 
 
-@bp.delete("/<resourceSlug>/forms/session/<item:sessionId>")
+@bp.delete("/<resourceSlug>/forms/session/<session_item:sessionId>")
 @require_team(Permission.SESSION_DELETE)
 def delete_session(team_id: ObjectId, sessionId: str) -> Any:
     """Remove an ended session and its transcript."""
