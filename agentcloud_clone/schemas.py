@@ -72,6 +72,27 @@ class QueryInteger(fields.Integer):
 FormInput = Context[bool]
 
 
+class JsonNumber(fields.Float):
+    """A JSON number. Numeric text (`"5"`) and booleans are refused: these values always come typed, from a JSON
+    body or from JSON text in a form field."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> float:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise self.make_error("invalid")
+        return float(super()._deserialize(value, attr, data, **kwargs))
+
+
+class JsonInteger(fields.Integer):
+    """A JSON integer: a whole number (`5`, or `5.0`, which JSON Schema counts as one too). Numeric text, booleans
+    and fractions are refused, where marshmallow's Integer would take `"5"` and cut `5.5` to `5`."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not whole:
+            raise self.make_error("invalid")
+        return int(super()._deserialize(int(value), attr, data, **kwargs))
+
+
 class FormBoolean(fields.Boolean):
     """A JSON `true`/`false`; from an HTML form, the text a checkbox sends (`on`, `true`, ...). `0` is not one."""
 
@@ -128,10 +149,10 @@ DAY = 86400
 class LimitsSchema(Strict):
     """Limits that end a session for its team (per app, with team defaults); unset means no limit."""
 
-    queueTtl = fields.Float(allow_none=True, validate=validate.Range(min=1, max=7 * DAY))
-    maxTurnSeconds = fields.Float(allow_none=True, validate=validate.Range(min=1, max=7 * DAY))
-    idleTimeout = fields.Float(allow_none=True, validate=validate.Range(min=1, max=90 * DAY))
-    tokenBudget = fields.Integer(allow_none=True, strict=True, validate=validate.Range(min=1, max=10**9))
+    queueTtl = JsonNumber(allow_none=True, validate=validate.Range(min=1, max=7 * DAY))
+    maxTurnSeconds = JsonNumber(allow_none=True, validate=validate.Range(min=1, max=7 * DAY))
+    idleTimeout = JsonNumber(allow_none=True, validate=validate.Range(min=1, max=90 * DAY))
+    tokenBudget = JsonInteger(allow_none=True, validate=validate.Range(min=1, max=10**9))
 
 
 class LimitsField(JsonObjectField):
@@ -454,11 +475,11 @@ class MessagesArgs(ListEventsArgs):
 class ScriptedRunnerConfig(Strict):
     """The built-in deterministic agent: streams `steps` pieces, `stepDelay` seconds apart."""
 
-    steps = fields.Integer(load_default=8, validate=validate.Range(min=1, max=1_000_000))
-    stepDelay = fields.Float(load_default=0.25, validate=validate.Range(min=0, max=60))
+    steps = JsonInteger(load_default=8, validate=validate.Range(min=1, max=1_000_000))
+    stepDelay = JsonNumber(load_default=0.25, validate=validate.Range(min=0, max=60))
     reply = fields.String(load_default=None, validate=validate.Length(max=10_000))
-    endAfterTurns = fields.Integer(load_default=None, validate=validate.Range(min=1, max=10_000))
-    failAtStep = fields.Integer(load_default=None, validate=validate.Range(min=1, max=10_000))
+    endAfterTurns = JsonInteger(load_default=None, validate=validate.Range(min=1, max=10_000))
+    failAtStep = JsonInteger(load_default=None, validate=validate.Range(min=1, max=10_000))
 
 
 # An http(s) URL of ASCII: a host name or [IPv6 address], an optional port, then any visible characters. openapi.yaml
@@ -476,9 +497,9 @@ class OpenAIRunnerConfig(Strict):
     baseUrl = fields.String(load_default=None, validate=validate.Regexp(BASE_URL, error="Must be an http(s) URL."))
     apiKey = fields.String(load_default=None, validate=validate.Length(max=500))
     systemPrompt = fields.String(load_default=None, validate=validate.Length(max=20_000))
-    temperature = fields.Float(load_default=None, validate=validate.Range(min=0, max=2))
-    maxTokens = fields.Integer(load_default=None, validate=validate.Range(min=1, max=1_000_000))
-    timeout = fields.Float(load_default=60.0, validate=validate.Range(min=1, max=600))
+    temperature = JsonNumber(load_default=None, validate=validate.Range(min=0, max=2))
+    maxTokens = JsonInteger(load_default=None, validate=validate.Range(min=1, max=1_000_000))
+    timeout = JsonNumber(load_default=60.0, validate=validate.Range(min=1, max=600))
 
 
 class PythonRunnerConfig(Strict):
