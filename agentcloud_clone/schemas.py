@@ -105,10 +105,10 @@ class FormBoolean(fields.Boolean):
 
 
 class JsonObjectField(fields.Field[dict[str, Any]]):
-    """A JSON object, given as an object (JSON clients) or as JSON text (HTML forms)."""
+    """A JSON object, given as an object (JSON clients) or as JSON text (HTML forms, whose values are all text)."""
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> dict[str, Any]:
-        if isinstance(value, str):
+        if isinstance(value, str) and FormInput.get(False):
             if not value.strip():
                 return {}
             try:
@@ -203,7 +203,7 @@ class VariableNamesField(fields.List[str]):
         super().__init__(name, validate=validate.Length(max=MAX_VARIABLES), **kwargs)
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> list[Any]:
-        if isinstance(value, str):  # an HTML form: names separated by commas
+        if isinstance(value, str) and FormInput.get(False):  # an HTML form: names separated by commas
             value = [item.strip() for item in value.split(",") if item.strip()]
         names = super()._deserialize(value, attr, data, **kwargs)
         return list(dict.fromkeys(names))
@@ -306,7 +306,7 @@ class SessionCreateSchema(Strict):
     name = fields.String(load_default=None, validate=validate.Length(max=200))
     message = fields.String(load_default=None, validate=validate.Length(max=100_000))
     # Create the session without running a turn; a first `message` is recorded and answered by `start`.
-    skipRun = fields.Boolean(load_default=False)
+    skipRun = FormBoolean(load_default=False)
     variables = VariablesField(load_default=None)
     resourceSlug = ObjectIdField(load_default=None)
     _csrf = CsrfEcho
@@ -395,9 +395,9 @@ class BulkCancelSchema(Strict):
         default_timezone=UTC,
         validate=validate.Range(min=datetime(1970, 1, 1, tzinfo=UTC), max=datetime(2106, 1, 1, tzinfo=UTC)),
     )
-    all = fields.Boolean()
+    all = FormBoolean()
     reason = CancelReason
-    dryRun = fields.Boolean(load_default=False)
+    dryRun = FormBoolean(load_default=False)
 
     @post_load
     def _some_criterion(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
