@@ -187,7 +187,10 @@ def cancel_session(team_id: ObjectId, sessionId: str) -> Any:
 
 
 def bulk_cancel_answer(team_id: ObjectId, account: Any, data: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    """Count (dry run) or start a bulk cancel; the answer's body and status (200 or 202), for both families."""
+    """Count (dry run) or start a bulk cancel; the answer's body and status (200 or 202), for both families. A dry
+    run stores nothing under its Idempotency-Key, which is checked all the same."""
+    key = request.headers.get("Idempotency-Key")
+    idempotency.check_key(key)
     if data["dryRun"]:
         return {"dryRun": True, "count": bulk.count(team_id, data["criteria"])}, 200
 
@@ -196,7 +199,7 @@ def bulk_cancel_answer(team_id: ObjectId, account: Any, data: dict[str, Any]) ->
         return {"operation": operation_out.dump(operation), "operationId": str(operation["_id"])}, None
 
     request_hash = idempotency.fingerprint({"bulk": str(team_id), **data})
-    result = idempotency.run_once(account.object_id, request.headers.get("Idempotency-Key"), request_hash, start)
+    result = idempotency.run_once(account.object_id, key, request_hash, start)
     return result, 202
 
 
