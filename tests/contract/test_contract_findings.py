@@ -116,3 +116,14 @@ def test_every_stream_cursor_sent_is_checked(spec, factory, api_key_client, oper
         response = call("GET", path + query, headers=headers, buffered=False)
         response.close()
         assert response.status_code == 400, (query, headers)
+
+
+def test_a_dry_run_checks_its_idempotency_key(spec, factory, api_key_client):
+    admin = factory.user("admin", api_key=True)
+    path = f"/{admin.team_id}/forms/session/bulk-cancel"
+    body = {"all": True, "dryRun": True}
+    call = api_key_client(admin)
+    for key in ("", "x" * 256, "caf\u00e9"):
+        response = call("POST", path, body, headers={"Idempotency-Key": key.encode().decode("latin-1")})
+        assert response.status_code == 400, key
+    assert call("POST", path, body, headers={"Idempotency-Key": "k1"}).status_code == 200

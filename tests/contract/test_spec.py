@@ -112,6 +112,8 @@ def test_every_operation_documents_its_failure_codes(spec: dict[str, Any]) -> No
             assert {"413"} <= codes, (method, path)
         if any(_resolve(spec, p)["in"] in ("path", "query") for p in op.get("parameters", [])):
             assert "400" in codes, (method, path)
+        if any(_resolve(spec, p)["in"] == "query" for p in op.get("parameters", [])):
+            assert "414" in codes, (method, path)  # gunicorn's answer to a request line over its limit
 
 
 def test_form_routes_document_the_browser_redirect(app: Flask, spec: dict[str, Any]) -> None:
