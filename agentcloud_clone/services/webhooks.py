@@ -36,7 +36,7 @@ from standardwebhooks import Webhook
 
 from .. import queueing
 from ..access import Actor
-from ..errors import InvalidInput, NotFound
+from ..errors import Conflict, InvalidInput, NotFound
 from ..repositories import webhooks as repo
 from ..sealing import UnsealError, seal, unseal
 from ..timeutil import utcnow
@@ -65,7 +65,10 @@ def new_secret() -> str:
 def check_destination(url: str, settings: Mapping[str, Any]) -> tuple[str, str, int, str, list[str]]:
     """The scheme, host, port, path and the resolved addresses a delivery to `url` may use now; InvalidInput
     when the URL is malformed, not https where https is required, or resolves to an address not allowed."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unbalanced `[` or `]` in the host
+        raise InvalidInput("The URL is malformed.") from None
     schemes = {"https"} if settings["WEBHOOK_REQUIRE_HTTPS"] else {"https", "http"}
     if parts.scheme not in schemes or not parts.hostname or parts.username or parts.password:
         raise InvalidInput(f"The URL must be {' or '.join(sorted(schemes))}://host/path, without credentials.")
@@ -93,7 +96,7 @@ def create_endpoint(team_id: ObjectId, url: str, event_types: list[str], actor: 
     """Register an endpoint; returns it (without its secret) and the secret, shown only now."""
     check_destination(url, current_app.config)
     if len(repo.list_endpoints(team_id)) >= MAX_ENDPOINTS:
-        raise InvalidInput(f"A team has at most {MAX_ENDPOINTS} webhook endpoints.")
+        raise Conflict(f"A team has at most {MAX_ENDPOINTS} webhook endpoints.")
     secret = new_secret()
     now = utcnow()
     doc = repo.insert_endpoint(

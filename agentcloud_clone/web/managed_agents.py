@@ -153,7 +153,7 @@ def list_sessions() -> Any:
     return jsonify(sessions=[dump_session(s) for s in page], nextBefore=next_before)
 
 
-@bp.get("/sessions/<sessionId>")
+@bp.get("/sessions/<managed_session:sessionId>")
 @declares_permission(Permission.SESSION_VIEW)
 def get_session(sessionId: str) -> Any:
     """One session in the caller's teams."""
@@ -191,7 +191,7 @@ def session_stream(sessionId: str) -> Any:
     return stream_response(session_for(current_account(), sessionId, Permission.SESSION_VIEW))
 
 
-@bp.delete("/sessions/<sessionId>")
+@bp.delete("/sessions/<managed_session:sessionId>")
 @declares_permission(Permission.SESSION_DELETE)
 def delete_session(sessionId: str) -> Any:
     """Remove an ended session and its transcript; 409 while it is active."""

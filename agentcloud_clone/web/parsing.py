@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from typing import Any
 
 from flask import Flask, current_app, request
@@ -78,13 +79,37 @@ class PathSegmentConverter(BaseConverter):
 
 
 class ItemIdConverter(BaseConverter):
-    """`<item:...>`: a path segment naming one item of a collection, so anything but `add`, the collection's create
-    route. `DELETE /<team>/forms/app/<appId>` would otherwise also match `/<team>/forms/app/add`, whose `Allow`
-    would then advertise a DELETE that can only fail. Malformed (and empty) ids still reach the view: 400."""
+    """`<item:...>`: a path segment naming one item of a collection, so anything but the names of the collection's
+    own routes beside it (`add`, its create route). `DELETE /<team>/forms/app/<appId>` would otherwise also match
+    `/<team>/forms/app/add`, whose `Allow` would then advertise a DELETE that can only fail. Malformed (and empty)
+    ids still reach the view, which answers 400."""
 
-    regex = r"(?!add$)[^/]*"
+    siblings: tuple[str, ...] = ("add",)
+
+    def __init__(self, url_map: Map, *args: Any, **kwargs: Any) -> None:
+        super().__init__(url_map, *args, **kwargs)
+        names = "|".join(re.escape(name) for name in self.siblings)
+        self.regex = rf"(?!(?:{names})$)[^/]*"
 
 
+class SessionItemConverter(ItemIdConverter):
+    """`<session_item:...>`: a session under `/<team>/forms/session/`, beside its `add` and `bulk-cancel` routes."""
+
+    siblings = ("add", "bulk-cancel")
+
+
+class ManagedSessionItemConverter(ItemIdConverter):
+    """`<managed_session:...>`: a session under `/api/managed-agents/sessions/`, beside its `bulk-cancel` route."""
+
+    siblings = ("bulk-cancel",)
+
+
+CONVERTERS: dict[str, type[BaseConverter]] = {
+    "default": PathSegmentConverter,
+    "item": ItemIdConverter,
+    "session_item": SessionItemConverter,
+    "managed_session": ManagedSessionItemConverter,
+}
 _STAND_IN = "0" * 24
 
 
@@ -106,8 +131,7 @@ def empty_leading_parameter() -> str | None:
 def use_path_converters(url_map: Map) -> None:
     """Path segments that may be empty, and no merging of `//` (which would turn an empty id into another
     route); before any rule is added."""
-    url_map.converters["default"] = PathSegmentConverter
-    url_map.converters["item"] = ItemIdConverter
+    url_map.converters.update(CONVERTERS)
     url_map.merge_slashes = False
 
 

@@ -195,7 +195,10 @@ def cancel_session(team_id: ObjectId, sessionId: str) -> Any:
 
 
 def bulk_cancel_answer(team_id: ObjectId, account: Any, data: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    """Count (dry run) or start a bulk cancel; the answer's body and status (200 or 202), for both families."""
+    """Count (dry run) or start a bulk cancel; the answer's body and status (200 or 202), for both families. A dry
+    run stores nothing under its Idempotency-Key, which is checked all the same."""
+    key = request.headers.get("Idempotency-Key")
+    idempotency.check_key(key)
     if data["dryRun"]:
         return {"dryRun": True, "count": bulk.count(team_id, data["criteria"])}, 200
 
@@ -204,7 +207,7 @@ def bulk_cancel_answer(team_id: ObjectId, account: Any, data: dict[str, Any]) ->
         return {"operation": operation_out.dump(operation), "operationId": str(operation["_id"])}, None
 
     request_hash = idempotency.fingerprint({"bulk": str(team_id), **data})
-    result = idempotency.run_once(account.object_id, request.headers.get("Idempotency-Key"), request_hash, start)
+    result = idempotency.run_once(account.object_id, key, request_hash, start)
     return result, 202
 
 
@@ -231,7 +234,7 @@ def _delete(team_id: ObjectId, sessionId: str) -> Any:
     return redirect_or_json(f"/{team_id}/sessions", flash_message="Session deleted.", _id=str(sid), ok=True)
 
 
-@bp.delete("/<resourceSlug>/forms/session/<item:sessionId>")
+@bp.delete("/<resourceSlug>/forms/session/<session_item:sessionId>")
 @require_team(Permission.SESSION_DELETE)
 def delete_session(team_id: ObjectId, sessionId: str) -> Any:
     """Remove an ended session and its transcript."""
