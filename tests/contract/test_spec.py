@@ -13,6 +13,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 from openapi_spec_validator import validate
 
+from agentcloud_clone import examples
+from agentcloud_clone.services.apps import load_runner_callable
 from agentcloud_clone.vocabulary import WEBHOOK_EVENTS
 from agentcloud_clone.web.docs import SPEC_PATH
 from devtools import contract
@@ -185,6 +187,18 @@ def test_the_spec_s_webhooks_are_the_events_the_service_sends(spec: dict[str, An
     headers = {"webhook-id", "webhook-timestamp", "webhook-signature"}
     for item in spec["webhooks"].values():
         assert {_resolve(spec, p)["name"] for p in item["post"]["parameters"]} == headers
+
+
+def test_the_python_runner_callables_listed_are_those_the_default_installation_accepts(spec: dict[str, Any]) -> None:
+    listed = _resolve(spec, {"$ref": "#/components/schemas/PythonRunnerConfig"})["properties"]["callable"]["enum"]
+    public = [
+        f"{examples.__name__}:{name}"
+        for name, value in vars(examples).items()
+        if callable(value) and not name.startswith("_") and getattr(value, "__module__", None) == examples.__name__
+    ]
+    assert sorted(listed) == sorted(public)
+    for target in listed:
+        assert callable(load_runner_callable(target, [examples.__name__]))
 
 
 def test_the_contract_run_reads_every_live_stream_on_an_ended_session(spec: dict[str, Any]) -> None:
