@@ -145,12 +145,16 @@ def ensure_indexes(db: Database[Any]) -> None:
     # The reaper's limit sweep (queue TTL, turn duration, idle timeout) and its re-queue of lost jobs.
     db.sessions.create_index([("deadline", asc)], name="deadline", sparse=True)
     db.sessions.create_index([("turnQueuedAt", asc)], name="turn_queued", sparse=True)
+    # The reaper's sweep for transcript writes whose second half never landed: sessions by their last write.
+    db.sessions.create_index([("lastUpdatedDate", asc)], name="last_updated")
     # Tombstones of deleted sessions, found by the reaper's purge.
     db.sessions.create_index([("deletedAt", asc)], name="deleted", sparse=True)
     db.session_events.create_index([("sessionId", asc), ("seq", asc)], unique=True, name="session_seq")
     db.idempotency_keys.create_index([("accountId", asc), ("key", asc)], unique=True, name="account_key")
     db.idempotency_keys.create_index([("sessionId", asc)], name="session", sparse=True)
     db.idempotency_keys.create_index([("createdAt", asc)], expireAfterSeconds=48 * 3600, name="expiry")
+    # The reaper's sweep for keys whose request never finished.
+    db.idempotency_keys.create_index([("pendingSince", asc)], name="pending", sparse=True)
     db.webhook_endpoints.create_index([("teamId", asc), ("_id", desc)], name="team_endpoints")
     db.webhook_deliveries.create_index([("endpointId", asc), ("eventKey", asc)], unique=True, name="once_per_event")
     db.webhook_deliveries.create_index([("endpointId", asc), ("_id", desc)], name="endpoint_deliveries")
