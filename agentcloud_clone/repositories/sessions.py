@@ -489,7 +489,7 @@ def purge_tombstones(deleted_before: datetime, limit: int = 500) -> int:
 def unsettled(written_since: datetime, written_before: datetime, limit: int = 2000) -> list[dict[str, Any]]:
     """Sessions (not deleted) whose last transcript write happened in the window, with that write's events."""
     query = {
-        "lastUpdatedDate": {"$gte": written_since, "$lt": written_before},
+        "lastUpdatedDate": {"$gte": written_since, "$lte": written_before},
         "pendingEvents.0": {"$exists": True},
         **NOT_DELETED,
     }
