@@ -1,8 +1,8 @@
 """MongoDB access: one client per process, the database handle, and start-up indexes.
 
-A MongoDB that hangs must not hang the product. The client's timeouts are short (`MONGO_TIMEOUT`, 1 s, for
-server selection, connecting and each socket read; ordinary pymongo settings, so they work the same on a real
-MongoDB), operations known to be long set their own (`pymongo.timeout`), and a per-process circuit breaker
+A MongoDB that hangs must not hang the product. Each operation has a short deadline (`MONGO_TIMEOUT`, 1 s, as
+pymongo's `timeoutMS`: ordinary pymongo settings, so they work the same on a real MongoDB), operations known to
+be long set their own (`pymongo.timeout`), and a per-process circuit breaker
 (breakers.py) makes every `get_db()` fail at once after a failure that says the server is away, until a
 background ping gets an answer.
 """
@@ -74,14 +74,18 @@ def client_for(uri: str, timeout: float = MONGO_TIMEOUT) -> Any:
             if "TimeoutMS" in uri:
                 client = pymongo.MongoClient(uri, tz_aware=True, appname="agentcloud")
             else:
+                # timeoutMS bounds each operation as a whole (server selection, a connection, the round trip, and
+                # the one retry of a retryable read or write): a socket timeout alone lets a read on a hung server
+                # take three times as long. The monitor's checks get a little more, so a busy server is not taken
+                # for a lost one.
                 ms = int(timeout * 1000)
                 client = pymongo.MongoClient(
                     uri,
                     tz_aware=True,
                     appname="agentcloud",
+                    timeoutMS=ms,
                     serverSelectionTimeoutMS=ms,
-                    connectTimeoutMS=ms,
-                    socketTimeoutMS=ms,
+                    connectTimeoutMS=max(2 * ms, 2000),
                 )
             _clients[key] = client
         return client

@@ -151,9 +151,10 @@ def store_for(config: Any) -> MetricsStore:
 
 class RedisCollector(Collector):
     """Reads the shared series from Redis, plus sessions by status from MongoDB, at scrape time. While Redis is
-    away the shared series are left out (`agentcloud_metrics_store_up` says so) and the rest is still served."""
+    away the shared series are left out (`agentcloud_metrics_store_up` says so), and sessions by status while
+    MongoDB is; the rest is still served."""
 
-    def __init__(self, store: MetricsStore, sessions_by_status: Callable[[], dict[str, int]]) -> None:
+    def __init__(self, store: MetricsStore, sessions_by_status: Callable[[], dict[str, int] | None]) -> None:
         self.store, self.sessions_by_status = store, sessions_by_status
 
     def _shared(self) -> dict[str, dict[str, float]] | None:
@@ -180,11 +181,12 @@ class RedisCollector(Collector):
         if shared is not None:
             yield from self._histograms(shared)
             yield from self._counters(shared)
-        sessions = GaugeMetricFamily("agentcloud_sessions", "Sessions by status.", labels=["status"])
         counts = self.sessions_by_status()
-        for status in STATUSES:
-            sessions.add_metric([status], float(counts.get(status, 0)))
-        yield sessions
+        if counts is not None:
+            sessions = GaugeMetricFamily("agentcloud_sessions", "Sessions by status.", labels=["status"])
+            for status in STATUSES:
+                sessions.add_metric([status], float(counts.get(status, 0)))
+            yield sessions
 
     def _histograms(self, shared: dict[str, dict[str, float]]) -> Iterator[Any]:
         for name, (help_text, label_names) in HISTOGRAMS.items():

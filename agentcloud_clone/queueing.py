@@ -52,9 +52,9 @@ class RedisUnavailableError(redis.ConnectionError):
     """Raised at once, without touching the network, while this process's breaker for Redis is open."""
 
 
-def _breaker(url: str) -> Breaker:
+def _breaker(url: str, purpose: str = "") -> Breaker:
     probe_client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
-    return breaker_for(f"redis {_redacted(url)}", probe_client.ping)
+    return breaker_for(f"redis {_redacted(url)}{purpose}", probe_client.ping)
 
 
 def _redacted(url: str) -> str:
@@ -63,19 +63,20 @@ def _redacted(url: str) -> str:
 
 
 class GuardedConnection(redis.Connection):
-    """A connection that fails at once while Redis is known to be away, and reports the failures it meets."""
+    """A connection that fails at once while Redis is known to be away (any of `breakers` open), and trips
+    `reports_to` when it meets a failure itself."""
 
-    def __init__(self, *args: Any, breaker: Breaker, report_failures: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, breakers: tuple[Breaker, ...], reports_to: Breaker, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
-        self.breaker, self.report_failures = breaker, report_failures
+        self.breakers, self.reports_to = breakers, reports_to
 
     def _check(self) -> None:
-        if not self.breaker.allow():
+        if not all(breaker.allow() for breaker in self.breakers):
             raise RedisUnavailableError("Redis is unavailable (failing fast until it answers again)")
 
     def _failed(self, exc: Exception) -> None:
-        if self.report_failures and not isinstance(exc, RedisUnavailableError):
-            self.breaker.trip(exc)
+        if not isinstance(exc, RedisUnavailableError):
+            self.reports_to.trip(exc)
 
     def connect(self) -> None:
         self._check()
@@ -102,34 +103,40 @@ class GuardedConnection(redis.Connection):
 
 
 class GuardedPool(redis.BlockingConnectionPool):
-    """Checks the breaker before waiting for a free connection, and again once it has one (the breaker may have
-    opened while every connection was stuck on a hung server)."""
+    """Checks the breakers before waiting for a free connection, and again once it has one (one may have opened
+    while every connection was stuck on a hung server)."""
+
+    def _check(self) -> None:
+        if not all(breaker.allow() for breaker in self.connection_kwargs["breakers"]):
+            raise RedisUnavailableError("Redis is unavailable (failing fast until it answers again)")
 
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
-        breaker: Breaker = self.connection_kwargs["breaker"]
-        if not breaker.allow():
-            raise RedisUnavailableError("Redis is unavailable (failing fast until it answers again)")
+        self._check()
         connection = super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
-        if not breaker.allow():
+        try:
+            self._check()
+        except RedisUnavailableError:
             self.release(connection)  # type: ignore[no-untyped-call]
-            raise RedisUnavailableError("Redis is unavailable (failing fast until it answers again)")
+            raise
         return connection
 
 
-_clients: dict[tuple[int, str, float, bool], redis.Redis] = {}
+_clients: dict[tuple[int, str, float, str], redis.Redis] = {}
 _lock = threading.Lock()
 
 
-def _guarded_client(url: str, timeout: float, report_failures: bool) -> redis.Redis:
-    key = (os.getpid(), url, timeout, report_failures)
+def _guarded_client(url: str, timeout: float, purpose: str) -> redis.Redis:
+    key = (os.getpid(), url, timeout, purpose)
     with _lock:
         client = _clients.get(key)
         if client is None:
+            shared = _breaker(url)
+            own = _breaker(url, purpose) if purpose else shared
             pool = GuardedPool.from_url(
                 url,
                 connection_class=GuardedConnection,
-                breaker=_breaker(url),
-                report_failures=report_failures,
+                breakers=(shared, own) if own is not shared else (shared,),
+                reports_to=own,
                 max_connections=POOL_SIZE,
                 timeout=max(timeout, 0.5),
                 socket_connect_timeout=timeout,
@@ -142,13 +149,14 @@ def _guarded_client(url: str, timeout: float, report_failures: bool) -> redis.Re
 
 def redis_for(url: str, timeout: float = REDIS_TIMEOUT) -> redis.Redis:
     """The product's Redis client for `url`, one per process: short timeouts, failing fast while Redis is away."""
-    return _guarded_client(url, timeout, True)
+    return _guarded_client(url, timeout, "")
 
 
 def limiter_pool(url: str) -> redis.ConnectionPool:
-    """The rate limiter's connections: they skip Redis while it is known to be away, and their own timeouts (which
-    the limiter answers by counting in memory) do not trip the breaker the rest of the product relies on."""
-    return _guarded_client(url, LIMITER_TIMEOUT, False).connection_pool
+    """The rate limiter's connections: they skip Redis while it is known to be away, and trip a breaker of their
+    own, so the limiter's periodic check for Redis costs nothing while it is still away, while their short
+    timeouts (which the limiter answers by counting in memory) never fail the rest of the product."""
+    return _guarded_client(url, LIMITER_TIMEOUT, " (rate limits)").connection_pool
 
 
 def rq_connection(url: str) -> redis.Redis:

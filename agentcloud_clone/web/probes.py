@@ -9,6 +9,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pymongo.errors import PyMongoError
 
 from .. import metrics
 from ..db import get_db, note_failure
@@ -54,6 +55,16 @@ def readyz() -> Any:
     return error_response(503, "Not ready: a dependency is unavailable.", checks=checks, workers=workers)
 
 
+def _sessions_by_status() -> dict[str, int] | None:
+    """Sessions by status, or None while MongoDB is unavailable (the scrape goes on without them)."""
+    try:
+        return sessions_repo.count_by_status()
+    except PyMongoError as exc:
+        note_failure(exc)
+        log.warning("metrics scrape without sessions by status: MongoDB unavailable (%s)", exc)
+        return None
+
+
 @bp.get("/metrics")
 def metrics_view() -> Any:
     """Prometheus text format: request latency, cancel-to-stop latency, sessions by status, poll queries.
@@ -66,5 +77,5 @@ def metrics_view() -> Any:
     if redis_available(current_app.config["REDIS_URL"]):
         store.settle(0.5)  # what this process recorded just now is part of the scrape
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(metrics.RedisCollector(store, sessions_repo.count_by_status))
+    registry.register(metrics.RedisCollector(store, _sessions_by_status))
     return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
