@@ -21,8 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
-# The first probes come quickly (a blip is over in milliseconds), then back off to one a second.
-FIRST_PAUSE, MAX_PAUSE = 0.05, 1.0
+# The first probes come quickly (a blip is over in milliseconds), then back off to two a second.
+FIRST_PAUSE, MAX_PAUSE = 0.05, 0.5
 # An open breaker nobody has consulted for this long closes again without a probe: its prober thread ends, and
 # the next real call finds out for itself (and trips it again if the server is still away).
 IDLE_CLOSE = 30.0

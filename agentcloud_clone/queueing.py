@@ -326,13 +326,13 @@ def queued_turn_jobs(limit: int = 1000) -> list[tuple[str, str, str]]:
     return found
 
 
-def turn_is_queued(turn_id: str) -> bool:
-    """Whether the turn's job is waiting in the queue or running."""
+def turn_is_waiting(turn_id: str) -> bool:
+    """Whether the turn's job waits in the queue (not started: a worker will still take it)."""
     try:
         job = Job.fetch(turn_job_id(turn_id), connection=get_redis())
     except NoSuchJobError:
         return False
-    return job.get_status(refresh=False) in (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED)
+    return job.get_status(refresh=False) in NOT_STARTED
 
 
 def cancel_channel(prefix: str) -> str:

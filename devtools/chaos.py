@@ -179,6 +179,7 @@ class Seen:
     family: str
     created: float
     deleted_at: float | None = None  # wall-clock seconds of a 200 to a delete
+    delete_tried: float | None = None  # of the last delete sent, answered or not (a 503 may have deleted it)
     cancel_acks: list[float] = field(default_factory=list)  # wall-clock seconds of 200s to cancels
     cancelled_at: set[str] = field(default_factory=set)  # every cancelledAt an answer showed
 
@@ -332,6 +333,8 @@ class Client(threading.Thread):
         sid = self._pick()
         if sid is None:
             return
+        with self.record.lock:
+            self.record.sessions[sid].delete_tried = time.time()
         if self.rng.random() < 0.5:
             response = self._call("delete", "DELETE", f"/{self.team}/forms/session/{sid}")
         else:
@@ -566,17 +569,39 @@ class Chaos:
             "tombstones": db.sessions.count_documents({"deletedAt": {"$exists": True}}),
         }
 
+    def _busy_sample(self, db: Any) -> list[dict[str, Any]]:
+        """A few sessions still busy, with their turn's job as RQ has it (what a slow settle is waiting for)."""
+        from rq.job import Job
+
+        found = []
+        query = {"status": {"$nin": list(ENDED)}, "deletedAt": {"$exists": False},
+                 "$or": [{"status": "running"}, {"activeTurnId": {"$ne": None}}]}  # fmt: skip
+        fields = {"status": 1, "activeTurnId": 1, "turnQueuedAt": 1, "heartbeatAt": 1, "cancelledAt": 1}
+        connection = redis_client.Redis.from_url(self.redis.url)
+        for doc in db.sessions.find(query, fields).limit(3):
+            try:
+                job = Job.fetch(f"turn-{doc.get('activeTurnId')}", connection=connection)
+                doc["job"] = (job.get_status(), job.worker_name)
+            except Exception as exc:
+                doc["job"] = repr(exc)[:80]
+            found.append({k: str(v) for k, v in doc.items()})
+        return found
+
     def _settle(self, faults_end: float) -> dict[str, Any]:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not all(t.alive() for t in self.targets):
             time.sleep(0.2)
         db = self._db()
         pending: dict[str, int] = {}
+        reported = time.monotonic()
         while time.monotonic() < deadline:
             with contextlib.suppress(pymongo.errors.PyMongoError):
                 pending = self._pending(db)
                 if not any(pending.values()):
                     break
+            if time.monotonic() - reported > 10:
+                log(f"still settling: {pending}; for instance {self._busy_sample(db)}")
+                reported = time.monotonic()
             time.sleep(0.5)
         # The reaper's sweeps look at writes settled for REPAIR_SETTLE, every REAPER_INTERVAL: let a few run.
         time.sleep(SETTINGS["REPAIR_SETTLE"] + 4 * SETTINGS["REAPER_INTERVAL"])
@@ -647,6 +672,8 @@ class Chaos:
         acknowledged = 0
         for sid_text, seen in self.record.sessions.items():
             doc = sessions.get(pymongo_object_id(sid_text))
+            if doc is None and seen.delete_tried is None:
+                violations.append(f"session {sid_text}: answered as created, and gone with no delete asked for")
             stamps = set(seen.cancelled_at)
             if doc is not None and doc.get("cancelledAt") is not None and stamps:
                 stamps.add(_iso(doc["cancelledAt"]))
@@ -660,6 +687,9 @@ class Chaos:
                 ended = seen.deleted_at
             elif doc is not None and doc["status"] in ENDED and doc.get("endedAt"):
                 ended = doc["endedAt"].timestamp()
+            elif doc is None and seen.delete_tried is not None:
+                # Deleted by a request whose answer was lost (a 503 or no answer): it had ended by then.
+                ended = min(seen.delete_tried + REQUEST_TIMEOUT, bound)
             else:
                 violations.append(f"session {sid_text}: a cancel was acknowledged and it never ended")
                 continue

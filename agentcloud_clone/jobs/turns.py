@@ -323,7 +323,11 @@ def end_turn_abandoned(job: Any, reason: str, detail: str) -> bool:
     if reason == "timeout":
         ended = sessions.end_turn(team_id, session_id, turn_id, EndReason.TIMED_OUT, STOP_MESSAGES["timeout"])
         return ended is not None
-    return sessions.end_turn_of_killed_job(team_id, session_id, turn_id, f"the turn was abandoned ({reason}: {detail})")
+    # A sibling found the job of a dead process: its turn is lost only if nothing heartbeats it any more. (A turn the
+    # dead process never claimed is queued again by the reaper, and may be running elsewhere by now.)
+    silent = reason == "abandoned"
+    detail = f"the turn was abandoned ({reason}: {detail})"
+    return sessions.end_turn_of_killed_job(team_id, session_id, turn_id, detail, only_if_silent=silent)
 
 
 def end_turn_of_killed_job(job: Any, pid: int, status: int) -> bool:

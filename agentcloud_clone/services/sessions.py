@@ -760,9 +760,18 @@ def end_turn(
     return None
 
 
-def end_turn_of_killed_job(team_id: ObjectId, session_id: ObjectId, turn_id: ObjectId, detail: str) -> bool:
-    """The process running this turn died: end the session now rather than when its heartbeat goes stale."""
-    ended = end_turn(team_id, session_id, turn_id, EndReason.WORKER_LOST, f"Worker lost: {detail}.")
+def end_turn_of_killed_job(
+    team_id: ObjectId, session_id: ObjectId, turn_id: ObjectId, detail: str, *, only_if_silent: bool = False
+) -> bool:
+    """The process running this turn died: end the session now rather than when its heartbeat goes stale. With
+    `only_if_silent`, only a running turn that has missed its heartbeats (a claimable one is queued again, and a
+    heartbeating one is running elsewhere)."""
+    where = None
+    if only_if_silent:
+        config = current_app.config
+        quiet = 2 * float(config["HEARTBEAT_INTERVAL"]) + float(config["CANCEL_POLL_INTERVAL"])
+        where = {"status": Status.RUNNING, "heartbeatAt": repo.before(utcnow() - timedelta(seconds=quiet))}
+    ended = end_turn(team_id, session_id, turn_id, EndReason.WORKER_LOST, f"Worker lost: {detail}.", where=where)
     if ended is not None:
         log.warning("session %s ended: worker lost (%s)", session_id, detail)
     return ended is not None
@@ -806,8 +815,10 @@ def requeue_lost_jobs(older_than: float) -> list[str]:
     cutoff, requeued = utcnow() - timedelta(seconds=older_than), []
     for doc in repo.find_unqueued_turns(cutoff):
         turn = str(doc["activeTurnId"])
-        if doc.get("status") in CLAIMABLE_STATUSES and not queueing.turn_is_queued(turn):
-            queueing.enqueue_turn(str(doc["teamId"]), str(doc["_id"]), turn)
+        # Not waiting in the queue, and not claimed this long: lost, even if RQ still has it started (a worker
+        # claims a turn first thing, so one that took it and never did died, or lost Redis, before it could).
+        if doc.get("status") in CLAIMABLE_STATUSES and not queueing.turn_is_waiting(turn):
+            _enqueue(doc["_id"], doc["teamId"], doc["activeTurnId"])
             requeued.append(str(doc["_id"]))
         repo.touch_queued_turn(doc["teamId"], doc["_id"], doc["activeTurnId"], utcnow())
     if requeued:
