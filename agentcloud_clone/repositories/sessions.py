@@ -486,15 +486,16 @@ def purge_tombstones(deleted_before: datetime, limit: int = 500) -> int:
     return len(ids)
 
 
-def unsettled(written_since: datetime, written_before: datetime, limit: int = 2000) -> list[dict[str, Any]]:
-    """Sessions (not deleted) whose last transcript write happened in the window, with that write's events."""
+def unsettled(written_since: datetime, written_before: datetime, limit: int = 5000) -> list[dict[str, Any]]:
+    """Sessions (not deleted) whose last transcript write happened in the window, oldest first, with the ids of
+    that write's events (the events themselves are read only for a session that needs them)."""
     query = {
         "lastUpdatedDate": {"$gte": written_since, "$lte": written_before},
         "pendingEvents.0": {"$exists": True},
         **NOT_DELETED,
     }
-    projection = {"teamId": 1, "eventSeq": 1, "pendingEvents": 1}
-    return list(get_db().sessions.find(query, projection).limit(limit))
+    projection = {"teamId": 1, "eventSeq": 1, "pendingEvents._id": 1}
+    return list(get_db().sessions.find(query, projection).sort("lastUpdatedDate", 1).limit(limit))
 
 
 # What stands in for a transcript entry that can no longer be recovered (its writer, and the next writer too,
@@ -504,15 +505,20 @@ LOST_ENTRY: dict[str, Any] = {"type": "output", "role": "agent", "text": "", "lo
 
 def materialise_pending(sessions: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Store the events of each session's last write that were never stored (sessions from `unsettled`), and a
-    stand-in for any older entry missing with them; returns the events stored."""
+    stand-in for any older entry missing with them; returns the events stored. (Every write inserts the batch
+    before it too, so when a session's last batch is stored, so is everything before it.)"""
     started = time.monotonic()
     last = {s["_id"]: s["pendingEvents"][-1]["_id"] for s in sessions if s.get("pendingEvents")}
     present: set[ObjectId] = set()
     for chunk in chunked(list(last.values())):
         present |= {doc["_id"] for doc in get_db().session_events.find({"_id": {"$in": chunk}}, {"_id": 1})}
     stored: list[dict[str, Any]] = []
-    for session in sessions:
-        if session["_id"] not in last or last[session["_id"]] in present:
+    for light in sessions:
+        if light["_id"] not in last or last[light["_id"]] in present:
+            continue
+        projection = {"teamId": 1, "eventSeq": 1, "pendingEvents": 1}
+        session = get_db().sessions.find_one({"_id": light["_id"], **NOT_DELETED}, projection)
+        if session is None or not session.get("pendingEvents"):
             continue
         batch = pending_batch(session)
         inserted = insert_events(batch)

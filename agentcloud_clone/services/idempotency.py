@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from bson import ObjectId
@@ -103,14 +103,12 @@ def _abandoned(record: dict[str, Any]) -> bool:
     return since is not None and since < utcnow() - _stale_after()
 
 
-def sweep_stale(since: datetime | None = None) -> int:
-    """Remove records of requests that never finished (IDEMPOTENCY_STALE_AFTER ago, and since `since`) and created
-    no session that still exists; returns how many. (A record whose session exists is left for `recover`.)"""
-    query: dict[str, Any] = {"pendingSince": {"$lt": utcnow() - _stale_after()}}
-    if since is not None:
-        query["pendingSince"]["$gte"] = since
+def sweep_stale() -> int:
+    """Remove records of requests that never finished (IDEMPOTENCY_STALE_AFTER ago) and created no session that
+    still exists; returns how many. (A record whose session exists is left for the retry's `recover`.) Only
+    unfinished records carry `pendingSince`, so its sparse index holds just them."""
     keys = get_db().idempotency_keys
-    stale = list(keys.find(query, {"sessionId": 1}).limit(1000))
+    stale = list(keys.find({"pendingSince": {"$lt": utcnow() - _stale_after()}}, {"sessionId": 1}).limit(1000))
     alive = existing_sessions([doc["sessionId"] for doc in stale if doc.get("sessionId")])
     dead = [doc["_id"] for doc in stale if doc.get("sessionId") not in alive]
     removed = 0

@@ -858,7 +858,7 @@ def sweep(heartbeat_timeout: float, requeue_after: float, *, since: datetime | N
         "expired": enforce_deadlines(),
         "requeued": requeue_lost_jobs(requeue_after),
         "repaired": repair_transcripts(since),
-        "keys": idempotency.sweep_stale(since),
+        "keys": idempotency.sweep_stale(),
         "jobs": sweep_queue(),
     }
 
