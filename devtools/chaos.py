@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -776,6 +777,10 @@ def main(argv: list[str] | None = None) -> int:
     with chaos_run(args.seed, args.duration, clients=args.clients) as chaos:
         report = chaos.run()
     print(summary(report), flush=True)
+    if report["violations"]:
+        log(f"the servers' data is kept in {chaos.data_dir}, the processes' logs in {chaos.stack.logs}")
+    else:
+        shutil.rmtree(chaos.data_dir, ignore_errors=True)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
     return 1 if report["violations"] else 0

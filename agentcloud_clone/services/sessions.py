@@ -853,14 +853,18 @@ def sweep(heartbeat_timeout: float, requeue_after: float, *, since: datetime | N
     config = current_app.config
     window_start = utcnow() - timedelta(seconds=float(config["REPAIR_WINDOW"]))
     since = window_start if since is None else max(since, window_start)
-    return {
+    result: dict[str, Any] = {
         "reaped": reap_lost_turns(heartbeat_timeout),
         "expired": enforce_deadlines(),
-        "requeued": requeue_lost_jobs(requeue_after),
         "repaired": repair_transcripts(since),
         "keys": idempotency.sweep_stale(),
-        "jobs": sweep_queue(),
     }
+    try:
+        result["requeued"] = requeue_lost_jobs(requeue_after)
+    except RedisError:
+        result["requeued"] = []  # while Redis is away nothing could be queued; the next pass tries again
+    result["jobs"] = sweep_queue()
+    return result
 
 
 def repair_transcripts(since: datetime) -> int:
