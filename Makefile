@@ -8,8 +8,10 @@ PYTHON313 ?= $(shell for p in $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.1[3-9]*/b
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SYSTEM_PACKAGES := redis-server chromium
 PYTEST_ARGS ?=
+# `make chaos`: seconds of faults (the seed is printed first; CHAOS_SEED=N repeats a run's choices).
+CHAOS_SECONDS ?= 180
 
-.PHONY: install system-packages run cli worker test test-fast test-integration contract lint format bench clean
+.PHONY: install system-packages run cli worker test test-fast test-integration contract chaos lint format bench clean
 
 install: system-packages $(VENV)/.installed
 
@@ -51,6 +53,11 @@ test-integration: install
 
 contract: install
 	$(BIN)/python -m devtools.contract
+
+# Random kills and stops of every process under a mixed workload, then the invariants (README, "Reliability").
+# `make test` runs a bounded version (tests/integration/test_chaos.py, about a minute).
+chaos: install
+	$(BIN)/python -m devtools.chaos --duration $(CHAOS_SECONDS) $(if $(CHAOS_SEED),--seed $(CHAOS_SEED))
 
 lint: install
 	$(BIN)/ruff check .

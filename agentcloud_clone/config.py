@@ -103,6 +103,19 @@ class Config:
             "REDIS_URL": os.environ.get("REDIS_URL", make_run.get("REDIS_URL", "redis://127.0.0.1:6379/0")),
             # Namespaces this deployment's metrics and cancel channel on a shared Redis.
             "REDIS_PREFIX": redis_prefix,
+            # Seconds a Redis command or a MongoDB operation may take before the server counts as unavailable: the
+            # request answers 503 and this process fails fast until the server answers a probe again.
+            "REDIS_TIMEOUT": _env_float("REDIS_TIMEOUT", 1.0, 0.05, 60.0),
+            "MONGO_TIMEOUT": _env_float("MONGO_TIMEOUT", 1.0, 0.05, 120.0),
+            # A deleted session stays a tombstone this long before the reaper purges it (and anything written to it
+            # since); a write that took longer than half of this checks its session afterwards (services.sessions).
+            "TOMBSTONE_GRACE": _env_float("TOMBSTONE_GRACE", 60.0, 0.0, 86400.0),
+            # An Idempotency-Key whose request never finished (its process died) is put right after this long.
+            "IDEMPOTENCY_STALE_AFTER": _env_float("IDEMPOTENCY_STALE_AFTER", 300.0, 1.0, 86400.0),
+            # The reaper looks this far back for transcript writes whose second half never landed, leaving alone
+            # those younger than REPAIR_SETTLE (their writer may still be on its way).
+            "REPAIR_WINDOW": _env_float("REPAIR_WINDOW", 900.0, 10.0, 7 * 86400.0),
+            "REPAIR_SETTLE": _env_float("REPAIR_SETTLE", 5.0, 0.0, 3600.0),
             "CANCEL_POLL_INTERVAL": _env_float("CANCEL_POLL_INTERVAL", 1.0, *self.POLL_INTERVAL_BOUNDS),
             "CANCEL_PUBSUB": _env_bool("CANCEL_PUBSUB", True),
             "HEARTBEAT_INTERVAL": _env_float("HEARTBEAT_INTERVAL", 5.0, 0.05, 300.0),
@@ -150,7 +163,8 @@ class Config:
             # When Redis is unreachable the limiter keeps serving, counting in process memory meanwhile.
             "RATELIMIT_SWALLOW_ERRORS": True,
             "RATELIMIT_IN_MEMORY_FALLBACK_ENABLED": True,
-            "RATELIMIT_STORAGE_OPTIONS": {"socket_connect_timeout": 1, "socket_timeout": 1},
+            # web/ratelimits.py gives the limiter connections that skip Redis while it is known to be away.
+            "RATELIMIT_STORAGE_OPTIONS": {"socket_connect_timeout": 0.5, "socket_timeout": 0.5},
             "MAX_CONTENT_LENGTH": _env_int("MAX_CONTENT_LENGTH", 1024 * 1024, 1024, 1024**3),
             # werkzeug's password hashing; tests use a cheap method, production keeps the strong default.
             "PASSWORD_HASH_METHOD": os.environ.get("PASSWORD_HASH_METHOD", "scrypt"),

@@ -654,6 +654,9 @@ class EventOut(Out):
     turnId = fields.String()
     interrupted = fields.Boolean()
     queued = fields.Boolean()
+    # A stand-in for an entry lost with its writers (two in a row died between their writes): the transcript
+    # keeps its gap-free `seq`, and says so.
+    lost = fields.Boolean()
     by = ObjectIdField()
     status = fields.String()
     endReason = fields.String()

@@ -24,7 +24,7 @@ from agentcloud_clone import create_app
 from agentcloud_clone.db import ensure_indexes_once
 from agentcloud_clone.jobs import turns
 from agentcloud_clone.jobs.reaper import ReaperLoop
-from agentcloud_clone.queueing import get_redis
+from agentcloud_clone.queueing import rq_connection
 
 log = logging.getLogger("workers")
 
@@ -57,7 +57,9 @@ def _thread_worker(app: Flask, queues: list[str], name: str | None, concurrency:
 
     return ThreadPoolWorker(
         queues,
-        connection=get_redis(),
+        # RQ's loop has a connection of its own: it raises the socket timeout above its blocking dequeue, which the
+        # product's own calls (short timeouts, failing fast while Redis is away) must not inherit.
+        connection=rq_connection(app.config["REDIS_URL"]),
         name=name,
         concurrency=concurrency,
         execution_context=in_app,
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     app = create_app({"WEB_REAPER": False})
     try:
-        ensure_indexes_once(app)
+        ensure_indexes_once(app, deadline=10.0)  # a worker starting beside a hung MongoDB does not wait long
     except PyMongoError as exc:
         log.warning("indexes not ensured yet (MongoDB unavailable: %s); the reaper retries", exc)
     mode = args.mode or app.config["WORKER_MODE"]
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             worker = Worker(
                 queues,
-                connection=get_redis(),
+                connection=rq_connection(app.config["REDIS_URL"]),
                 name=args.name,
                 work_horse_killed_handler=lambda job, pid, status, _rusage: _end_turn(app, job, pid, status),
             )

@@ -11,6 +11,10 @@ requests are counted by, and the markers views carry. Every setting comes throug
 
 flask-limiter keeps its storage on the Limiter itself, so each app gets its own: two apps in one process
 (tests, or a web app beside a worker) must not share counters or settings.
+
+When Redis is unreachable the limiter counts in process memory (flask-limiter's fallback) until Redis answers
+again. Its connections are the product's guarded ones (queueing.limiter_pool): while this process knows Redis is
+away they fail without touching the network, so the switch to memory costs a request nothing, not a timeout.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from flask_limiter import Limiter
 from flask_login import current_user
 
 from ..errors import Unavailable
+from ..queueing import limiter_pool
 from . import probes
 
 LIMITER_EXTENSION = "agentcloud_limiter"
@@ -93,6 +98,9 @@ def sign_in_limits[F: Callable[..., Any]](view: F) -> F:
 
 def init_app(app: Flask) -> Limiter:
     """Create the app's limiter and apply every view's `rate_limited` markers (call after the blueprints)."""
+    uri = str(app.config.get("RATELIMIT_STORAGE_URI", ""))
+    if uri.startswith(("redis://", "rediss://")):
+        app.config["RATELIMIT_STORAGE_OPTIONS"] = {"connection_pool": limiter_pool(uri)}
     limiter = Limiter(key_func=user_key, app=app)
     # Probes and scrapes are not users: no limit, and no sign-in lookups on their hot path.
     limiter.exempt(probes.bp)

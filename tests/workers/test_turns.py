@@ -276,6 +276,7 @@ def test_cancel_to_stop_and_poll_queries_are_counted(harness, app):
     harness.cancel(session)
     harness.finish(thread)
     store = metrics.store_for(app.config)
+    assert store.settle()  # observations are sent in the background
     buckets = store.client.hgetall(store.key("cancel_to_stop_seconds"))
     assert int(buckets[b"{}|+Inf"]) == 1
     assert int(store.client.hget(store.key("cancel_poll_queries_total"), "{}")) >= 1
