@@ -42,8 +42,12 @@ cli: install
 worker: install
 	$(BIN)/python -m workers
 
+# The in-process tier on two pytest-xdist workers (each with servers of its own), then the tiers of real
+# processes one test at a time, so their processes never compete with another test's for the two cores.
+TEST_JOBS ?= 2
 test: install lint
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) -m "not integration and not browser and not contract" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "integration or browser or contract" $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not integration and not browser and not contract" $(PYTEST_ARGS)
