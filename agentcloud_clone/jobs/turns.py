@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 # Output events hold at most this many characters, so no write comes near MongoDB's 16 MB document limit
 # whatever a runner yields.
 MAX_EVENT_CHARS = 64 * 1024
+# Output events per transcript write: at most 1 Mi characters (4 MiB of UTF-8) in one write.
+EVENTS_PER_WRITE = 16
 # Turns read this many of the latest transcript entries as context.
 HISTORY_EVENTS = 400
 
@@ -147,8 +149,20 @@ class OutputWriter:
         if not text and not tokens:
             return
         self.buffer, self.buffered, self.tokens = [], 0, 0
-        self.batches += 1
         texts = _split(text)
+        # A write records its events on the session document too (until they are surely inserted), so one huge
+        # piece is written in several writes, each well within MongoDB's 16 MB document limit.
+        writes = [texts[i : i + EVENTS_PER_WRITE] for i in range(0, len(texts), EVENTS_PER_WRITE)]
+        for number, part in enumerate(writes, start=1):
+            last = number == len(writes)
+            if not self._write(part, tokens if number == 1 else 0, interrupted=interrupted and last):
+                self.cancel.trigger("ended")
+                return
+            self.chars_written += sum(map(len, part))
+
+    def _write(self, texts: list[str], tokens: int, *, interrupted: bool) -> bool:
+        """One output write; False when the session no longer runs this turn."""
+        self.batches += 1
         # Named once: an attempt whose answer is lost and the attempt after it are the same write.
         batch, ids = f"{self.turn_id}:{self.batches}", [ObjectId() for _ in texts]
         try:
@@ -166,10 +180,7 @@ class OutputWriter:
             )
         except PyMongoError as exc:
             raise TranscriptWriteError(f"The transcript could not be written: {exc.__class__.__name__}: {exc}") from exc
-        if events is None:
-            self.cancel.trigger("ended")
-            return
-        self.chars_written += len(text)
+        return events is not None
 
 
 def persist[T](call: Callable[[], T]) -> T:
