@@ -331,7 +331,12 @@ def insert_events(events: Sequence[dict[str, Any]], *, _again: bool = True) -> s
         if any(error.get("code") != DUPLICATE_KEY for error in errors):
             raise
         failed = [events[int(error["index"])] for error in errors]
-        there = {doc["_id"] for doc in get_db().session_events.find({"_id": {"$in": [e["_id"] for e in failed]}})}
+        # A duplicate `_id` is the event itself, already stored by another writer: servers name the index that
+        # refused each insert (`keyPattern`), so only the others need a look at what holds their `seq`.
+        there = {events[int(error["index"])]["_id"] for error in errors if error.get("keyPattern") == {"_id": 1}}
+        unsure = [e["_id"] for e in failed if e["_id"] not in there]
+        if unsure:
+            there |= {doc["_id"] for doc in get_db().session_events.find({"_id": {"$in": unsure}}, {"_id": 1})}
         displaced = [e for e in failed if e["_id"] not in there]
         for event in displaced:
             get_db().session_events.delete_many(
