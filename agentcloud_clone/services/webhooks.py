@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import certifi
+import redis
 import urllib3
 from bson import ObjectId
 from flask import Flask, current_app
@@ -45,6 +46,8 @@ from ..vocabulary import WEBHOOK_EVENTS, EventType, WebhookEvent
 log = logging.getLogger(__name__)
 MAX_ENDPOINTS = 20
 TIMEOUT = urllib3.Timeout(connect=3.0, read=5.0)
+# How old a process's list of the teams with endpoints may get when Redis cannot say whether it changed.
+TEAMS_REFRESH = 5.0
 KEEP_DELIVERIES = timedelta(days=7)
 # Which transcript event announces which webhook event.
 EVENT_FOR: dict[str, WebhookEvent] = {
@@ -199,7 +202,8 @@ class _Emitter:
 
     def __init__(self) -> None:
         self.inbox: queue.Queue[tuple[Flask, ObjectId, list[tuple[str, dict[str, Any]]]]] = queue.Queue(10_000)
-        self.teams: tuple[float, set[ObjectId]] = (0.0, set())
+        # When the list was read, the endpoints' version it was read at, and the teams with endpoints.
+        self.teams: tuple[float, int | None, set[ObjectId]] = (float("-inf"), None, set())
         threading.Thread(target=self._run, name="webhook-emitter", daemon=True).start()
 
     def put(self, app: Flask, team_id: ObjectId, items: list[tuple[str, dict[str, Any]]]) -> None:
@@ -220,10 +224,11 @@ class _Emitter:
         return done.wait(timeout)
 
     def _teams(self) -> set[ObjectId]:
-        fetched_at, teams = self.teams
-        if time.monotonic() - fetched_at > 5:
+        fetched_at, known, teams = self.teams
+        version = _endpoints_version()
+        if (version is not None and version != known) or time.monotonic() - fetched_at > TEAMS_REFRESH:
             teams = set(repo.teams_with_endpoints())
-            self.teams = (time.monotonic(), teams)
+            self.teams = (time.monotonic(), version, teams)
         return teams
 
     def _run(self) -> None:
@@ -257,11 +262,28 @@ def settle(timeout: float = 10.0) -> bool:
     return emitter is None or emitter.settle(timeout)
 
 
+def _endpoints_key() -> str:
+    return f"{current_app.config['REDIS_PREFIX']}:webhook-endpoints:version"
+
+
+def _endpoints_version() -> int | None:
+    """A counter every change of endpoints moves, so each process's emitter sees a team's first endpoint at its
+    next announcement; None when Redis cannot say (the emitter then reads the list every TEAMS_REFRESH)."""
+    try:
+        return int(queueing.get_redis().get(_endpoints_key()) or 0)
+    except (redis.RedisError, ValueError):
+        return None
+
+
 def _forget_teams() -> None:
-    """A team just gained or lost an endpoint: look again on the next announcement."""
+    """A team just gained or lost an endpoint: every process looks again on its next announcement."""
     emitter = _emitters.get(os.getpid())
     if emitter is not None:
-        emitter.teams = (0.0, set())
+        emitter.teams = (float("-inf"), None, set())
+    try:
+        queueing.get_redis().incr(_endpoints_key())
+    except redis.RedisError:
+        log.info("endpoint change not announced (Redis away); other processes see it within %.0f s", TEAMS_REFRESH)
 
 
 def on_transcript(session: dict[str, Any], events: list[dict[str, Any]]) -> None:
