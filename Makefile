@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PYTHON313 ?= $(shell for p in $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.1[3-9]*/bin/python3 python3.13 python3; do \
   "$$p" -c 'import sys; sys.exit(sys.version_info < (3, 13))' 2>/dev/null && { command -v "$$p"; break; }; done)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-SYSTEM_PACKAGES := redis-server chromium
+SYSTEM_PACKAGES := redis-server chromium curl
 PYTEST_ARGS ?=
 # `make chaos`: seconds of faults (the seed is printed first; CHAOS_SEED=N repeats a run's choices).
 CHAOS_SECONDS ?= 180
@@ -19,6 +19,7 @@ system-packages:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \

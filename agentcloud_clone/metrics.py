@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from .background import BackgroundQueue
 from .vocabulary import STATUSES
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,9 @@ class MetricsStore:
 
     client: redis.Redis
     prefix: str
-    recorder: _Recorder = field(default_factory=lambda: _Recorder(), compare=False, repr=False)
+    recorder: BackgroundQueue[tuple[redis.Redis, Ops]] = field(
+        default_factory=lambda: _recorder(), compare=False, repr=False
+    )
 
     def key(self, name: str) -> str:
         return f"{self.prefix}:metrics:{name}"
@@ -64,72 +66,39 @@ class MetricsStore:
     def observe(self, name: str, value: float, **labels: str) -> None:
         """Add one observation to histogram `name` (sent in the background)."""
         key, field_ = self.key(name), _label_key(labels)
-        ops: list[tuple[str, str, float]] = [(key, f"{field_}|{bound}", 1) for bound in BUCKETS if value <= bound]
+        ops: Ops = [(key, f"{field_}|{bound}", 1) for bound in BUCKETS if value <= bound]
         ops += [(key, f"{field_}|+Inf", 1), (key, f"{field_}|sum", value)]
-        self.recorder.put(self.client, ops)
+        self.recorder.put((self.client, ops))
 
     def increment(self, name: str, amount: int = 1, **labels: str) -> None:
         """Add to counter `name` (sent in the background)."""
-        self.recorder.put(self.client, [(self.key(name), _label_key(labels), amount)])
+        self.recorder.put((self.client, [(self.key(name), _label_key(labels), amount)]))
 
     def settle(self, timeout: float = 5.0) -> bool:
         """Wait until what this process recorded so far was sent (or dropped); True when it was."""
         return self.recorder.settle(timeout)
 
 
-class _Recorder:
-    """One thread per store sending observations in batches: one Redis round trip for whatever has gathered."""
+Ops = list[tuple[str, str, float]]
 
-    def __init__(self) -> None:
-        self.backlog: queue.Queue[tuple[redis.Redis, list[tuple[str, str, float]]]] = queue.Queue(BACKLOG)
-        self.started = False
-        self.lock = threading.Lock()
 
-    def put(self, client: redis.Redis, ops: list[tuple[str, str, float]]) -> None:
-        if not self.started:
-            with self.lock:
-                if not self.started:
-                    threading.Thread(target=self._run, name="metrics-recorder", daemon=True).start()
-                    self.started = True
-        try:
-            self.backlog.put_nowait((client, ops))
-        except queue.Full:
-            log.debug("metrics dropped: the backlog is full")
+def _send_batch(batch: list[tuple[redis.Redis, Ops]]) -> None:
+    """Send gathered observations in one Redis round trip."""
+    try:
+        pipe = batch[0][0].pipeline(transaction=False)
+        for _, ops in batch:
+            for key, field_, amount in ops:
+                if field_.endswith("|sum"):
+                    pipe.hincrbyfloat(key, field_, float(amount))
+                else:
+                    pipe.hincrby(key, field_, int(amount))
+        pipe.execute()
+    except redis.RedisError:
+        log.debug("%d metric observations dropped: Redis unavailable", len(batch))
 
-    def settle(self, timeout: float) -> bool:
-        done = threading.Event()
 
-        def wait() -> None:
-            self.backlog.join()
-            done.set()
-
-        threading.Thread(target=wait, daemon=True).start()
-        return done.wait(timeout)
-
-    def _run(self) -> None:
-        while True:
-            batch = [self.backlog.get()]
-            while len(batch) < BATCH:
-                try:
-                    batch.append(self.backlog.get_nowait())
-                except queue.Empty:
-                    break
-            try:
-                pipe = batch[0][0].pipeline(transaction=False)
-                for _, ops in batch:
-                    for key, field_, amount in ops:
-                        if field_.endswith("|sum"):
-                            pipe.hincrbyfloat(key, field_, float(amount))
-                        else:
-                            pipe.hincrby(key, field_, int(amount))
-                pipe.execute()
-            except redis.RedisError:
-                log.debug("%d metric observations dropped: Redis unavailable", len(batch))
-            except Exception:
-                log.exception("metric observations dropped")
-            finally:
-                for _ in batch:
-                    self.backlog.task_done()
+def _recorder() -> BackgroundQueue[tuple[redis.Redis, Ops]]:
+    return BackgroundQueue("metrics-recorder", _send_batch, size=BACKLOG, batch=BATCH)
 
 
 _stores: dict[tuple[int, str, str], MetricsStore] = {}

@@ -20,7 +20,7 @@ from typing import Any
 import redis
 from flask import current_app
 
-from .queueing import outbox, redis_for
+from .queueing import redis_for, send_later
 
 log = logging.getLogger(__name__)
 # Notices a stream's queue holds before the stream is told to catch up from MongoDB instead.
@@ -42,7 +42,7 @@ def publish_events(session_id: Any, events: Sequence[dict[str, Any]]) -> None:
     config = current_app.config
     payload = json.dumps({"events": event_out.dump(list(events), many=True)}, default=str)
     channel = channel_prefix(config["REDIS_PREFIX"]) + str(session_id)
-    outbox().put(_publish, config["REDIS_URL"], channel, payload)
+    send_later(_publish, config["REDIS_URL"], channel, payload)
 
 
 def _publish(url: str, channel: str, payload: str) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +26,7 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.rate_limit import RateLimit, RateLimitRegistry
 
+from .background import BackgroundQueue
 from .breakers import Breaker, breaker_for
 
 log = logging.getLogger(__name__)
@@ -177,61 +177,29 @@ def get_redis() -> redis.Redis:
     return redis_for(current_app.config["REDIS_URL"], float(current_app.config["REDIS_TIMEOUT"]))
 
 
-class Outbox:
-    """One background thread per process for Redis commands that are only a courtesy: a request or a turn hands
-    them over and goes on; one that cannot be sent (Redis away, a full outbox) is dropped."""
-
-    def __init__(self) -> None:
-        self.items: queue.Queue[tuple[Callable[..., Any], tuple[Any, ...]]] = queue.Queue(OUTBOX_SIZE)
-        threading.Thread(target=self._run, name="redis-outbox", daemon=True).start()
-
-    def put(self, function: Callable[..., Any], *args: Any) -> None:
+def _send(items: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> None:
+    for function, args in items:
         try:
-            self.items.put_nowait((function, args))
-        except queue.Full:
-            log.debug("%s dropped: the Redis outbox is full", getattr(function, "__name__", function))
-
-    def settle(self, timeout: float) -> bool:
-        """Wait until everything handed over so far was sent or dropped (tests, shutdown); True when it was."""
-        done = threading.Event()
-
-        def wait() -> None:
-            self.items.join()
-            done.set()
-
-        threading.Thread(target=wait, daemon=True).start()
-        return done.wait(timeout)
-
-    def _run(self) -> None:
-        while True:
-            function, args = self.items.get()
-            try:
-                function(*args)
-            except redis.RedisError as exc:
-                log.debug("%s dropped: Redis unavailable (%s)", getattr(function, "__name__", function), exc)
-            except Exception:
-                log.exception("background Redis command failed")
-            finally:
-                self.items.task_done()
+            function(*args)
+        except redis.RedisError as exc:
+            log.debug("%s dropped: Redis unavailable (%s)", getattr(function, "__name__", function), exc)
 
 
-_outboxes: dict[int, Outbox] = {}
-_outboxes_lock = threading.Lock()
+# Redis commands that are only a courtesy: a request or a turn hands them over and goes on; one that cannot be
+# sent (Redis away, a full outbox) is dropped.
+_outbox: BackgroundQueue[tuple[Callable[..., Any], tuple[Any, ...]]] = BackgroundQueue(
+    "redis-outbox", _send, size=OUTBOX_SIZE
+)
 
 
-def outbox() -> Outbox:
-    """This process's outbox."""
-    with _outboxes_lock:
-        found = _outboxes.get(os.getpid())
-        if found is None:
-            found = _outboxes[os.getpid()] = Outbox()
-        return found
+def send_later(function: Callable[..., Any], *args: Any) -> None:
+    """Run `function(*args)` on this process's outbox thread, without waiting for it."""
+    _outbox.put((function, args))
 
 
 def settle_outbox(timeout: float = 5.0) -> bool:
     """Wait for this process's outbox to empty (tests, shutdown)."""
-    found = _outboxes.get(os.getpid())
-    return found is None or found.settle(timeout)
+    return _outbox.settle(timeout)
 
 
 def turn_queue() -> Queue:
@@ -327,7 +295,7 @@ def drop_queued_turn(turn_id: str) -> None:
     """Take a turn that will never run out of the queue (RQ's own job cancel), without waiting for Redis. Best
     effort: a job left behind finds its session ended when a worker picks it up and skips it, and the reaper's
     sweep removes what is left in the queue."""
-    outbox().put(_drop_job, current_app.config["REDIS_URL"], float(current_app.config["REDIS_TIMEOUT"]), turn_id)
+    send_later(_drop_job, current_app.config["REDIS_URL"], float(current_app.config["REDIS_TIMEOUT"]), turn_id)
 
 
 def _drop_job(url: str, timeout: float, turn_id: str) -> bool:
@@ -380,7 +348,7 @@ def publish_cancel(session_id: str) -> None:
     config = current_app.config
     if not config["CANCEL_PUBSUB"]:
         return
-    outbox().put(_publish, config["REDIS_URL"], float(config["REDIS_TIMEOUT"]), cancel_channel(config["REDIS_PREFIX"]),
+    send_later(_publish, config["REDIS_URL"], float(config["REDIS_TIMEOUT"]), cancel_channel(config["REDIS_PREFIX"]),
                  session_id)  # fmt: skip
 
 

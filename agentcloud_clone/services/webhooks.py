@@ -17,11 +17,8 @@ import base64
 import ipaddress
 import json
 import logging
-import os
-import queue
 import secrets
 import socket
-import threading
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
@@ -37,6 +34,7 @@ from standardwebhooks import Webhook
 
 from .. import queueing
 from ..access import Actor
+from ..background import BackgroundQueue
 from ..errors import Conflict, InvalidInput, NotFound
 from ..repositories import webhooks as repo
 from ..sealing import UnsealError, seal, unseal
@@ -198,30 +196,21 @@ def _started_item(session: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 class _Emitter:
-    """One background thread per process turning announcements into deliveries and queued jobs."""
+    """Turns announcements into deliveries and queued jobs, on a background thread of each process."""
 
     def __init__(self) -> None:
-        self.inbox: queue.Queue[tuple[Flask, ObjectId, list[tuple[str, dict[str, Any]]]]] = queue.Queue(10_000)
+        self.inbox: BackgroundQueue[tuple[Flask, ObjectId, list[tuple[str, dict[str, Any]]]]] = BackgroundQueue(
+            "webhook-emitter", self._record, size=10_000
+        )
         # When the list was read, the endpoints' version it was read at, and the teams with endpoints.
         self.teams: tuple[float, int | None, set[ObjectId]] = (float("-inf"), None, set())
-        threading.Thread(target=self._run, name="webhook-emitter", daemon=True).start()
 
     def put(self, app: Flask, team_id: ObjectId, items: list[tuple[str, dict[str, Any]]]) -> None:
-        try:
-            self.inbox.put_nowait((app, team_id, items))
-        except queue.Full:
+        if not self.inbox.put((app, team_id, items)):
             log.warning("webhook announcements dropped (backlog full); the reaper's sweep delivers them")
 
-    def settle(self, timeout: float) -> bool:
-        """Wait until every announcement so far is recorded (or `timeout` passes); True when it is."""
-        done = threading.Event()
-
-        def wait() -> None:
-            self.inbox.join()
-            done.set()
-
-        threading.Thread(target=wait, daemon=True).start()
-        return done.wait(timeout)
+    def forget_teams(self) -> None:
+        self.teams = (float("-inf"), None, set())
 
     def _teams(self) -> set[ObjectId]:
         fetched_at, known, teams = self.teams
@@ -231,35 +220,22 @@ class _Emitter:
             self.teams = (time.monotonic(), version, teams)
         return teams
 
-    def _run(self) -> None:
-        while True:
-            app, team_id, items = self.inbox.get()
+    def _record(self, announcements: list[tuple[Flask, ObjectId, list[tuple[str, dict[str, Any]]]]]) -> None:
+        for app, team_id, items in announcements:
             try:
                 with app.app_context():
                     if team_id in self._teams():
                         record_deliveries(team_id, items)
             except Exception:
                 log.exception("webhook deliveries not recorded; the reaper's sweep retries them")
-            finally:
-                self.inbox.task_done()
 
 
-_emitters: dict[int, _Emitter] = {}
-_emitters_lock = threading.Lock()
-
-
-def _emitter() -> _Emitter:
-    with _emitters_lock:
-        emitter = _emitters.get(os.getpid())
-        if emitter is None:
-            emitter = _emitters[os.getpid()] = _Emitter()
-        return emitter
+_emitter = _Emitter()
 
 
 def settle(timeout: float = 10.0) -> bool:
     """Wait until this process's webhook announcements so far are recorded and queued (shutdown, tests)."""
-    emitter = _emitters.get(os.getpid())
-    return emitter is None or emitter.settle(timeout)
+    return _emitter.inbox.settle(timeout)
 
 
 def _endpoints_key() -> str:
@@ -277,9 +253,7 @@ def _endpoints_version() -> int | None:
 
 def _forget_teams() -> None:
     """A team just gained or lost an endpoint: every process looks again on its next announcement."""
-    emitter = _emitters.get(os.getpid())
-    if emitter is not None:
-        emitter.teams = (float("-inf"), None, set())
+    _emitter.forget_teams()
     try:
         queueing.get_redis().incr(_endpoints_key())
     except redis.RedisError:
@@ -290,12 +264,12 @@ def on_transcript(session: dict[str, Any], events: list[dict[str, Any]]) -> None
     """The session service wrote these events: announce those webhooks care about (without waiting)."""
     items = _items_for_events(events)
     if items:
-        _emitter().put(current_app._get_current_object(), events[0]["teamId"], items)  # type: ignore[attr-defined]
+        _emitter.put(current_app._get_current_object(), events[0]["teamId"], items)  # type: ignore[attr-defined]
 
 
 def on_session_started(session: dict[str, Any]) -> None:
     """A session was created: announce it (without waiting)."""
-    _emitter().put(current_app._get_current_object(), session["teamId"], [_started_item(session)])  # type: ignore[attr-defined]
+    _emitter.put(current_app._get_current_object(), session["teamId"], [_started_item(session)])  # type: ignore[attr-defined]
 
 
 def record_deliveries(team_id: ObjectId, items: list[tuple[str, dict[str, Any]]]) -> int:

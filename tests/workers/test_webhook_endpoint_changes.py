@@ -32,7 +32,7 @@ def test_a_process_that_read_the_endpoints_before_a_change_sees_it_at_once(app, 
     added = admin.json("POST", f"/{admin.user.team_id}/forms/webhook/add", {"url": "http://127.0.0.1:9/"})
     assert added.status_code == 201, added.get_json()
     # As in another process, which read the list just now (before the change) and was not told directly.
-    webhooks._emitter().teams = (time.monotonic(), before, set())
+    webhooks._emitter.teams = (time.monotonic(), before, set())
     session = harness.start(steps=1, stepDelay=0)
     started = [d for d in _deliveries(app, harness.user.team_oid) if d["type"] == "session.started"]
     assert [d["payload"]["data"]["sessionId"] for d in started] == [str(session["_id"])]
