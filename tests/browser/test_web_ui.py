@@ -12,7 +12,7 @@ from playwright.sync_api import Page, expect
 
 from devtools.stack import Stack
 
-from .conftest import POLL, SLOW_AGENT, check_page, sign_in
+from .ui import POLL, SLOW_AGENT, check_page, sign_in
 
 pytestmark = pytest.mark.browser
 

@@ -14,9 +14,7 @@ import yaml
 from bson import ObjectId
 from openapi_schema_validator import OAS31Validator
 
-from .conftest import HTTP_METHODS, spec_operations
-
-pytestmark = pytest.mark.contract
+from .specs import HTTP_METHODS, spec_operations
 
 AGENTCLOUD = Path(__file__).parent / "agentcloud"
 # Agentcloud describes its ids in words: "length of 24 characters fitting the following regex; [a-f0-9]{24}".

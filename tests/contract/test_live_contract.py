@@ -19,7 +19,7 @@ from devtools.stack import Stack
 from tests.fakes.receiver import Receiver
 from tests.support import wait_until
 
-from .conftest import spec_operations
+from .specs import spec_operations
 
 pytestmark = pytest.mark.contract
 
