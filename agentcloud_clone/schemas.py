@@ -170,6 +170,11 @@ class LoginSchema(Strict):
     remember = FormBoolean(load_default=False)
 
 
+class PasswordChangeSchema(Strict):
+    currentPassword = fields.String(required=True, validate=validate.Length(min=1, max=1024))
+    newPassword = fields.String(required=True, validate=validate.Length(min=1, max=1024))
+
+
 DAY = 86400
 
 

@@ -4,7 +4,8 @@ requests are counted by, and the markers views carry. Every setting comes throug
 - Cancel: CANCEL_RATE_LIMIT per user, one budget shared by every cancel route of both API families.
 - Sign-in: only failed attempts count, per address and target account together (LOGIN_RATE_LIMIT) and per
   address over all accounts (LOGIN_ADDRESS_RATE_LIMIT), so a stranger cannot lock an owner out from
-  elsewhere, and a successful sign-in never uses up the budget.
+  elsewhere, and a successful sign-in never uses up the budget. A password change's wrong current passwords
+  count the same way (LOGIN_RATE_LIMIT per user).
 - Shared routes (`/s/<team>/...`, open to anyone holding a public app's link): SHARE_RATE_LIMIT per address for
   every request, and SHARE_START_RATE_LIMIT per address for those that start a turn.
 - Everything else: DEFAULT_RATE_LIMIT per user, or per address for anonymous callers. Probes are exempt.
@@ -86,6 +87,16 @@ bulk_cancel_limit = rate_limited("BULK_CANCEL_RATE_LIMIT", scope="bulk-cancel")
 # Every shared route, per address, reads included; and, tighter, those that start a turn.
 share_limit = rate_limited("SHARE_RATE_LIMIT", scope="share", key_func=address_key, methods=("GET", "POST"))
 share_start_limit = rate_limited("SHARE_START_RATE_LIMIT", scope="share-start", key_func=address_key)
+
+
+def _wrong_password(response: Response) -> bool:
+    return response.status_code == 403
+
+
+# Wrong current passwords on a password change, per user: a borrowed signed-in browser cannot guess its way.
+password_change_limit = rate_limited(
+    "LOGIN_RATE_LIMIT", scope="password-change", key_func=user_key, deduct_when=_wrong_password
+)
 
 
 def sign_in_limits[F: Callable[..., Any]](view: F) -> F:
