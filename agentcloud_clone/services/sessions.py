@@ -849,8 +849,8 @@ def sweep(heartbeat_timeout: float, requeue_after: float, *, since: datetime | N
     """The reaper's pass: end lost turns, enforce limit deadlines, queue lost jobs again, purge tombstones, and put
     right what a crash (or a lost answer) can leave behind: transcript writes whose events were never stored,
     transcript events whose session is gone, Idempotency-Key records of requests that never finished, queue
-    entries of sessions that have ended. `since`
-    bounds how far back those sweeps look (the start of the caller's last complete pass, less a margin)."""
+    entries of sessions that have ended. `since` bounds how far back those sweeps look (the start of the
+    caller's last complete pass, less a margin)."""
     config = current_app.config
     window_start = utcnow() - timedelta(seconds=float(config["REPAIR_WINDOW"]))
     since = window_start if since is None else max(since, window_start)
