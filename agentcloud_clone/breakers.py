@@ -38,6 +38,7 @@ class Breaker:
         self._open = False
         self._opened_at = 0.0
         self._asked_at = 0.0
+        self._check: _Check | None = None
         self.trips = 0
 
     @property
@@ -63,6 +64,34 @@ class Breaker:
         log.warning("%s unavailable (%s); failing fast until it answers again", self.name, reason)
         threading.Thread(target=self._probe_until_closed, name=f"breaker-{self.name}", daemon=True).start()
 
+    def trip_unless_alive(self, reason: object, alive: Callable[[], bool], wait: float = 5.0) -> bool:
+        """A call timed out, which a busy server's calls do too: trip only when `alive()`, a quick check with a
+        deadline of its own, fails as well. One check at a time: callers meanwhile wait (at most `wait`) for its
+        answer rather than check again. True when the breaker is open afterwards."""
+        with self._lock:
+            if self._open:
+                return True
+            check, mine = self._check, self._check is None
+            if check is None:
+                check = self._check = _Check()
+        if not mine:
+            check.done.wait(wait)
+            return self._open
+        try:
+            ok = alive()
+        except Exception:
+            ok = False
+        try:
+            if ok:
+                log.info("%s was slow (%s) but answers: not failing fast", self.name, reason)
+            else:
+                self.trip(reason)
+        finally:
+            with self._lock:
+                self._check = None
+            check.done.set()
+        return not ok
+
     def close(self) -> None:
         """Let calls through again."""
         with self._lock:
@@ -84,6 +113,13 @@ class Breaker:
                 pause = min(pause * 2, MAX_PAUSE)
                 continue
             self.close()
+
+
+class _Check:
+    """A liveness check in progress, which other callers wait for."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
 
 
 _breakers: dict[tuple[int, str], Breaker] = {}

@@ -138,6 +138,9 @@ class Config:
             "WEBHOOK_RETRY_INTERVALS": _env_list(
                 "WEBHOOK_RETRY_INTERVALS", "5,30,120,600,1800,3600,7200,14400,28800,36000,36000"
             ),
+            # How long a queued delivery is left to its job (RQ's job timeout is 60 s) before the reaper takes the
+            # job for lost and queues the delivery again.
+            "WEBHOOK_LEASE": _env_float("WEBHOOK_LEASE", 120.0, 0.1, 86400.0),
             "WEBHOOK_REQUIRE_HTTPS": _env_bool("WEBHOOK_REQUIRE_HTTPS", env == "production"),
             "WEBHOOK_ALLOW_PRIVATE": _env_bool("WEBHOOK_ALLOW_PRIVATE", False),
             # Workers: `thread` runs up to TURN_CONCURRENCY turns in one process; `fork` one per forked process.

@@ -5,6 +5,17 @@ pymongo's `timeoutMS`: ordinary pymongo settings, so they work the same on a rea
 be long set their own (`pymongo.timeout`), and a per-process circuit breaker
 (breakers.py) makes every `get_db()` fail at once after a failure that says the server is away, until a
 background ping gets an answer.
+
+What says "away": a refused or broken connection, or a server-selection timeout (pymongo found no server it could
+use within the deadline), at once. An operation that timed out on a server that was reached says only "slow" or
+"away": a large `$in`, a heartbeat of many sessions or a queue behind other clients on make run's embedded store
+legitimately takes longer than a second, and opening the breaker for that would turn a busy server into 503s for
+every request of the process. So a timeout opens it only when the server also fails a ping with its own short
+deadline (LIVENESS_TIMEOUT). A ping needs no lock and no engine work, so a live server, however busy, answers it
+in milliseconds (the embedded store answers it on its event loop while its engine thread works); a hung one
+(SIGSTOP, a partition) does not, and the breaker opens after that one short wait, as before. (The alternative,
+k timeouts in a window, would keep a hung server's first k requests waiting a full timeout each in every process,
+and would still open on a steady stream of slow but successful work.)
 """
 
 from __future__ import annotations
@@ -48,6 +59,8 @@ def database_name(uri: str) -> str:
 
 # The default of MONGO_TIMEOUT, for clients made outside an app (the CLI's own checks, tests).
 MONGO_TIMEOUT = 1.0
+# The deadline of the ping that tells a slow server from a hung one after an operation timed out.
+LIVENESS_TIMEOUT = 0.5
 # Operations that may legitimately take long (index builds, the reaper's sweep, bulk jobs) run under this deadline.
 LONG_OPERATION = 30.0
 
@@ -109,16 +122,39 @@ def breaker(uri: str, timeout: float = MONGO_TIMEOUT) -> Breaker:
 
 
 def is_unavailable(exc: BaseException) -> bool:
-    """Whether a pymongo error says the server is away or hangs (rather than refusing this operation)."""
+    """Whether a pymongo error says the server is away, hangs or was too slow (rather than refusing this
+    operation): the caller's answer is the same (503, or try again)."""
     return isinstance(exc, ConnectionFailure) or bool(getattr(exc, "timeout", False))
 
 
+def is_operation_timeout(exc: BaseException) -> bool:
+    """Whether a pymongo error is an operation that ran out of time on a server pymongo had selected (which a
+    busy server does too), rather than no server to be had."""
+    return bool(getattr(exc, "timeout", False)) and not isinstance(exc, ServerSelectionTimeoutError)
+
+
+def alive(uri: str, timeout: float = MONGO_TIMEOUT) -> bool:
+    """Whether the MongoDB of `uri` answers a ping within LIVENESS_TIMEOUT."""
+    try:
+        with pymongo.timeout(LIVENESS_TIMEOUT):
+            client_for(uri, timeout).admin.command("ping")
+    except PyMongoError:
+        return False
+    return True
+
+
 def note_failure(exc: BaseException, uri: str | None = None) -> None:
-    """Open this process's breaker when `exc` says MongoDB is away (no-op for other errors and for mongomock)."""
+    """Open this process's breaker when `exc` says MongoDB is away: a connection failure or no server within the
+    deadline at once, an operation timeout only when the server fails a quick ping too (see the module's notes).
+    No-op for other errors and for mongomock."""
     uri = uri or current_app.config["MONGO_URI"]
     if uri.startswith("mongomock://") or isinstance(exc, DatabaseUnavailableError) or not is_unavailable(exc):
         return
-    breaker(uri, float(current_app.config.get("MONGO_TIMEOUT", MONGO_TIMEOUT))).trip(exc)
+    timeout = float(current_app.config.get("MONGO_TIMEOUT", MONGO_TIMEOUT))
+    if is_operation_timeout(exc):
+        breaker(uri, timeout).trip_unless_alive(exc, lambda: alive(uri, timeout))
+    else:
+        breaker(uri, timeout).trip(exc)
 
 
 def get_db() -> Database[Any]:

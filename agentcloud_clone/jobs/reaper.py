@@ -74,7 +74,7 @@ def _take_turn(app: Flask, interval: float) -> bool:
 # How far before its last complete pass a reaper looks again for what a crash left: writes are stamped with their
 # writer's clock, so this covers a skewed clock and a write the server applied late (it had hung).
 SWEEP_OVERLAP = timedelta(seconds=120)
-SWEPT_KINDS = {"repaired": "event", "keys": "idempotency_key", "jobs": "job"}
+SWEPT_KINDS = {"repaired": "event", "orphans": "orphan_event", "keys": "idempotency_key", "jobs": "job"}
 
 
 def reap_once(app: Flask, heartbeat_timeout: float | None = None, since: datetime | None = None) -> dict[str, Any]:

@@ -548,6 +548,24 @@ def _fill_gaps(session: dict[str, Any]) -> list[dict[str, Any]]:
     return [event for event in missing if event["_id"] in inserted]
 
 
+def remove_orphan_events(reserved_since: datetime) -> int:
+    """Remove the transcript events reserved since `reserved_since` whose session document is gone altogether;
+    returns how many. (A tombstone still exists: its events go with it when it is purged.) What this finds is
+    the insert of a writer that landed after its session was purged and whose writer died before
+    `_check_late_write` could take it back. Cost: one `distinct` over the `_id` range of the recent events, then
+    one `$in` of at most IN_CHUNK ids per chunk, and a delete only where a session is missing."""
+    db = get_db()
+    removed = 0
+    with pymongo.timeout(LONG_OPERATION):
+        ids = db.session_events.distinct("sessionId", {"_id": {"$gte": ObjectId.from_datetime(reserved_since)}})
+        for chunk in chunked([i for i in ids if isinstance(i, ObjectId)]):
+            there = {doc["_id"] for doc in db.sessions.find({"_id": {"$in": chunk}}, {"_id": 1})}
+            gone = [session_id for session_id in chunk if session_id not in there]
+            if gone:
+                removed += int(db.session_events.delete_many({"sessionId": {"$in": gone}}).deleted_count)
+    return removed
+
+
 def existing_sessions(session_ids: Sequence[ObjectId]) -> set[ObjectId]:
     """Which of these sessions exist and are not deleted (a system-wide check, for the reaper's sweeps)."""
     found: set[ObjectId] = set()

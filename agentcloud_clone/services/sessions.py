@@ -848,8 +848,9 @@ def reap_lost_turns(timeout: float, tombstone_grace: float | None = None) -> lis
 def sweep(heartbeat_timeout: float, requeue_after: float, *, since: datetime | None = None) -> dict[str, Any]:
     """The reaper's pass: end lost turns, enforce limit deadlines, queue lost jobs again, purge tombstones, and put
     right what a crash (or a lost answer) can leave behind: transcript writes whose events were never stored,
-    Idempotency-Key records of requests that never finished, queue entries of sessions that have ended. `since`
-    bounds how far back those sweeps look (the start of the caller's last complete pass, less a margin)."""
+    transcript events whose session is gone, Idempotency-Key records of requests that never finished, queue
+    entries of sessions that have ended. `since` bounds how far back those sweeps look (the start of the
+    caller's last complete pass, less a margin)."""
     config = current_app.config
     window_start = utcnow() - timedelta(seconds=float(config["REPAIR_WINDOW"]))
     since = window_start if since is None else max(since, window_start)
@@ -858,6 +859,7 @@ def sweep(heartbeat_timeout: float, requeue_after: float, *, since: datetime | N
         "expired": enforce_deadlines(),
         "repaired": repair_transcripts(since),
         "keys": idempotency.sweep_stale(),
+        "orphans": remove_orphan_events(since),
     }
     try:
         result["requeued"] = requeue_lost_jobs(requeue_after)
@@ -881,6 +883,20 @@ def repair_transcripts(since: datetime) -> int:
     if stored:
         log.warning("stored %d transcript events their writers never stored", len(stored))
     return len(stored)
+
+
+def remove_orphan_events(since: datetime) -> int:
+    """Remove transcript events whose session is gone (not a tombstone: gone), among those reserved since `since`
+    less TOMBSTONE_GRACE; returns how many. Such an event's `_id` dates from its reservation, which came before
+    the delete, and the purge came a grace after it, so looking back a grace further finds an insert that landed
+    since the last pass. Bounded by REPAIR_WINDOW, like the other sweeps."""
+    config = current_app.config
+    window_start = utcnow() - timedelta(seconds=float(config["REPAIR_WINDOW"]))
+    reserved_since = max(since - timedelta(seconds=float(config["TOMBSTONE_GRACE"])), window_start)
+    removed = repo.remove_orphan_events(reserved_since)
+    if removed:
+        log.warning("removed %d transcript events whose sessions are gone", removed)
+    return removed
 
 
 def sweep_queue() -> int:

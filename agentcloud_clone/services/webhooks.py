@@ -156,9 +156,30 @@ def redeliver(team_id: ObjectId, endpoint_id: ObjectId, delivery_id: ObjectId) -
     delivery = repo.find_team_delivery(team_id, endpoint_id, delivery_id)
     if delivery is None:
         raise NotFound("No such delivery for this endpoint.")
-    repo.set_delivery(delivery_id, {"status": "pending", "nextAttemptAt": utcnow()})
-    queueing.enqueue_webhook_delivery(str(delivery_id))
-    return {**delivery, "status": "pending"}
+    # One more attempt than it has had, whatever the schedule says; queued now, or by the reaper when the queue
+    # is away.
+    changes = {"attemptsAllowed": int(delivery.get("attemptCount", 0)) + 1}
+    repo.set_delivery(delivery_id, {**changes, "status": "queued", "nextAttemptAt": _lease_end()})
+    status = "queued" if _queue(delivery_id) else "pending"
+    return {**delivery, **changes, "status": status}
+
+
+def _lease_end() -> datetime:
+    """Until when a queued delivery is left to its job: past that, the job is taken for lost (Redis lost it, or its
+    worker died mid-attempt) and the reaper queues the delivery again."""
+    return utcnow() + timedelta(seconds=float(current_app.config["WEBHOOK_LEASE"]))
+
+
+def _queue(delivery_id: ObjectId) -> bool:
+    """Queue the delivery's job; when the queue is away, leave the delivery `pending` and due, so the reaper's next
+    pass queues it (False)."""
+    try:
+        queueing.enqueue_webhook_delivery(str(delivery_id))
+        return True
+    except redis.RedisError as exc:
+        log.warning("webhook delivery %s not queued (%s); the reaper queues it", delivery_id, exc)
+        repo.set_delivery(delivery_id, {"status": "pending", "nextAttemptAt": utcnow()})
+        return False
 
 
 # --- what gets delivered ----------------------------------------------------------------------------------------
@@ -286,31 +307,33 @@ def record_deliveries(team_id: ObjectId, items: list[tuple[str, dict[str, Any]]]
                     "eventKey": key,
                     "type": payload["type"],
                     "payload": payload,
-                    "status": "pending",
+                    # Queued from the start: if this process dies before its job is queued, the lease runs out
+                    # and the reaper queues it.
+                    "status": "queued",
                     "attempts": [],
                     "attemptCount": 0,
+                    "attemptsAllowed": len(retry_intervals()) + 1,
                     "createdAt": utcnow(),
-                    "nextAttemptAt": utcnow(),
+                    "nextAttemptAt": _lease_end(),
                 }
             )
             if delivery is not None:
-                queueing.enqueue_webhook_delivery(str(delivery["_id"]))
+                _queue(delivery["_id"])
                 queued += 1
     return queued
 
 
 def sweep_missed(window: timedelta = timedelta(minutes=10)) -> int:
-    """The reaper's part: queue retries whose back-off is over, and record deliveries a crashed process never
-    recorded (events and sessions since the last sweep, at most `window` back, of teams that have endpoints).
-    Deliveries already made are not made again. Returns how many were queued."""
+    """The reaper's part: queue the deliveries that are due (retries whose back-off is over, deliveries whose job
+    could not be queued, and those whose job was lost or died mid-attempt: its lease ran out), and record
+    deliveries a crashed process never recorded (events and sessions since the last sweep, at most `window` back,
+    of teams that have endpoints). Deliveries already made are not made again. Returns how many were queued."""
     teams = repo.teams_with_endpoints()
     if not teams:
         return 0
-    due = repo.due_retries(utcnow())
-    for delivery_id in due:
-        queueing.enqueue_webhook_delivery(str(delivery_id))
+    due = repo.due_deliveries(utcnow(), _lease_end())
+    recorded = sum(_queue(delivery_id) for delivery_id in due)
     floor = ObjectId.from_datetime(utcnow() - window)
-    recorded = len(due)
     events_after = max(repo.watermark("webhook-events") or floor, floor)
     events = repo.events_since(events_after, list(EVENT_FOR), teams, 1000)
     for team_id in {e["teamId"] for e in events}:
@@ -337,9 +360,18 @@ def retry_intervals() -> list[float]:
 
 def deliver(delivery_id: ObjectId) -> dict[str, Any]:
     """Attempt one delivery: sign, send to the checked address, record the answer, and schedule the next attempt
-    (with back-off) or give up when the schedule is spent. Returns the attempt."""
-    delivery = repo.find_delivery(delivery_id)
-    if delivery is None or delivery["status"] == "delivered":
+    (with back-off) or give up when the schedule is spent. Returns the attempt.
+
+    The attempt is counted before it is made: one whose job dies (its worker is killed, MongoDB fails it) counts,
+    and the reaper queues the delivery again when its lease runs out."""
+    intervals = retry_intervals()
+    delivery = repo.start_attempt(delivery_id, _lease_end())
+    if delivery is None:
+        return {"skipped": True}
+    made = int(delivery["attemptCount"])
+    allowed = int(delivery.get("attemptsAllowed") or len(intervals) + 1)
+    if made > allowed:  # the last attempts allowed died without an answer
+        repo.set_delivery(delivery_id, {"status": "failed", "nextAttemptAt": None})
         return {"skipped": True}
     endpoint = repo.find_endpoint(delivery["teamId"], delivery["endpointId"], with_secret=True)
     if endpoint is None or endpoint.get("disabled"):
@@ -370,13 +402,13 @@ def deliver(delivery_id: ObjectId) -> dict[str, Any]:
         attempt["error"] = f"{exc.__class__.__name__}: {exc}"[:500]
     attempt["durationMs"] = round((time.monotonic() - started) * 1000, 1)
     ok = 200 <= int(attempt.get("statusCode") or 0) < 300
-    intervals = retry_intervals()
-    made = int(delivery.get("attemptCount", 0)) + 1
     if ok:
-        repo.record_attempt(delivery_id, attempt, {"status": "delivered", "deliveredAt": utcnow()})
-    elif made <= len(intervals):
+        repo.record_attempt(
+            delivery_id, attempt, {"status": "delivered", "deliveredAt": utcnow(), "nextAttemptAt": None}
+        )
+    elif made < allowed:
         # The reaper's sweep queues it again once this back-off is over.
-        due = utcnow() + timedelta(seconds=intervals[made - 1])
+        due = utcnow() + timedelta(seconds=intervals[min(made, len(intervals)) - 1])
         repo.record_attempt(delivery_id, attempt, {"status": "retrying", "nextAttemptAt": due})
     else:
         repo.record_attempt(delivery_id, attempt, {"status": "failed", "nextAttemptAt": None})

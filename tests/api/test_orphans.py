@@ -5,6 +5,7 @@ that stalls past the tombstone grace, a cancel racing a delete, a send-message a
 from __future__ import annotations
 
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,8 +17,10 @@ import pytest
 from bson import ObjectId
 from rq import Queue
 
+from agentcloud_clone import metrics
 from agentcloud_clone.db import get_db
-from agentcloud_clone.errors import Conflict
+from agentcloud_clone.errors import Conflict, NotFound
+from agentcloud_clone.jobs.reaper import reap_once
 from agentcloud_clone.queueing import get_redis, settle_outbox
 from agentcloud_clone.repositories import sessions as repo
 from agentcloud_clone.services import idempotency
@@ -95,6 +98,15 @@ def _repair(app: Any) -> int:
         return service.repair_transcripts(utcnow() - timedelta(minutes=5))
 
 
+def _swept(app: Any, kind: str) -> float:
+    """`agentcloud_reaper_swept_total{kind=...}` as /metrics shows it (0 when absent), once what this process
+    counted so far has been sent."""
+    assert metrics.store_for(app.config).settle()
+    text = app.test_client().get("/metrics").get_data(as_text=True)
+    match = re.search(rf'^agentcloud_reaper_swept_total{{kind="{kind}"}} (\S+)$', text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
 def test_a_write_cut_off_before_its_insert_is_completed_by_the_next_write(app, factory, world, monkeypatch):
     session = _running(app, factory, world)
     with app.app_context(), writers_die_before_inserting(monkeypatch), pytest.raises(WriterDied):
@@ -116,6 +128,41 @@ def test_the_reaper_stores_the_closing_event_of_an_end_whose_insert_never_landed
     events = _assert_whole(app, session["_id"])
     assert [e["type"] for e in events] == ["cancel", "status"] and events[-1]["endReason"] == "cancelled"
     assert _repair(app) == 0  # nothing left to do
+
+
+def test_a_write_the_reaper_completes_is_counted_in_metrics(app, factory, world, monkeypatch):
+    session = factory.session(world["user"], world["app_id"])
+    with app.app_context(), writers_die_before_inserting(monkeypatch), pytest.raises(WriterDied):
+        service.cancel_session(session["teamId"], session["_id"], world["actor"], CancelSource.API)
+    assert _swept(app, "event") == 0
+    assert reap_once(app)["repaired"] == 2
+    assert [e["type"] for e in _assert_whole(app, session["_id"])] == ["cancel", "status"]
+    assert _swept(app, "event") == 2
+
+
+def test_the_reaper_removes_events_whose_session_is_gone_and_counts_them(app, factory, world):
+    kept = factory.session(world["user"], world["app_id"], "hello")
+    deleted = factory.session(world["user"], world["app_id"])
+    gone = ObjectId()
+    with app.app_context():
+        service.cancel_session(deleted["teamId"], deleted["_id"], world["actor"], CancelSource.API)
+        service.delete_session(deleted["teamId"], deleted["_id"])
+        db = get_db()
+        # What a writer that died after a late insert leaves: events of a session purged before they landed, and
+        # one written to a tombstone (which its purge takes).
+        for seq, session_id in ((1, gone), (2, gone), (1, deleted["_id"])):
+            db.session_events.insert_one(
+                {**repo.LOST_ENTRY, "_id": ObjectId(), "sessionId": session_id, "teamId": world["user"].team_oid,
+                 "seq": seq, "createdAt": utcnow()}
+            )  # fmt: skip
+    app.config["TOMBSTONE_GRACE"] = 3600.0  # the tombstone stays for this pass
+    assert reap_once(app)["orphans"] == 2
+    with app.app_context():
+        assert get_db().session_events.count_documents({"sessionId": gone}) == 0
+        assert get_db().session_events.count_documents({"sessionId": deleted["_id"]}) == 1  # the purge's to take
+    assert [e["type"] for e in _transcript(app, kept["_id"])] == ["message"]
+    assert _swept(app, "orphan_event") == 2
+    assert reap_once(app)["orphans"] == 0
 
 
 def test_an_entry_lost_with_the_next_writer_too_is_stood_in_for(app, factory, world, monkeypatch):
@@ -327,4 +374,71 @@ def test_cancel_racing_delete_send_and_the_workers_last_writes_leaves_no_orphans
         orphan_keys = db.idempotency_keys.count_documents({"accountId": user.oid})
         orphan_jobs = Queue(app.config["TURN_QUEUE"], connection=get_redis()).get_job_ids()
     assert all(deleted) and sessions == {}  # every round's session ended, and its delete went through
+    assert (orphan_events, orphan_keys, orphan_jobs) == (0, 0, [])
+
+
+def _idle_race_round(app: Any, factory: Any, world: dict[str, Any], number: int) -> list[str]:
+    """The reported race: an idle session (created with an Idempotency-Key) gets one cancel and eight deletes at
+    once, each delete tried again while the session is live, as a client does; then the reaper purges the
+    tombstone. What each delete got."""
+    user, actor = world["user"], world["actor"]
+    team, sid = user.team_oid, ObjectId()
+
+    def create() -> tuple[dict[str, Any], ObjectId]:
+        session = factory.session(user, world["app_id"], session_id=sid)
+        return {"_id": str(session["_id"])}, session["_id"]
+
+    with app.app_context():
+        idempotency.run_once(user.oid, f"idle-{number}", "h", create, session_id=sid)
+    start = threading.Barrier(9)
+    outcomes: list[str] = []
+
+    def cancel() -> None:
+        service.cancel_session(team, sid, actor, CancelSource.API)
+
+    def delete() -> None:
+        for _ in range(5000):
+            try:
+                service.delete_session(team, sid)
+                outcomes.append("deleted")
+                return
+            except Conflict:
+                time.sleep(0.001)  # still live: the client tries again a moment later
+            except NotFound:
+                outcomes.append("gone")  # another delete got there first
+                return
+        outcomes.append("gave up")
+
+    def act(step: Callable[[], None]) -> threading.Thread:
+        def run() -> None:
+            with app.app_context():
+                start.wait()
+                step()
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    for thread in [act(cancel)] + [act(delete) for _ in range(8)]:
+        thread.join(30)
+    with app.app_context():
+        repo.purge_tombstones(utcnow() + timedelta(seconds=1))
+    return outcomes
+
+
+@pytest.mark.parametrize("mongo_uri_template", ["mongo-wire"], indirect=True)
+def test_one_cancel_racing_eight_deletes_of_an_idle_session_leaves_no_orphans(app, factory, world):
+    """Issue 17's report (five `status` events left over 150 rounds), run 160 times on the wire server with no
+    tombstone grace. Nothing here runs the reaper's orphan sweep: the writes themselves leave nothing behind."""
+    rounds = [_idle_race_round(app, factory, world, number) for number in range(160)]
+    user = world["user"]
+    with app.app_context():
+        settle_outbox()
+        db = get_db()
+        sessions = db.sessions.count_documents({"teamId": user.team_oid})
+        orphan_events = db.session_events.count_documents({"teamId": user.team_oid})
+        orphan_keys = db.idempotency_keys.count_documents({"accountId": user.oid})
+        orphan_jobs = Queue(app.config["TURN_QUEUE"], connection=get_redis()).get_job_ids()
+    assert all(sorted(outcomes) == ["deleted"] + ["gone"] * 7 for outcomes in rounds), rounds
+    assert sessions == 0
     assert (orphan_events, orphan_keys, orphan_jobs) == (0, 0, [])
