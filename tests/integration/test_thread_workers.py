@@ -111,9 +111,11 @@ def test_a_turn_interrupted_by_shutdown_more_often_than_allowed_ends_worker_lost
     assert session_of(stack, sid)["status"] == "waiting"
     second = stack.start_worker()
     wait_until(
-        lambda: session_of(stack, sid)["status"] == "running"
-        and events_of(stack, sid)[-1]["type"] == "output"
-        and _worker_of(stack, sid).endswith(f":{second.pid}"),
+        lambda: (
+            session_of(stack, sid)["status"] == "running"
+            and events_of(stack, sid)[-1]["type"] == "output"
+            and _worker_of(stack, sid).endswith(f":{second.pid}")
+        ),
         60,
         "the second worker to run it",
     )
