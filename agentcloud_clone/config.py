@@ -146,6 +146,15 @@ class Config:
             # Workers: `thread` runs up to TURN_CONCURRENCY turns in one process; `fork` one per forked process.
             "WORKER_MODE": _env_choice("WORKER_MODE", "thread", ("thread", "fork")),
             "TURN_CONCURRENCY": _env_int("TURN_CONCURRENCY", 20, 1, 1000),
+            # Thread mode: slots of a worker process that only webhook deliveries use, so a delivery never waits
+            # behind turns (its queue is also served first).
+            "WEBHOOK_CONCURRENCY": _env_int("WEBHOOK_CONCURRENCY", 2, 0, 100),
+            # Thread mode, on SIGTERM: seconds running turns may still finish, then seconds an interrupted turn may
+            # take to stop. An interrupted turn is queued again (another worker runs it from the user's message)
+            # at most TURN_SHUTDOWN_RETRIES times; after that its session ends `worker_lost`.
+            "WORKER_SHUTDOWN_GRACE": _env_float("WORKER_SHUTDOWN_GRACE", 20.0, 0.0, 3600.0),
+            "WORKER_INTERRUPT_GRACE": _env_float("WORKER_INTERRUPT_GRACE", 5.0, 0.1, 600.0),
+            "TURN_SHUTDOWN_RETRIES": _env_int("TURN_SHUTDOWN_RETRIES", 2, 0, 100),
             # A team's turns queued or running at once, whatever its backlog (the rest wait their turn).
             "TEAM_MAX_ACTIVE_TURNS": _env_int("TEAM_MAX_ACTIVE_TURNS", 8, 1, 10_000),
             # Modules `python` runner callables may come from; anything else is refused when an app is saved

@@ -658,6 +658,8 @@ class EventOut(Out):
     text = fields.String()
     turnId = fields.String()
     interrupted = fields.Boolean()
+    # On a `turn_end` that hands a turn back to the queue (its worker shut down): which attempt was cut off.
+    retry = fields.Integer()
     queued = fields.Boolean()
     # A stand-in for an entry lost with its writers (two in a row died between their writes): the transcript
     # keeps its gap-free `seq`, and says so.

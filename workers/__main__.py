@@ -38,7 +38,8 @@ def _end_turn(app: Flask, job: Any, pid: int, status: int) -> None:
 
 
 def _thread_worker(app: Flask, queues: list[str], name: str | None, concurrency: int) -> Worker:
-    """Thread mode (workers/pool.py): up to `concurrency` turns at once in threads of this process."""
+    """Thread mode (workers/pool.py): up to `concurrency` turns at once in threads of this process, and
+    WEBHOOK_CONCURRENCY more slots that only webhook deliveries use (so a delivery never waits behind turns)."""
     from workers.pool import ThreadPoolWorker, current_control
 
     # The turn job sees the pool's per-job control (rq stop-job, job timeout, shutdown) as a way to stop.
@@ -62,6 +63,10 @@ def _thread_worker(app: Flask, queues: list[str], name: str | None, concurrency:
         connection=rq_connection(app.config["REDIS_URL"]),
         name=name,
         concurrency=concurrency,
+        reserved_queues=[q for q in queues if q == app.config["WEBHOOK_QUEUE"]],
+        reserved_concurrency=int(app.config["WEBHOOK_CONCURRENCY"]),
+        shutdown_grace=float(app.config["WORKER_SHUTDOWN_GRACE"]),
+        interrupt_grace=float(app.config["WORKER_INTERRUPT_GRACE"]),
         execution_context=in_app,
         abnormal_end_handler=ended_abnormally,
     )
@@ -84,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("indexes not ensured yet (MongoDB unavailable: %s); the reaper retries", exc)
     mode = args.mode or app.config["WORKER_MODE"]
     with app.app_context():
-        queues = args.queues or [app.config["TURN_QUEUE"], app.config["WEBHOOK_QUEUE"]]
+        # Webhook deliveries first: they are short, and issue 15 wants them out within a second of the event.
+        queues = args.queues or [app.config["WEBHOOK_QUEUE"], app.config["TURN_QUEUE"]]
         if mode == "thread":
             worker = _thread_worker(app, queues, args.name, args.concurrency or int(app.config["TURN_CONCURRENCY"]))
         else:

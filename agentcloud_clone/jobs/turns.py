@@ -55,8 +55,15 @@ class OutputTooLongError(Exception):
 _control_provider: Callable[[], Any] | None = None
 STOP_MESSAGES = {
     "timeout": "The turn ran past TURN_TIMEOUT and was stopped.",
-    "shutdown": "The worker shut down before the turn finished; send the message again to retry.",
+    # Only once the turn was queued again TURN_SHUTDOWN_RETRIES times (see _hand_back): the session has ended.
+    "shutdown": "The worker shut down before the turn finished, and the turn had already been queued again as often "
+    "as TURN_SHUTDOWN_RETRIES allows; the session was ended.",
 }
+
+
+class TurnRequeued(Exception):  # noqa: N818 - named for what happened, like rq's StopRequested
+    """Raised by a turn that a worker's shutdown interrupted and that was handed back to the queue: RQ's own retry
+    (the job's `retries_left`) queues the job again, so another worker runs the turn from the user's message."""
 
 
 def set_control_provider(provider: Callable[[], Any] | None) -> None:
@@ -214,6 +221,8 @@ def _context_from_transcript(session_id: ObjectId, turn_id: ObjectId) -> tuple[s
             turns += 1
             history.append({"role": "user", "content": event.get("text", "")})
         elif event["type"] == EventType.OUTPUT:
+            if event.get("turnId") == str(turn_id):
+                continue  # an earlier attempt of this turn, cut off by a worker's shutdown: it runs again afresh
             if history and history[-1]["role"] == "assistant":
                 history[-1]["content"] += event.get("text", "")
             else:
@@ -301,6 +310,8 @@ def _drive(
         writer.flush(interrupted=True)
         if persist(lambda: sessions.complete_turn(tid, sid, turn, end_session=False, interrupted=True)):
             return {"outcome": "interrupted"}
+    if cancel.reason == "shutdown" and _hand_back(writer):
+        raise TurnRequeued(f"turn {turn} of session {sid} was interrupted by a worker shutdown; queued again")
     if cancel.reason in STOP_MESSAGES:
         reason = EndReason.TIMED_OUT if cancel.reason == "timeout" else EndReason.WORKER_LOST
         _stop(writer, reason, STOP_MESSAGES[cancel.reason])
@@ -312,6 +323,33 @@ def _drive(
         metrics.store_for(current_app.config).observe("cancel_to_stop_seconds", seconds)
         log.info("turn %s of session %s stopped %.3f s after the cancel", turn, sid, seconds)
     return {"outcome": "cancelled"}
+
+
+def _hand_back(writer: OutputWriter) -> bool:
+    """The worker is shutting down: keep the turn's output so far (marked interrupted), put the turn back in the
+    queue (services.sessions.requeue_interrupted_turn) and mark this RQ job for one retry, so that RQ queues it
+    again when it raises. False when the turn is not handed back: it was handed back TURN_SHUTDOWN_RETRIES times
+    already (the caller ends it `worker_lost`), or the session no longer runs it (a cancel decides the end)."""
+    job = get_current_job()
+    if job is None:
+        return False
+    try:
+        writer.flush(interrupted=True)
+    except TranscriptWriteError:
+        return False
+    limit = int(current_app.config["TURN_SHUTDOWN_RETRIES"])
+    outcome = persist(
+        lambda: sessions.requeue_interrupted_turn(
+            writer.team_id, writer.session_id, writer.turn_id, limit, interrupted=writer.chars_written > 0
+        )
+    )
+    if outcome != "requeued":
+        return False
+    # RQ's retry: the worker's failure handling queues the job again (same id, at the front) instead of failing it.
+    job.retries_left = max(int(job.retries_left or 0), 1)
+    job.retry_intervals = None
+    job.enqueue_at_front_on_retry = True
+    return True
 
 
 def _stop(writer: OutputWriter, reason: EndReason, message: str, *, flush: bool = True) -> dict[str, Any] | None:

@@ -760,6 +760,62 @@ def end_turn(
     return None
 
 
+RETRY_MESSAGE = "The worker shut down before the turn finished; the turn will run again from your message."
+
+
+def requeue_interrupted_turn(
+    team_id: ObjectId, session_id: ObjectId, turn_id: ObjectId, max_retries: int, *, interrupted: bool
+) -> str | None:
+    """A worker shutting down interrupted this running turn: hand it back to the queue rather than end the session.
+
+    The session waits for a worker again (the same turn, so its job runs again from the user's message), and the
+    transcript gets a `turn_end` marked `interrupted` and `retry` (the attempt number) saying so. Each turn is
+    handed back at most `max_retries` times. Returns "requeued"; "exhausted" when it has been handed back that often
+    already (the caller ends it); None when the session no longer runs this turn (cancelled, ended, deleted: that
+    decides the end). The caller then asks RQ to queue the job again."""
+    for _ in range(RETRIES):
+        current = repo.find_session(team_id, session_id)
+        if current is None or is_ended(current) or current.get("cancelledAt"):
+            return None
+        if current.get("activeTurnId") != turn_id or current.get("status") != Status.RUNNING:
+            return None
+        retry_turn, retry_count = current.get("retryTurnId"), current.get("retryCount")
+        count = int(retry_count or 0) if retry_turn == turn_id else 0
+        if count >= max_retries:
+            return "exhausted"
+        now = utcnow()
+        event: dict[str, Any] = {
+            "type": EventType.TURN_END,
+            "turnId": str(turn_id),
+            "status": Status.WAITING,
+            "retry": count + 1,
+            "message": RETRY_MESSAGE,
+        }
+        if interrupted:
+            event["interrupted"] = True  # the turn's output stops short
+        where = {
+            "activeTurnId": turn_id,
+            "status": Status.RUNNING,
+            **NOT_CANCELLED,
+            # Optimistic: nobody else handed it back (or claimed it again) since it was read.
+            "retryTurnId": retry_turn,
+            "retryCount": retry_count,
+        }
+        fields = {
+            "status": Status.WAITING,
+            "turnQueuedAt": now,
+            "turnStartedAt": None,
+            "retryTurnId": turn_id,
+            "retryCount": count + 1,
+            **_deadline(current.get("limits") or {}, "queued", now),
+        }
+        if _append(team_id, session_id, [event], where=where, set_fields=fields) is not None:
+            log.warning("turn %s of session %s interrupted by a worker shutdown; queued again (%d)", turn_id,
+                        session_id, count + 1)  # fmt: skip
+            return "requeued"
+    return None
+
+
 def end_turn_of_killed_job(
     team_id: ObjectId, session_id: ObjectId, turn_id: ObjectId, detail: str, *, only_if_silent: bool = False
 ) -> bool:
