@@ -195,8 +195,8 @@ def _items_for_events(events: list[dict[str, Any]]) -> list[tuple[str, dict[str,
     items = []
     for event in events:
         kind = EVENT_FOR.get(event["type"])
-        if kind is None:
-            continue
+        if kind is None or (kind is WebhookEvent.TURN_COMPLETED and event.get("retry")):
+            continue  # a turn handed back by a worker's shutdown has not completed: it runs again
         data: dict[str, Any] = {"seq": event["seq"], "turnId": event.get("turnId")}
         if kind is WebhookEvent.SESSION_ENDED:
             data.update(status=str(event.get("status")), endReason=str(event.get("endReason")))

@@ -292,3 +292,23 @@ def test_a_redelivery_asked_for_while_redis_is_down_is_sent_by_the_reaper(
     _drain(app)
     assert len(receiver.received) == 2 and _ids(receiver) == {str(delivery["_id"])}
     assert _deliveries(app)[0]["status"] == "delivered"
+
+
+def test_a_turn_handed_back_by_a_shutdown_announces_no_completion(app, harness, factory, login, receiver):
+    from agentcloud_clone.services import sessions as sessions_service
+
+    admin = login(factory.user("admin", {"_id": harness.user.team_oid}))
+    _register(admin, receiver.url, ["turn.completed"])
+    session = harness.start(steps=2, stepDelay=0)
+    with app.app_context():
+        claimed = sessions_service.claim_turn(session["teamId"], session["_id"], session["activeTurnId"], "test:1")
+        assert claimed
+        outcome = sessions_service.requeue_interrupted_turn(
+            session["teamId"], session["_id"], session["activeTurnId"], 2, interrupted=True
+        )
+    assert outcome == "requeued"
+    _drain(app)
+    assert receiver.received == []  # the turn runs again; its completion is announced then
+    harness.run(session)
+    _drain(app)
+    assert [json.loads(r["body"])["type"] for r in receiver.received] == ["turn.completed"]
