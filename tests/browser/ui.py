@@ -9,9 +9,8 @@ from typing import Any
 
 from playwright.sync_api import Page, expect
 
-# The worker's cancel poll; the page polls the transcript every UI_POLL seconds while a turn runs.
+# The worker's cancel poll.
 POLL = 0.5
-UI_POLL = 0.5
 ROOT = Path(__file__).resolve().parents[2]
 SCREENSHOTS = Path(ROOT, "test-artifacts", "screenshots")
 # A scripted agent that streams for about 20 s unless cancelled.
