@@ -198,6 +198,15 @@ def test_the_python_runner_callables_listed_are_those_the_default_installation_a
         assert callable(load_runner_callable(target, [examples.__name__]))
 
 
+def test_the_contract_run_knows_every_browser_only_operation(spec: dict[str, Any]) -> None:
+    browser_only = {
+        operation["operationId"]
+        for operation in spec_operations(spec).values()
+        if "Needs a browser session" in " ".join((operation.get("description") or "").split())
+    }
+    assert browser_only == set(contract.BROWSER_ONLY)
+
+
 def test_the_contract_run_reads_every_live_stream_on_an_ended_session(spec: dict[str, Any]) -> None:
     """An operation answering `text/event-stream` must be pinned to the ended session and kept out of the stateful
     phase, or a generated request waits on a live session until it times out."""
