@@ -27,7 +27,7 @@ from .repositories import apps as apps_repo
 from .sealing import reseal_all
 from .services import accounts as accounts_service
 from .services import apps as apps_service
-from .vocabulary import RUNNER_NAMES
+from .vocabulary import RUNNER_NAMES, Runner
 from .web.errors import status_for
 
 users_cli = AppGroup("users", help="Manage user accounts.")
@@ -155,7 +155,7 @@ def apikeys_create(email: str, name: str) -> None:
 @apps_cli.command("create")
 @click.argument("team_id")
 @click.option("--name", required=True)
-@click.option("--runner", type=click.Choice(RUNNER_NAMES), default="scripted", show_default=True)
+@click.option("--runner", type=click.Choice(RUNNER_NAMES), default=Runner.SCRIPTED.value, show_default=True)
 @click.option("--config", "config_json", default="{}", help="Runner settings as a JSON object.")
 @_reports_errors
 def apps_create(team_id: str, name: str, runner: str, config_json: str) -> None:
@@ -186,7 +186,7 @@ def seed_demo() -> dict[str, str | None]:
         existing[0]
         if existing
         else apps_service.create_app_record(
-            team, "Scripted demo agent", "scripted", {"steps": 20, "stepDelay": 0.3}, None
+            team, "Scripted demo agent", Runner.SCRIPTED, {"steps": 20, "stepDelay": 0.3}, None
         )
     )
     record, key = accounts_service.create_api_key(parse_id(ids["accountId"], "account"), "demo key")

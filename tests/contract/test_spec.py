@@ -14,7 +14,7 @@ from openapi_spec_validator import validate
 
 from agentcloud_clone import examples
 from agentcloud_clone.services.apps import load_runner_callable
-from agentcloud_clone.vocabulary import WEBHOOK_EVENTS
+from agentcloud_clone.vocabulary import END_REASONS, OPERATION_STATUSES, STATUSES, WEBHOOK_EVENTS
 from agentcloud_clone.web.docs import SPEC_PATH
 from devtools import contract
 
@@ -184,6 +184,16 @@ def test_the_spec_s_webhooks_are_the_events_the_service_sends(spec: dict[str, An
     headers = {"webhook-id", "webhook-timestamp", "webhook-signature"}
     for item in spec["webhooks"].values():
         assert {_resolve(spec, p)["name"] for p in item["post"]["parameters"]} == headers
+
+
+def test_the_spec_s_vocabularies_are_the_service_s(spec: dict[str, Any]) -> None:
+    def enum(name: str) -> set[str]:
+        return set(_resolve(spec, {"$ref": f"#/components/schemas/{name}"})["enum"])
+
+    assert enum("SessionStatus") == set(STATUSES)
+    assert enum("EndReason") == set(END_REASONS)
+    operation = _resolve(spec, {"$ref": "#/components/schemas/Operation"})
+    assert set(operation["properties"]["status"]["enum"]) == set(OPERATION_STATUSES)
 
 
 def test_the_python_runner_callables_listed_are_those_the_default_installation_accepts(spec: dict[str, Any]) -> None:
