@@ -320,6 +320,30 @@ def test_after_a_turn_finishes_the_next_message_starts_another(pages, stack):
     stack.api("POST", f"/{team}/forms/session/{sid}/cancel")
 
 
+def test_an_interrupting_message_and_a_cancel_with_a_reason_show_on_the_page(pages, stack, slow_app):
+    page = pages.new()
+    sign_in(page, stack.demo["email"], stack.demo["password"])
+    sid = _start_session(page, slow_app, "Interrupted, then cancelled")
+    expect(page.locator("#transcript .entry-agent .text")).to_have_text(re.compile(r"\S"))
+    page.get_by_label("Your message").fill("Stop counting; just say hello.")
+    page.get_by_label("If the agent is still answering").select_option("interrupt")
+    page.get_by_role("button", name="Send").click()
+    # The answer in flight stops, keeping what it said, and the new message is answered next.
+    expect(page.locator("#transcript .entry-user")).to_have_count(2)
+    expect(page.locator("#transcript .entry-agent").first.locator(".interrupted")).to_be_visible()
+    expect(page.locator("#transcript .entry-agent")).to_have_count(2)
+    page.get_by_label("Reason (optional)").fill("enough for today")
+    page.get_by_role("button", name="Cancel session").click()
+    expect(
+        page.locator("#transcript .entry-note").filter(has_text="Cancel requested: enough for today")
+    ).to_be_visible()
+    expect(page.locator("#session-status")).to_have_text("terminated", timeout=30_000)
+    page.reload()
+    expect(page.locator("#session-end-reason")).to_have_text("cancelled: enough for today")
+    shown = stack.api("GET", f"/{stack.demo['teamId']}/session/{sid}.json").json()["session"]
+    assert shown["cancellation"]["reason"] == "enough for today" and shown["cancellation"]["source"] == "ui"
+
+
 def test_the_sessions_list_pages_with_the_before_cursor(pages, stack):
     """A team of its own with twelve idle sessions: ten on the first page, two on the next."""
     email = f"pager-{uuid.uuid4().hex[:8]}@example.com"
