@@ -130,6 +130,20 @@ def teams_remove_member(team_id: str, email: str) -> None:
     _emit({"accountId": str(account["_id"]), "teamId": team_id, "removed": True})
 
 
+@teams_cli.command("set-turn-slots")
+@click.argument("team_id")
+@click.argument("slots", type=click.IntRange(1, 10_000), required=False)
+@click.option("--default", "use_default", is_flag=True, help="Go back to TEAM_MAX_ACTIVE_TURNS.")
+@_reports_errors
+def teams_set_turn_slots(team_id: str, slots: int | None, use_default: bool) -> None:
+    """How many of the team's turns may hold the workers at once (fair scheduling); an operator's setting that
+    team admins cannot change. Takes effect within 30 s in every process."""
+    if (slots is None) == (not use_default):
+        raise InvalidInput("Give the number of slots, or --default.")
+    team = accounts_service.set_team_turn_slots(_team(team_id)["_id"], None if use_default else slots)
+    _emit({"teamId": team_id, "maxActiveTurns": team.get("maxActiveTurns")})
+
+
 @teams_cli.command("members")
 @click.argument("team_id")
 @_reports_errors

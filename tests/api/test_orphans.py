@@ -286,7 +286,7 @@ def test_the_reaper_takes_queue_entries_of_ended_sessions_out(app, factory, worl
     with app.app_context():
         service.cancel_session(session["teamId"], session["_id"], world["actor"], CancelSource.API)
         # A drop that never happened (Redis was away): the job of the ended session is still queued.
-        queueing.enqueue_turn(str(session["teamId"]), str(session["_id"]), str(ObjectId()))
+        queueing.enqueue_turn(str(session["teamId"]), str(session["_id"]), str(ObjectId()), 8)
         assert service.sweep_queue() == 1
         queue = Queue(app.config["TURN_QUEUE"], connection=get_redis())
         assert queue.get_job_ids() == [f"turn-{live['activeTurnId']}"]
