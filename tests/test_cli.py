@@ -101,7 +101,8 @@ def test_members_can_be_listed_removed_and_change_role(runner, app):
 
 
 def test_an_operator_sets_a_teams_turn_slots_and_goes_back_to_the_default(runner, app):
-    team = _json(runner.invoke(args=["users", "create", "slots@example.com", "--password", "longenough", "--team", "S"]))
+    created = runner.invoke(args=["users", "create", "slots@example.com", "--password", "longenough", "--team", "S"])
+    team = _json(created)
     set_ = _json(runner.invoke(args=["teams", "set-turn-slots", team["teamId"], "3"]))
     assert set_ == {"teamId": team["teamId"], "maxActiveTurns": 3}
     back = _json(runner.invoke(args=["teams", "set-turn-slots", team["teamId"], "--default"]))
