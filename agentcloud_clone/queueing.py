@@ -334,7 +334,18 @@ def turn_is_waiting(turn_id: str) -> bool:
         job = Job.fetch(turn_job_id(turn_id), connection=get_redis())
     except NoSuchJobError:
         return False
-    return job.get_status(refresh=False) in NOT_STARTED
+    status = job.get_status(refresh=False)
+    if status == JobStatus.QUEUED:
+        # A worker moves a job off the queue before it marks it started: one killed in between leaves the job
+        # QUEUED in no queue at all (in RQ's intermediate queue, until RQ's own clean-up minutes later).
+        return turn_queue().get_job_position(job.id) is not None
+    return status in NOT_STARTED
+
+
+def forget_taken_turn(turn_id: str) -> None:
+    """Take the turn's job out of RQ's intermediate queue, where a worker killed as it took the job left it, before
+    the turn is queued again: RQ's clean-up would otherwise fail the job of the same id later."""
+    turn_queue().intermediate_queue.remove(turn_job_id(turn_id))
 
 
 def cancel_channel(prefix: str) -> str:

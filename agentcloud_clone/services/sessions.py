@@ -874,6 +874,7 @@ def requeue_lost_jobs(older_than: float) -> list[str]:
         # Not waiting in the queue, and not claimed this long: lost, even if RQ still has it started (a worker
         # claims a turn first thing, so one that took it and never did died, or lost Redis, before it could).
         if doc.get("status") in CLAIMABLE_STATUSES and not queueing.turn_is_waiting(turn):
+            queueing.forget_taken_turn(turn)
             _enqueue(doc["_id"], doc["teamId"], doc["activeTurnId"])
             requeued.append(str(doc["_id"]))
         repo.touch_queued_turn(doc["teamId"], doc["_id"], doc["activeTurnId"], utcnow())

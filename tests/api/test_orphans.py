@@ -265,10 +265,10 @@ def test_a_turn_queued_just_after_its_session_ended_is_taken_out_again(app, fact
 
     real = queueing.enqueue_turn
 
-    def cancelled_first(team_id: str, session_id: str, turn_id: str) -> str:
+    def cancelled_first(team_id: str, session_id: str, turn_id: str, slots: int) -> str:
         # A cancel lands between the reservation and the queue: its drop finds no job yet.
         service.cancel_session(ObjectId(team_id), ObjectId(session_id), world["actor"], CancelSource.API)
-        return real(team_id, session_id, turn_id)
+        return real(team_id, session_id, turn_id, slots)
 
     monkeypatch.setattr(queueing, "enqueue_turn", cancelled_first)
     session = factory.session(world["user"], world["app_id"], "hello")

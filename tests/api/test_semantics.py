@@ -101,3 +101,25 @@ def test_sessions_without_limits_are_never_ended_by_the_limit_sweep(factory, app
         assert enforce_deadlines() == []
         assert requeue_lost_jobs(3600) == []
     assert idle["deadline"] is None
+
+
+def test_a_turn_whose_worker_died_as_it_took_the_job_is_queued_again(factory, app):
+    """A worker moves a job off the queue (into RQ's intermediate queue) before it marks it started; killed in
+    between, it leaves the job QUEUED in no queue. The reaper's requeue must not take that for waiting."""
+    from rq import Queue
+
+    from agentcloud_clone.queueing import get_redis, turn_job_id
+    from agentcloud_clone.services.sessions import requeue_lost_jobs
+
+    user = factory.user("member")
+    session = factory.session(user, factory.app_record(user.team_id), "go")
+    job_id = turn_job_id(str(session["activeTurnId"]))
+    with app.app_context():
+        queue = Queue(app.config["TURN_QUEUE"], connection=get_redis())
+        assert queue.get_job_ids() == [job_id]
+        get_redis().lmove(queue.key, queue.intermediate_queue.key)  # what a worker's dequeue does, then it dies
+        assert queue.get_job_ids() == [] and queue.fetch_job(job_id).get_status() == "queued"
+        assert requeue_lost_jobs(0) == [str(session["_id"])]
+        assert queue.get_job_ids() == [job_id]
+        assert queue.intermediate_queue.get_job_ids() == []  # RQ's clean-up will not fail the job queued again
+        assert requeue_lost_jobs(0) == []  # now it waits in the queue
