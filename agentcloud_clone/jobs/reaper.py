@@ -130,8 +130,8 @@ class ReaperLoop:
                 try:
                     if _take_turn(self.app, self.interval):
                         since = None if self.last_complete is None else self.last_complete - SWEEP_OVERLAP
-                        reap_once(self.app, since=since)
-                        self.last_complete = started
+                        if not reap_once(self.app, since=since).get("failed"):
+                            self.last_complete = started  # a pass with a failed step is looked over again
                 except PyMongoError as exc:
                     with self.app.app_context():
                         note_failure(exc)

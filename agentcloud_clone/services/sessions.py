@@ -11,10 +11,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import pymongo
 from bson import ObjectId
 from flask import current_app
 from pymongo.errors import PyMongoError
@@ -22,6 +24,7 @@ from redis import RedisError
 
 from .. import notices, queueing
 from ..access import SYSTEM, Actor
+from ..db import LONG_OPERATION
 from ..errors import Conflict, NotFound, Unavailable
 from ..repositories import apps as apps_repo
 from ..repositories import sessions as repo
@@ -907,22 +910,35 @@ def sweep(heartbeat_timeout: float, requeue_after: float, *, since: datetime | N
     right what a crash (or a lost answer) can leave behind: transcript writes whose events were never stored,
     transcript events whose session is gone, Idempotency-Key records of requests that never finished, queue
     entries of sessions that have ended. `since` bounds how far back those sweeps look (the start of the
-    caller's last complete pass, less a margin)."""
+    caller's last complete pass, less a margin).
+
+    Each step is on its own, with LONG_OPERATION to work in (nobody waits on the reaper, and a busy store is not
+    a dead one): a step that fails (MongoDB or Redis away, or too slow) is named under `failed` and the others
+    still run, so a slow clean-up never keeps lost turns from being queued again."""
     config = current_app.config
     window_start = utcnow() - timedelta(seconds=float(config["REPAIR_WINDOW"]))
     since = window_start if since is None else max(since, window_start)
-    result: dict[str, Any] = {
-        "reaped": reap_lost_turns(heartbeat_timeout),
-        "expired": enforce_deadlines(),
-        "repaired": repair_transcripts(since),
-        "keys": idempotency.sweep_stale(),
-        "orphans": remove_orphan_events(since),
-    }
-    try:
-        result["requeued"] = requeue_lost_jobs(requeue_after)
-    except RedisError:
-        result["requeued"] = []  # while Redis is away nothing could be queued; the next pass tries again
-    result["jobs"] = sweep_queue()
+    steps: list[tuple[str, Callable[[], Any], Any]] = [
+        ("reaped", lambda: reap_lost_turns(heartbeat_timeout), []),
+        ("expired", enforce_deadlines, []),
+        ("requeued", lambda: requeue_lost_jobs(requeue_after), []),
+        ("repaired", lambda: repair_transcripts(since), 0),
+        ("keys", idempotency.sweep_stale, 0),
+        ("orphans", lambda: remove_orphan_events(since), 0),
+        ("jobs", sweep_queue, 0),
+    ]
+    result: dict[str, Any] = {}
+    failed = []
+    for name, step, nothing in steps:
+        try:
+            with pymongo.timeout(LONG_OPERATION):
+                result[name] = step()
+        except (PyMongoError, RedisError) as exc:
+            log.warning("reaper step %s failed (%s); the next pass tries again", name, exc)
+            result[name] = nothing
+            failed.append(name)
+    if failed:
+        result["failed"] = failed
     return result
 
 

@@ -123,3 +123,28 @@ def test_a_turn_whose_worker_died_as_it_took_the_job_is_queued_again(factory, ap
         assert queue.get_job_ids() == [job_id]
         assert queue.intermediate_queue.get_job_ids() == []  # RQ's clean-up will not fail the job queued again
         assert requeue_lost_jobs(0) == []  # now it waits in the queue
+
+
+def test_a_reaper_step_that_fails_does_not_keep_the_others_from_running(factory, app, monkeypatch):
+    """A slow or failing clean-up (here the repair and the orphan sweep time out) must not keep lost turns from
+    being queued again: each step of the pass is on its own, and the pass says which failed."""
+    from pymongo.errors import NetworkTimeout
+    from rq import Queue
+
+    from agentcloud_clone.queueing import get_redis, turn_job_id
+    from agentcloud_clone.services import sessions as sessions_service
+
+    def too_slow(*_: object) -> int:
+        raise NetworkTimeout("timed out (configured timeouts: timeoutMS: 1000.0ms)")
+
+    monkeypatch.setattr(sessions_service, "repair_transcripts", too_slow)
+    monkeypatch.setattr(sessions_service, "remove_orphan_events", too_slow)
+    user = factory.user("member")
+    session = factory.session(user, factory.app_record(user.team_id), "go")
+    with app.app_context():
+        queue = Queue(app.config["TURN_QUEUE"], connection=get_redis())
+        queue.empty()  # the job is lost (a Redis restart, say)
+        result = sessions_service.sweep(3600, 0)
+        assert result["requeued"] == [str(session["_id"])]
+        assert queue.get_job_ids() == [turn_job_id(str(session["activeTurnId"]))]
+        assert result["failed"] == ["repaired", "orphans"] and result["repaired"] == result["orphans"] == 0
