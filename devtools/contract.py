@@ -65,6 +65,10 @@ STACK_SETTINGS = {
     "SHARE_RATE_LIMIT": "100000 per minute",
     "SHARE_START_RATE_LIMIT": "100000 per minute",
     "CANCEL_POLL_INTERVAL": "0.1",
+    # The run checks what the server answers, not how it degrades: on a busy machine the store must not look away
+    # (a 1 s deadline missed there opened the breaker, and the run saw 503s).
+    "MONGO_TIMEOUT": "10",
+    "REDIS_TIMEOUT": "5",
     "LOG_LEVEL": "WARNING",
     # The run's webhook receiver listens on loopback; nothing the run registers points anywhere else.
     "WEBHOOK_ALLOW_PRIVATE": "true",
