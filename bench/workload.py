@@ -176,11 +176,16 @@ class Client:
         return Answer(response.status_code, data if isinstance(data, dict) else {}, sent, seconds)
 
 
-def start_sessions(client: Client, team: str, app_id: str, count: int, message: str | None = "go") -> list[str]:
-    """`count` sessions of the app, each with a first message (so its turn is queued) unless `message` is None."""
+def start_sessions(
+    client: Client, team: str, app_id: str, count: int, message: str | None = "go", skip_run: bool = False
+) -> list[str]:
+    """`count` sessions of the app, each with a first message (so its turn is queued) unless `message` is None;
+    with `skip_run` the message waits for `start_turns` (Agentcloud's skipRun)."""
     body: dict[str, Any] = {"appId": app_id}
     if message is not None:
         body["message"] = message
+    if skip_run:
+        body["skipRun"] = True
 
     def add(_: int) -> str:
         answer = client.call("POST", f"/{team}/forms/session/add", body)
@@ -192,6 +197,22 @@ def start_sessions(client: Client, team: str, app_id: str, count: int, message: 
 
     with ThreadPoolExecutor(8) as pool:
         return list(pool.map(add, range(count)))
+
+
+def start_turns(client: Client, team: str, sids: Sequence[str], parallel: int = 16) -> float:
+    """`POST .../forms/session/<sid>/start` for every session (created with `skip_run`), `parallel` at a time,
+    so that all their turns are queued within a short while; returns how long that took."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def start(sid: str) -> None:
+        answer = client.call("POST", f"/{team}/forms/session/{sid}/start", {})
+        if answer.status != 200:
+            raise BenchError(f"session start answered {answer.status}: {answer.body or answer.error}")
+
+    began = time.monotonic()
+    with ThreadPoolExecutor(parallel) as pool:
+        list(pool.map(start, sids))
+    return time.monotonic() - began
 
 
 class Every(threading.Thread):
