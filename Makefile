@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 	@if [ -z "$(PYTHON313)" ]; then echo "Python 3.13 not found: install it (e.g. 'pyenv install 3.13') or set PYTHON313=/path/to/python3.13" >&2; exit 1; fi
 	@[ -x $(BIN)/python ] || $(PYTHON313) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[embedded,test]'
+	$(BIN)/pip install -q -e '.[embedded,ops,test]'
 	@touch $@
 
 # Supervised until Ctrl-C; HOST, PORT, MONGO_PORT, REDIS_PORT, MONGO_URI, REDIS_URL, WORKERS, VAR_DIR (README).

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -22,6 +24,7 @@ from .errors import DomainError, InvalidInput, NotFound
 from .jobs.reaper import reap_once
 from .repositories import accounts as accounts_repo
 from .repositories import apps as apps_repo
+from .sealing import reseal_all
 from .services import accounts as accounts_service
 from .services import apps as apps_service
 from .vocabulary import RUNNER_NAMES
@@ -31,6 +34,7 @@ users_cli = AppGroup("users", help="Manage user accounts.")
 teams_cli = AppGroup("teams", help="Manage teams and their members.")
 apikeys_cli = AppGroup("apikeys", help="Manage API keys.")
 apps_cli = AppGroup("apps", help="Manage apps (agent configurations).")
+queues_cli = AppGroup("queues", help="The RQ queues, through RQ's own tools (for operators).")
 
 DEMO_EMAIL = "demo@example.com"
 DEMO_PASSWORD = "demo-password"
@@ -196,9 +200,55 @@ def seed_demo() -> dict[str, str | None]:
     }
 
 
+def _queue_names() -> list[str]:
+    return [current_app.config["TURN_QUEUE"], current_app.config["WEBHOOK_QUEUE"]]
+
+
+def _run_tool(name: str, args: list[str], env: dict[str, str]) -> None:
+    """Replace this process with one of RQ's tools from this environment, the Redis URL passed in `env` (not on
+    the command line, where `ps` would show its password)."""
+    tool = os.path.join(os.path.dirname(sys.executable), name)
+    if not os.access(tool, os.X_OK):
+        _fail(f"`{name}` is not installed here: `pip install '.[ops]'` (make install does).", 503)
+    # Not flask's own markers: rq-dashboard is a Flask app too, and would take itself for a `flask` command.
+    inherited = {k: v for k, v in os.environ.items() if k not in ("FLASK_RUN_FROM_CLI", "FLASK_APP")}
+    os.execve(tool, [tool, *args], {**inherited, **env})
+
+
+@queues_cli.command("list")
+def queues_list() -> None:
+    """The product's queues and the Redis they live in (without its credentials) → {"queues", "redis"}."""
+    parts = urlsplit(current_app.config["REDIS_URL"])
+    _emit({"queues": _queue_names(), "redis": f"{parts.hostname}:{parts.port or 6379}{parts.path or '/0'}"})
+
+
+@queues_cli.command("info", context_settings={"ignore_unknown_options": True})
+@click.argument("rq_args", nargs=-1, type=click.UNPROCESSED)
+def queues_info(rq_args: tuple[str, ...]) -> None:
+    """`rq info` for the product's queues and workers; further options go to rq (e.g. `--interval 1`)."""
+    _run_tool("rq", ["info", *rq_args, *_queue_names()], {"RQ_REDIS_URL": current_app.config["REDIS_URL"]})
+
+
+@queues_cli.command("dashboard")
+@click.option("--bind", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=9181, show_default=True)
+@click.option("--allow-delete", is_flag=True, help="Let the dashboard delete jobs and empty registries.")
+def queues_dashboard(bind: str, port: int, allow_delete: bool) -> None:
+    """rq-dashboard on this Redis. It shows every team's jobs and can act on them, so it is for operators: it
+    listens on loopback unless RQ_DASHBOARD_USERNAME and RQ_DASHBOARD_PASSWORD (HTTP basic auth) are set."""
+    try:
+        loopback = ipaddress.ip_address(bind).is_loopback
+    except ValueError:
+        loopback = bind == "localhost"
+    if not loopback and not (os.environ.get("RQ_DASHBOARD_USERNAME") and os.environ.get("RQ_DASHBOARD_PASSWORD")):
+        _fail("Listening beyond loopback needs RQ_DASHBOARD_USERNAME and RQ_DASHBOARD_PASSWORD set.", 400)
+    args = ["--bind", bind, "--port", str(port)] + ([] if allow_delete else ["--disable-delete"])
+    _run_tool("rq-dashboard", args, {"RQ_DASHBOARD_REDIS_URL": current_app.config["REDIS_URL"]})
+
+
 def init_app(app: Flask) -> None:
     """Register the command groups."""
-    for group in (users_cli, teams_cli, apikeys_cli, apps_cli):
+    for group in (users_cli, teams_cli, apikeys_cli, apps_cli, queues_cli):
         app.cli.add_command(group)
 
     @app.cli.command("seed-demo")
@@ -206,6 +256,13 @@ def init_app(app: Flask) -> None:
     def seed_demo_command() -> None:
         """Create (or reuse) the demo user, team, app and a fresh API key."""
         _emit(seed_demo())
+
+    @app.cli.command("reseal-secrets")
+    @_reports_errors
+    def reseal_secrets_command() -> None:
+        """Seal every stored app key and webhook secret under the current SECRET_KEY (after a rotation, with the
+        old key in SECRET_KEY_FALLBACKS) → {"resealed", "unreadable"}."""
+        _emit(reseal_all(current_app.config))
 
     @app.cli.command("reap")
     @click.option("--timeout", type=float, default=None, help="Heartbeat age in seconds (default HEARTBEAT_TIMEOUT).")

@@ -97,6 +97,8 @@ class Config:
             "ENV": env,
             "VAR_DIR": str(var_dir),
             "SECRET_KEY": os.environ.get("SECRET_KEY"),
+            # Earlier SECRET_KEYs, still accepted for sign-in cookies and sealed secrets while rotating.
+            "SECRET_KEY_FALLBACKS": _env_list("SECRET_KEY_FALLBACKS", ""),
             "MONGO_URI": os.environ.get("MONGO_URI", make_run.get("MONGO_URI", "mongodb://127.0.0.1:27017/agentcloud")),
             "REDIS_URL": os.environ.get("REDIS_URL", make_run.get("REDIS_URL", "redis://127.0.0.1:6379/0")),
             # Namespaces this deployment's metrics and cancel channel on a shared Redis.
@@ -128,6 +130,8 @@ class Config:
             # Workers: `thread` runs up to TURN_CONCURRENCY turns in one process; `fork` one per forked process.
             "WORKER_MODE": _env_choice("WORKER_MODE", "thread", ("thread", "fork")),
             "TURN_CONCURRENCY": _env_int("TURN_CONCURRENCY", 20, 1, 1000),
+            # A team's turns queued or running at once, whatever its backlog (the rest wait their turn).
+            "TEAM_MAX_ACTIVE_TURNS": _env_int("TEAM_MAX_ACTIVE_TURNS", 8, 1, 10_000),
             # Modules `python` runner callables may come from; anything else is refused when an app is saved
             # and again when a turn runs.
             "PYTHON_RUNNER_MODULES": _env_list("PYTHON_RUNNER_MODULES", "agentcloud_clone.examples"),
@@ -180,6 +184,8 @@ class Config:
             "RATELIMIT_KEY_PREFIX", os.environ.get("RATELIMIT_KEY_PREFIX") or f"{values['REDIS_PREFIX']}:rl"
         )
         values.setdefault("RATELIMIT_STORAGE_URI", values["REDIS_URL"])
+        # "Keep me signed in" cookies travel only where the session cookie may (flask-login's default is never Secure).
+        values.setdefault("REMEMBER_COOKIE_SECURE", values["SESSION_COOKIE_SECURE"])
         values.setdefault("RATELIMIT_DEFAULT", values["DEFAULT_RATE_LIMIT"])
         low, high = self.POLL_INTERVAL_BOUNDS
         if not low <= float(values["CANCEL_POLL_INTERVAL"]) <= high:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from typing import Any
 
 import redis
 from flask import current_app
 from rq import Queue
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
+from rq.rate_limit import RateLimit, RateLimitRegistry
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +64,20 @@ def turn_job_id(turn_id: str) -> str:
     return f"turn-{turn_id}"
 
 
+def team_slots(team_id: str) -> RateLimit:
+    """The team's share of the workers: at most TEAM_MAX_ACTIVE_TURNS of its turns queued or running at once
+    (RQ's own concurrency limit: the others wait, oldest first, and are queued as slots free)."""
+    key = f"{current_app.config['REDIS_PREFIX']}:team:{team_id}"
+    return RateLimit(key=key, concurrency=int(current_app.config["TEAM_MAX_ACTIVE_TURNS"]))
+
+
 def enqueue_turn(team_id: str, session_id: str, turn_id: str) -> str:
-    """Queue one turn of a session; raises RedisError when the queue is unreachable."""
+    """Queue one turn of a session; raises RedisError when the queue is unreachable.
+
+    Fair across teams: a team's turns take at most its slots, and the turn of a team with none in use goes to
+    the front of the queue, so another team's backlog delays it by no more than a worker's next free moment."""
+    slots = team_slots(team_id)
+    idle_team = RateLimitRegistry(slots.key, connection=get_redis()).get_allowed_job_count() == 0
     job = turn_queue().enqueue(
         TURN_JOB,
         team_id,
@@ -74,8 +88,28 @@ def enqueue_turn(team_id: str, session_id: str, turn_id: str) -> str:
         result_ttl=3600,
         failure_ttl=86400,
         description=f"session {session_id} turn {turn_id}",
+        rate_limit=slots,
+        at_front=idle_team,
     )
     return str(job.id)
+
+
+def queue_position(turn_id: str) -> dict[str, Any]:
+    """Where a queued turn stands: `{state: "queued", position}` (0 = next) or `{state: "waiting-for-slot",
+    position}` (behind the team's other turns); `{}` when it is not waiting (or Redis cannot say)."""
+    try:
+        job = Job.fetch(turn_job_id(turn_id), connection=get_redis())
+        status = job.get_status(refresh=False)
+        if status == JobStatus.QUEUED:
+            position = turn_queue().get_job_position(job.id)
+            return {"state": "queued", "position": position} if isinstance(position, int) else {}
+        if status == JobStatus.RATE_LIMITED and job.rate_limit_key:
+            waiting = RateLimitRegistry(job.rate_limit_key, connection=get_redis())
+            rank = get_redis().zrank(waiting.rate_limited_key, job.id)
+            return {"state": "waiting-for-slot", "position": rank if isinstance(rank, int) else 0}
+    except (NoSuchJobError, redis.RedisError):
+        return {}
+    return {}
 
 
 def enqueue_bulk_cancel(team_id: str, operation_id: str) -> str:
@@ -121,7 +155,8 @@ def turn_is_queued(turn_id: str) -> bool:
         job = Job.fetch(turn_job_id(turn_id), connection=get_redis())
     except NoSuchJobError:
         return False
-    return job.get_status(refresh=False) in (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED)
+    waiting = (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.RATE_LIMITED)
+    return job.get_status(refresh=False) in waiting
 
 
 def cancel_channel(prefix: str) -> str:

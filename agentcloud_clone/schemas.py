@@ -42,20 +42,47 @@ class ObjectIdField(fields.Field[ObjectId]):
         return None if value is None else str(value)
 
 
-def _bad_key(value: Any) -> str | None:
-    """The first key, at any depth, that MongoDB cannot store or would read as an operator."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str) or key.startswith("$") or "." in key or "\x00" in key:
-                return str(key)
-            found = _bad_key(item)
-            if found is not None:
-                return found
-    elif isinstance(value, list):
-        for item in value:
-            found = _bad_key(item)
-            if found is not None:
-                return found
+# JSON nests at most this deep, in a body and in the settings a form spells as JSON text: far more than any request
+# needs, far less than what would exhaust the parser's recursion or MongoDB's nesting limit (100).
+MAX_JSON_DEPTH = 32
+INT64_RANGE = range(-(2**63), 2**63)
+
+
+def _is_text(value: str) -> bool:
+    """Whether `value` is Unicode text that UTF-8 (and so BSON) can hold: JSON's \\ud800 escapes spell lone
+    surrogates, which it cannot."""
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def json_problem(value: Any, max_depth: int = MAX_JSON_DEPTH, *, storable: bool = False) -> str | None:
+    """What is wrong with a parsed JSON value, or None: nesting deeper than `max_depth`, or text that is not
+    Unicode; with `storable`, also what MongoDB cannot store as given (a key it would read as an operator or
+    cannot hold, an integer beyond 64 bits). Checked without recursion, so no nesting exhausts the stack."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list) and depth > max_depth:
+            return f"nested more than {max_depth} levels deep"
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str) or not _is_text(key):
+                    return "keys must be Unicode text"
+                if storable and (key.startswith("$") or "." in key or "\x00" in key):
+                    return f"key {key!r} is not allowed: keys may not start with '$' or contain '.' or NUL"
+                stack.append((child, depth + 1))
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+        elif isinstance(item, str):
+            if not _is_text(item):
+                return "text must be Unicode (a lone surrogate such as \\ud800 is not)"
+        elif storable and isinstance(item, int) and not isinstance(item, bool) and item not in INT64_RANGE:
+            return "integers must fit in 64 bits"
     return None
 
 
@@ -72,6 +99,27 @@ class QueryInteger(fields.Integer):
 FormInput = Context[bool]
 
 
+class JsonNumber(fields.Float):
+    """A JSON number. Numeric text (`"5"`) and booleans are refused: these values always come typed, from a JSON
+    body or from JSON text in a form field."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> float:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise self.make_error("invalid")
+        return float(super()._deserialize(value, attr, data, **kwargs))
+
+
+class JsonInteger(fields.Integer):
+    """A JSON integer: a whole number (`5`, or `5.0`, which JSON Schema counts as one too). Numeric text, booleans
+    and fractions are refused, where marshmallow's Integer would take `"5"` and cut `5.5` to `5`."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
+        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not whole:
+            raise self.make_error("invalid")
+        return int(super()._deserialize(int(value), attr, data, **kwargs))
+
+
 class FormBoolean(fields.Boolean):
     """A JSON `true`/`false`; from an HTML form, the text a checkbox sends (`on`, `true`, ...). `0` is not one."""
 
@@ -84,21 +132,21 @@ class FormBoolean(fields.Boolean):
 
 
 class JsonObjectField(fields.Field[dict[str, Any]]):
-    """A JSON object, given as an object (JSON clients) or as JSON text (HTML forms)."""
+    """A JSON object, given as an object (JSON clients) or as JSON text (HTML forms, whose values are all text)."""
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> dict[str, Any]:
-        if isinstance(value, str):
+        if isinstance(value, str) and FormInput.get(False):
             if not value.strip():
                 return {}
             try:
                 value = json.loads(value)
-            except ValueError:
-                raise ValidationError("Must be a JSON object.") from None
+            except (ValueError, RecursionError):
+                raise ValidationError(f"Must be a JSON object (nested at most {MAX_JSON_DEPTH} levels).") from None
         if not isinstance(value, dict):
             raise ValidationError("Must be a JSON object.")
-        bad = _bad_key(value)
-        if bad is not None:
-            raise ValidationError(f"Key {bad!r} is not allowed: keys may not start with '$' or contain '.' or NUL.")
+        problem = json_problem(value, storable=True)
+        if problem is not None:
+            raise ValidationError(f"Not storable: {problem}.")
         return value
 
 
@@ -128,10 +176,10 @@ DAY = 86400
 class LimitsSchema(Strict):
     """Limits that end a session for its team (per app, with team defaults); unset means no limit."""
 
-    queueTtl = fields.Float(allow_none=True, validate=validate.Range(min=1, max=7 * DAY))
-    maxTurnSeconds = fields.Float(allow_none=True, validate=validate.Range(min=1, max=7 * DAY))
-    idleTimeout = fields.Float(allow_none=True, validate=validate.Range(min=1, max=90 * DAY))
-    tokenBudget = fields.Integer(allow_none=True, strict=True, validate=validate.Range(min=1, max=10**9))
+    queueTtl = JsonNumber(allow_none=True, validate=validate.Range(min=1, max=7 * DAY))
+    maxTurnSeconds = JsonNumber(allow_none=True, validate=validate.Range(min=1, max=7 * DAY))
+    idleTimeout = JsonNumber(allow_none=True, validate=validate.Range(min=1, max=90 * DAY))
+    tokenBudget = JsonInteger(allow_none=True, validate=validate.Range(min=1, max=10**9))
 
 
 class LimitsField(JsonObjectField):
@@ -182,7 +230,7 @@ class VariableNamesField(fields.List[str]):
         super().__init__(name, validate=validate.Length(max=MAX_VARIABLES), **kwargs)
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> list[Any]:
-        if isinstance(value, str):  # an HTML form: names separated by commas
+        if isinstance(value, str) and FormInput.get(False):  # an HTML form: names separated by commas
             value = [item.strip() for item in value.split(",") if item.strip()]
         names = super()._deserialize(value, attr, data, **kwargs)
         return list(dict.fromkeys(names))
@@ -285,7 +333,7 @@ class SessionCreateSchema(Strict):
     name = fields.String(load_default=None, validate=validate.Length(max=200))
     message = fields.String(load_default=None, validate=validate.Length(max=100_000))
     # Create the session without running a turn; a first `message` is recorded and answered by `start`.
-    skipRun = fields.Boolean(load_default=False)
+    skipRun = FormBoolean(load_default=False)
     variables = VariablesField(load_default=None)
     resourceSlug = ObjectIdField(load_default=None)
     _csrf = CsrfEcho
@@ -374,9 +422,9 @@ class BulkCancelSchema(Strict):
         default_timezone=UTC,
         validate=validate.Range(min=datetime(1970, 1, 1, tzinfo=UTC), max=datetime(2106, 1, 1, tzinfo=UTC)),
     )
-    all = fields.Boolean()
+    all = FormBoolean()
     reason = CancelReason
-    dryRun = fields.Boolean(load_default=False)
+    dryRun = FormBoolean(load_default=False)
 
     @post_load
     def _some_criterion(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
@@ -454,11 +502,11 @@ class MessagesArgs(ListEventsArgs):
 class ScriptedRunnerConfig(Strict):
     """The built-in deterministic agent: streams `steps` pieces, `stepDelay` seconds apart."""
 
-    steps = fields.Integer(load_default=8, validate=validate.Range(min=1, max=1_000_000))
-    stepDelay = fields.Float(load_default=0.25, validate=validate.Range(min=0, max=60))
+    steps = JsonInteger(load_default=8, validate=validate.Range(min=1, max=1_000_000))
+    stepDelay = JsonNumber(load_default=0.25, validate=validate.Range(min=0, max=60))
     reply = fields.String(load_default=None, validate=validate.Length(max=10_000))
-    endAfterTurns = fields.Integer(load_default=None, validate=validate.Range(min=1, max=10_000))
-    failAtStep = fields.Integer(load_default=None, validate=validate.Range(min=1, max=10_000))
+    endAfterTurns = JsonInteger(load_default=None, validate=validate.Range(min=1, max=10_000))
+    failAtStep = JsonInteger(load_default=None, validate=validate.Range(min=1, max=10_000))
 
 
 # An http(s) URL of ASCII: a host name or [IPv6 address], an optional port, then any visible characters. openapi.yaml
@@ -476,9 +524,9 @@ class OpenAIRunnerConfig(Strict):
     baseUrl = fields.String(load_default=None, validate=validate.Regexp(BASE_URL, error="Must be an http(s) URL."))
     apiKey = fields.String(load_default=None, validate=validate.Length(max=500))
     systemPrompt = fields.String(load_default=None, validate=validate.Length(max=20_000))
-    temperature = fields.Float(load_default=None, validate=validate.Range(min=0, max=2))
-    maxTokens = fields.Integer(load_default=None, validate=validate.Range(min=1, max=1_000_000))
-    timeout = fields.Float(load_default=60.0, validate=validate.Range(min=1, max=600))
+    temperature = JsonNumber(load_default=None, validate=validate.Range(min=0, max=2))
+    maxTokens = JsonInteger(load_default=None, validate=validate.Range(min=1, max=1_000_000))
+    timeout = JsonNumber(load_default=60.0, validate=validate.Range(min=1, max=600))
 
 
 class PythonRunnerConfig(Strict):
@@ -527,6 +575,8 @@ class SessionOut(Out):
     endReason = fields.String(allow_none=True)
     cancelling = fields.Boolean(dump_default=False)
     turnInFlight = fields.Boolean(dump_default=False)
+    activeTurnId = ObjectIdField(allow_none=True)
+    turnStartedAt = fields.DateTime(allow_none=True)
     startDate = fields.DateTime()
     lastUpdatedDate = fields.DateTime()
     endedAt = fields.DateTime(allow_none=True)

@@ -5,11 +5,27 @@
 
 The self-started stack is gunicorn plus a turn worker on a MongoDB-wire server and redis-server (see
 `devstack.Stack`), with rate limits raised so the run measures conformance, not the limiter. Path parameters
-are pinned to real objects (the caller's team, and two apps and a session with a transcript that the run creates
-there) so requests reach the services instead of stopping at the team check; the spec's links drive
-create → get → cancel → cancel again → delete on the sessions the run creates. Member routes act on an account
-that does not exist, so a run never changes who is on the team. Every schemathesis check runs (`--checks all`),
-with `devtools/contract_hooks.py` filling in what the spec states only in words. Exit status 0: no check failed.
+are pinned to real objects the run creates in the caller's team (three apps, a session with a transcript, an
+ended session, a bulk operation, a webhook endpoint and one of its deliveries) so requests reach the services
+instead of stopping at the team check; the spec's links drive create → get → cancel → cancel again → delete on
+the sessions the run creates. Member routes act on an account that does not exist, so a run never changes who
+is on the team; the team's name and default limits, which the run edits, are put back afterwards. Every
+schemathesis check runs (`--checks all`), with `devtools/contract_hooks.py` filling in what the spec states
+only in words. Exit status 0: no check failed.
+
+Two kinds of operation need more than a pinned id:
+
+* **Live streams** (`sessionEventStream`, `managedSessionStream`) answer `text/event-stream` until the session
+  ends, which a generated request cannot wait for. They are pinned to a session that has already ended, so each
+  stream replays what is after its cursor, sends its final `session.ended` frame and closes; and they are left
+  out of the stateful phase, whose links would otherwise open them on live sessions the run just created. Their
+  frames are checked against the spec's schemas by tests/contract/test_live_contract.py.
+* **Webhooks** must never send the run's traffic beyond loopback. The self-started stack allows private
+  addresses (`WEBHOOK_ALLOW_PRIVATE`) and every registration the run makes names a receiver the run serves on
+  127.0.0.1 (the `url` is pinned, and the hooks point any other http(s) URL drawn at it), so deliveries and the
+  registration's own address check stay on this machine. Against a deployment, webhooks are registered only at
+  `CONTRACT_WEBHOOK_URL` (a receiver of your own, which the deployment must accept); without it the operations
+  that register one are skipped.
 """
 
 from __future__ import annotations
@@ -21,9 +37,11 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -40,26 +58,65 @@ PHASES = ("examples", "coverage", "fuzzing", "stateful")
 # Limits high enough that a bounded run never meets them; 429s are still in the spec for real instances.
 STACK_SETTINGS = {
     "CANCEL_RATE_LIMIT": "100000 per minute",
+    "BULK_CANCEL_RATE_LIMIT": "100000 per minute",
     "DEFAULT_RATE_LIMIT": "100000 per minute",
     "LOGIN_RATE_LIMIT": "100000 per minute",
+    "LOGIN_ADDRESS_RATE_LIMIT": "100000 per minute",
+    "SHARE_RATE_LIMIT": "100000 per minute",
+    "SHARE_START_RATE_LIMIT": "100000 per minute",
     "CANCEL_POLL_INTERVAL": "0.1",
     "LOG_LEVEL": "WARNING",
+    # The run's webhook receiver listens on loopback; nothing the run registers points anywhere else.
+    "WEBHOOK_ALLOW_PRIVATE": "true",
+    "WEBHOOK_REQUIRE_HTTPS": "false",
 }
 # Sessions started during the run use this app: short turns, so cancels and deletes meet every state.
 FAST_APP = {"name": "contract: fast scripted agent", "runner": "scripted", "config": {"steps": 3, "stepDelay": 0.05}}
 SCRATCH_APP = {"name": "contract: app to edit", "runner": "scripted", "config": {"steps": 1}}
+# Shared by link, so replacing its share link succeeds.
+SHARED_APP = {
+    "name": "contract: shared app",
+    "runner": "scripted",
+    "config": {"steps": 1},
+    "sharingConfig": {"mode": "public"},
+}
+# Against a deployment: where the run may register webhooks (a receiver of yours the deployment accepts).
+WEBHOOK_URL_VARIABLE = "CONTRACT_WEBHOOK_URL"
+# The operations that register a webhook, skipped against a deployment without CONTRACT_WEBHOOK_URL.
+WEBHOOK_REGISTRATION = ["addWebhook"]
+# Live SSE streams: pinned to an ended session (so each one closes) and kept out of the stateful phase.
+STREAMS = ["sessionEventStream", "managedSessionStream"]
+# The shared routes (/s/<team>/...). A visitor token is a capability for one session, not an identity: one that fits
+# no session is answered like a session that is not there (404, whether it exists or not), never 401, by design
+# (README, Sharing). schemathesis's ignored_auth check wants 401 or 403 for it, so it is off for these operations;
+# tests/contract/test_live_contract.py checks instead that each answers 401 to a request presenting nothing and 404
+# to an unknown visitor token.
+SHARED = [
+    "addSharedSession",
+    "sharedSessionJson",
+    "sharedSessionMessages",
+    "editSharedSession",
+    "startSharedSession",
+    "sendSharedMessage",
+    "cancelSharedSession",
+]
+# Reads of a transcript, pinned to a session that has one.
+TRANSCRIPT_READS = ["getSessionMessages", "managedSessionEvents", "sharedSessionJson", "sharedSessionMessages"]
 MANAGE_ROLES = ("admin", "owner")
 # Long enough for create → get → cancel → cancel again → delete → get within one scenario.
 STATEFUL_STEPS = 12
 # Member routes act on this account, which exists nowhere: a run must not edit or remove real members (a
 # deployment's test team, or the key's own account) through ids it reads or infers from members.json.
 NO_ACCOUNT = "0" * 24
-# The run's own schemathesis hooks (a module path, imported by `st run` from the project root).
+# The run's own schemathesis hooks (a module path, imported by `st run` from the project root), and what they are
+# told through the environment: the URL every webhook the run registers must name, and the run's own app.
 HOOKS = "devtools.contract_hooks"
-# Statuses a schema-valid create may also answer, for the state it meets: besides schemathesis's defaults, 422 for an
-# `Idempotency-Key` already used with another body (the IETF draft's answer, documented on both operations), which
-# drawn keys hit as soon as two examples share one.
-IDEMPOTENT_CREATES = ["addSessionApi", "managedCreateSession"]
+HOOK_WEBHOOK_URL = "CONTRACT_HOOK_WEBHOOK_URL"
+HOOK_APP_ID = "CONTRACT_HOOK_APP_ID"
+# Statuses a schema-valid request with an `Idempotency-Key` may also answer, for the state it meets: besides
+# schemathesis's defaults, 422 for a key already used with another body (the IETF draft's answer, documented on each
+# of these operations), which drawn keys hit as soon as two examples share one.
+IDEMPOTENT_CREATES = ["addSessionApi", "managedCreateSession", "bulkCancelSessions", "managedBulkCancel"]
 VALID_REQUEST_STATUSES = ["2xx", "3xx", "401", "403", "404", "409", "422", "429", "5xx"]
 # Statuses that refuse an invalid request: schemathesis's defaults, and 413 for a body drawn over the size limit.
 INVALID_REQUEST_STATUSES = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429", "5xx"]
@@ -80,6 +137,7 @@ class Options:
     seed: int | None = None
     max_failures: int | None = None
     report_dir: Path | None = None
+    operation_ids: tuple[str, ...] = ()  # only these operations (all when empty)
 
 
 @dataclass(frozen=True)
@@ -92,6 +150,13 @@ class Targets:
     app_id: str  # sessions start from this app
     scratch_app_id: str  # app reads and edits act on this one (deletes follow links to apps the run creates)
     session_id: str  # transcript reads act on this one, which has a finished turn
+    ended_session_id: str = NO_ACCOUNT  # live streams read this one, which has ended (so they close)
+    shared_app_id: str = NO_ACCOUNT  # a public app, whose share link the run replaces
+    operation_id: str = NO_ACCOUNT  # a bulk cancel's operation
+    webhook_url: str | None = None  # every webhook the run registers points here (None: it registers none)
+    webhook_id: str = NO_ACCOUNT  # an endpoint at webhook_url
+    delivery_id: str = NO_ACCOUNT  # one of its deliveries
+    team_settings: dict[str, Any] | None = None  # the team's name and limits before the run, put back after it
 
 
 class ContractError(RuntimeError):
@@ -107,27 +172,62 @@ def _call(base_url: str, api_key: str, method: str, path: str, body: object = No
     return response.json()
 
 
-def prepare_targets(base_url: str, api_key: str) -> Targets:
-    """Pick the caller's team (one they manage, if any) and create the run's apps and transcript session there."""
+def prepare_targets(base_url: str, api_key: str, webhook_url: str | None = None) -> Targets:
+    """Pick the caller's team (one they manage, if any) and create there what the run's ids are pinned to: its
+    apps, a session with a transcript and an ended one, a bulk operation, and (given `webhook_url`) a webhook
+    endpoint with a delivery. A team the caller does not manage gets reads only."""
     teams = _call(base_url, api_key, "GET", "/account.json")["teams"]
     if not teams:
         raise ContractError("the API key's account is on no team; nothing would get past the team check")
     team = next((t for t in teams if t["role"] in MANAGE_ROLES), teams[0])
     team_id = team["_id"]
-    if team["role"] in MANAGE_ROLES:
-        app_id = _call(base_url, api_key, "POST", f"/{team_id}/forms/app/add", FAST_APP)["_id"]
-        scratch_id = _call(base_url, api_key, "POST", f"/{team_id}/forms/app/add", SCRATCH_APP)["_id"]
-    else:
+    manages = team["role"] in MANAGE_ROLES
+    if not manages:
         apps = _call(base_url, api_key, "GET", f"/{team_id}/apps.json")["apps"]
         if not apps:
             raise ContractError(f"team {team_id} has no app and the key's role ({team['role']}) cannot add one")
-        app_id = scratch_id = apps[0]["_id"]
-    return Targets(base_url.rstrip("/"), api_key, team_id, app_id, scratch_id, _transcript(base_url, api_key, app_id))
+        app_id = apps[0]["_id"]
+        session_id = _finished_session(base_url, api_key, app_id, "contract: transcript")
+        return Targets(base_url.rstrip("/"), api_key, team_id, app_id, app_id, session_id)
+    settings = _call(base_url, api_key, "GET", f"/{team_id}/team.json")["team"]
+    add_app = f"/{team_id}/forms/app/add"
+    app_id = _call(base_url, api_key, "POST", add_app, FAST_APP)["_id"]
+    scratch_id = _call(base_url, api_key, "POST", add_app, SCRATCH_APP)["_id"]
+    shared_id = _call(base_url, api_key, "POST", add_app, SHARED_APP)["_id"]
+    webhook_id = None
+    if webhook_url is not None:
+        hook = {"url": webhook_url, "eventTypes": []}
+        webhook_id = _call(base_url, api_key, "POST", f"/{team_id}/forms/webhook/add", hook, expect=201)["_id"]
+    session_id = _finished_session(base_url, api_key, app_id, "contract: transcript")
+    ended_id = _finished_session(base_url, api_key, app_id, "contract: ended")
+    _call(base_url, api_key, "POST", f"/{team_id}/forms/session/{ended_id}/cancel", {"reason": "contract run"})
+    bulk = {"ids": [ended_id], "reason": "contract run"}
+    operation_id = _call(base_url, api_key, "POST", f"/{team_id}/forms/session/bulk-cancel", bulk, expect=202)[
+        "operationId"
+    ]
+    delivery_id = NO_ACCOUNT
+    if webhook_id is not None:
+        delivery_id = _first_delivery(base_url, api_key, team_id, webhook_id)
+    return Targets(
+        base_url.rstrip("/"),
+        api_key,
+        team_id,
+        app_id,
+        scratch_id,
+        session_id,
+        ended_session_id=ended_id,
+        shared_app_id=shared_id,
+        operation_id=operation_id,
+        webhook_url=webhook_url,
+        webhook_id=webhook_id or NO_ACCOUNT,
+        delivery_id=delivery_id,
+        team_settings={"name": settings["name"], "limits": settings.get("limits") or {}},
+    )
 
 
-def _transcript(base_url: str, api_key: str, app_id: str, timeout: float = 20) -> str:
+def _finished_session(base_url: str, api_key: str, app_id: str, name: str, timeout: float = 20) -> str:
     """A session whose first turn has finished, so transcript reads return real events."""
-    body = {"appId": app_id, "name": "contract: transcript", "message": "Hello from the contract run."}
+    body = {"appId": app_id, "name": name, "message": "Hello from the contract run."}
     session_id = _call(base_url, api_key, "POST", "/api/managed-agents/sessions", body, expect=201)["session"]["_id"]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -138,18 +238,48 @@ def _transcript(base_url: str, api_key: str, app_id: str, timeout: float = 20) -
     raise ContractError(f"session {session_id}'s first turn did not finish within {timeout:g} s; is a worker running?")
 
 
+def _first_delivery(base_url: str, api_key: str, team_id: str, webhook_id: str, timeout: float = 20) -> str:
+    """A delivery of the endpoint (the sessions made above announce themselves), once it is recorded."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        deliveries = _call(base_url, api_key, "GET", f"/{team_id}/webhook/{webhook_id}/deliveries.json")["deliveries"]
+        if deliveries:
+            return str(deliveries[-1]["_id"])
+        time.sleep(0.2)
+    raise ContractError(f"webhook endpoint {webhook_id} recorded no delivery within {timeout:g} s")
+
+
+def restore_team(targets: Targets) -> None:
+    """Put back the team's name and default limits, which the run's team edits change."""
+    if targets.team_settings is None:
+        return
+    try:
+        _call(targets.base_url, targets.api_key, "POST", f"/{targets.team_id}/forms/team/edit", targets.team_settings)
+    except (ContractError, requests.RequestException) as exc:
+        print(f"contract: could not put back team {targets.team_id}'s name and limits: {exc}", file=sys.stderr)
+
+
 def schemathesis_config(targets: Targets) -> str:
     """The run's `schemathesis.toml`: the API key for `bearerAuth`, and path and body ids pinned to real objects."""
     quote = json.dumps  # TOML basic strings accept JSON's escapes
 
-    def pin(operation_ids: list[str], parameter: str, value: str) -> list[str]:
+    def pin(operation_ids: list[str], parameters: dict[str, str], *settings: str) -> list[str]:
+        # One entry per operation and option: where two entries name the same option, the first one wins.
+        pinned = ", ".join(f"{quote(name)} = {quote(value)}" for name, value in parameters.items())
         return [
             "[[operations]]",
             f"include-operation-id = {quote(operation_ids)}",
-            f"parameters = {{ {quote(parameter)} = {quote(value)} }}",
+            f"parameters = {{ {pinned} }}",
+            *settings,
             "",
         ]
 
+    webhooks: list[str] = []
+    if targets.webhook_url is None:
+        webhooks = ["[[operations]]", f"include-operation-id = {quote(WEBHOOK_REGISTRATION)}", "enabled = false", ""]
+    else:
+        webhooks = pin(WEBHOOK_REGISTRATION, {"body.url": targets.webhook_url})
+    webhook = {"path.webhookId": targets.webhook_id}
     return "\n".join(
         [
             f"hooks = {quote(HOOKS)}",
@@ -157,6 +287,9 @@ def schemathesis_config(targets: Targets) -> str:
             "[parameters]",
             f'"path.resourceSlug" = {quote(targets.team_id)}',
             f'"body.appId" = {quote(targets.app_id)}',
+            # Agentcloud's alias of appId: a different app beside the pinned appId would be a 400.
+            f'"body.id" = {quote(targets.app_id)}',
+            f'"body.teamId" = {quote(targets.team_id)}',
             "",
             "[auth.openapi.bearerAuth]",
             f"bearer = {quote(targets.api_key)}",
@@ -164,13 +297,34 @@ def schemathesis_config(targets: Targets) -> str:
             f"[checks.negative_data_rejection]\nexpected-statuses = {quote(INVALID_REQUEST_STATUSES)}",
             "",
             f"[phases.stateful]\nmax-steps = {STATEFUL_STEPS}",
+            # Error feedback reads the server's 400s (marshmallow's messages) to reshape what the fuzzing phase
+            # draws, and then judges drawn values against the reshaped schema: it sent `ids` of arbitrary strings and
+            # a form's garbage `resourceSlug` as valid requests, the spec's ObjectId pattern lost on the way.
+            "[phases.fuzzing.error-feedback]\nenabled = false",
             # Ids seen in responses would otherwise be fed to the delete routes, removing the pinned objects
             # early; the stateful phase still chains real ids through the spec's links.
             *[f"[phases.{phase}.extra-data-sources]\nresponses = false" for phase in PHASES if phase != "stateful"],
             "",
-            *pin(["getApp", "editApp"], "path.appId", targets.scratch_app_id),
-            *pin(["getSessionMessages", "managedSessionEvents"], "path.sessionId", targets.session_id),
-            *pin(["editMember", "removeMember", "removeMemberForm"], "path.accountId", NO_ACCOUNT),
+            *pin(["getApp", "editApp"], {"path.appId": targets.scratch_app_id}),
+            *pin(["renewShareLink"], {"path.appId": targets.shared_app_id}),
+            *pin(TRANSCRIPT_READS, {"path.sessionId": targets.session_id}),
+            "[[operations]]",
+            f"include-operation-id = {quote(SHARED)}",
+            "checks.ignored_auth.enabled = false",
+            "",
+            # No HTTP server refuses a header it does not know: a stream's only header parameter, Last-Event-ID, is
+            # checked with drawn values, not with extra headers beside it.
+            *pin(
+                STREAMS,
+                {"path.sessionId": targets.ended_session_id},
+                "phases.stateful.enabled = false",
+                "generation.allow-extra-parameters = false",
+            ),
+            *pin(["operationJson", "managedGetOperation"], {"path.operationId": targets.operation_id}),
+            *pin(["rotateWebhookSecret", "listWebhookDeliveries"], webhook),
+            *pin(["redeliverWebhook"], {**webhook, "path.deliveryId": targets.delivery_id}),
+            *webhooks,
+            *pin(["editMember", "removeMember", "removeMemberForm"], {"path.accountId": NO_ACCOUNT}),
             "[[operations]]",
             f"include-operation-id = {quote(IDEMPOTENT_CREATES)}",
             f"checks.positive_data_acceptance.expected-statuses = {quote(VALID_REQUEST_STATUSES)}",
@@ -201,8 +355,6 @@ def run_schemathesis(targets: Targets, options: Options) -> int:
             str(SPEC_PATH),
             "--url",
             targets.base_url,
-            "--checks",
-            ",".join(options.checks),
             "--phases",
             ",".join(options.phases),
             "--max-examples",
@@ -223,8 +375,19 @@ def run_schemathesis(targets: Targets, options: Options) -> int:
             command += ["--seed", str(options.seed)]
         if options.max_failures is not None:
             command += ["--max-failures", str(options.max_failures)]
+        # Every check is schemathesis's default: naming them (`--checks all`) would also override the few operations
+        # that turn one off below, so only a narrower choice is passed on.
+        if tuple(options.checks) != CHECKS:
+            command += ["--checks", ",".join(options.checks)]
+        for operation_id in options.operation_ids:
+            command += ["--include-operation-id", operation_id]
+        # The hooks point drawn webhook URLs at the run's receiver and keep bulk cancels to the run's own app.
+        env = {**os.environ, HOOK_WEBHOOK_URL: targets.webhook_url or "", HOOK_APP_ID: targets.app_id}
         print(f"contract: {targets.base_url} team={targets.team_id} reports in {report_dir}", flush=True)
-        return subprocess.run(command, cwd=PROJECT_ROOT, check=False).returncode
+        try:
+            return subprocess.run(command, cwd=PROJECT_ROOT, env=env, check=False).returncode
+        finally:
+            restore_team(targets)
 
 
 @contextlib.contextmanager
@@ -244,10 +407,39 @@ def self_started_stack(mongo_url: str | None = None, redis_url: str | None = Non
         yield stack.url, stack.demo["apiKey"]
 
 
+class WebhookReceiver:
+    """Where the run's webhooks go: a server on 127.0.0.1 that answers every delivery `204` and keeps nothing."""
+
+    def __init__(self) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                return
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                self.send_response(204)
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/contract-webhooks"
+
+    def __enter__(self) -> WebhookReceiver:
+        threading.Thread(target=self.server.serve_forever, name="contract-webhooks", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def run_self_started(options: Options, mongo_url: str | None = None, redis_url: str | None = None) -> int:
-    """The contract run against a fresh seeded stack; its exit status."""
-    with self_started_stack(mongo_url, redis_url) as (base_url, api_key):
-        return run_schemathesis(prepare_targets(base_url, api_key), options)
+    """The contract run against a fresh seeded stack, its webhooks sent to a receiver on loopback; its exit status."""
+    with self_started_stack(mongo_url, redis_url) as (base_url, api_key), WebhookReceiver() as receiver:
+        return run_schemathesis(prepare_targets(base_url, api_key, receiver.url), options)
 
 
 def _parse_args(argv: Sequence[str] | None) -> Options:
@@ -266,12 +458,24 @@ def _parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--max-failures", type=int, default=None)
     parser.add_argument("--report-dir", type=Path, default=None)
+    parser.add_argument(
+        "--operation-id", action="append", default=[], help="run only this operation (repeatable; all by default)"
+    )
     args = parser.parse_args(argv)
     phases = tuple(p.strip() for p in args.phases.split(",") if p.strip())
     if unknown := set(phases) - set(PHASES):
         parser.error(f"unknown phases: {', '.join(sorted(unknown))}")
     checks = tuple(c.strip() for c in args.checks.split(",") if c.strip())
-    return Options(args.max_examples, phases, checks, args.workers, args.seed, args.max_failures, args.report_dir)
+    return Options(
+        args.max_examples,
+        phases,
+        checks,
+        args.workers,
+        args.seed,
+        args.max_failures,
+        args.report_dir,
+        tuple(args.operation_id),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -282,7 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if base_url:
             if not api_key:
                 raise ContractError("BASE_URL is set but API_KEY is not: the run needs a key for that instance")
-            return run_schemathesis(prepare_targets(base_url, api_key), options)
+            return run_schemathesis(prepare_targets(base_url, api_key, os.environ.get(WEBHOOK_URL_VARIABLE)), options)
         return run_self_started(options)
     except (ContractError, requests.RequestException) as exc:
         print(f"contract: {exc}", file=sys.stderr)

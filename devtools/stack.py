@@ -57,15 +57,17 @@ class Stack:
         return process
 
     def cli(self, *args: str) -> dict[str, Any]:
+        """Run an admin command against this stack's servers; its JSON answer (RuntimeError with its stderr)."""
         out = subprocess.run(
             [sys.executable, "-m", "flask", "--app", "app", *args],
             env=self.env,
             cwd=ROOT,
             capture_output=True,
             text=True,
-            check=True,
             timeout=60,
         )
+        if out.returncode != 0:
+            raise RuntimeError(f"flask {' '.join(args[:2])} failed: {out.stderr.strip()[-500:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     def start_web(self) -> str:

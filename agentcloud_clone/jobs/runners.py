@@ -19,13 +19,12 @@ The context holds no secrets: the upstream key of an `openai` app is handed to t
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..services.apps import module_allowed
+from ..services.apps import UnusableCallableError, load_runner_callable
 from ..vocabulary import Runner
 from .watcher import CancelHandle
 
@@ -100,17 +99,57 @@ def scripted(ctx: TurnContext, grant: TurnGrant) -> Iterator[Piece]:
         ctx.end_session = True
 
 
+# The headers an upstream request may carry besides the grant's key. The openai SDK adds others from the worker's
+# environment on its own (OPENAI_ORG_ID, OPENAI_PROJECT_ID, every line of OPENAI_CUSTOM_HEADERS, even an
+# Authorization), and would send them to whatever address a team chose.
+UPSTREAM_HEADERS = frozenset(
+    {"host", "accept", "accept-encoding", "connection", "content-type", "content-length", "user-agent"}
+)
+# Where the SDK would go with no address at all; named here so it never falls back to OPENAI_BASE_URL in the
+# worker's environment instead of the operator's setting.
+SDK_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+
+def _upstream_http_client(grant: TurnGrant, timeout: float) -> Any:
+    """An HTTP client that sends exactly what the grant allows: the standard headers, the grant's key as the only
+    credential (none without one), and no redirects that would carry the request elsewhere."""
+    import openai
+
+    authorization = f"Bearer {grant.api_key}" if grant.api_key else None
+
+    def only_what_the_grant_allows(request: Any) -> None:
+        for name in [name for name in request.headers if name.lower() not in UPSTREAM_HEADERS]:
+            del request.headers[name]
+        if authorization:
+            request.headers["Authorization"] = authorization
+
+    return openai.DefaultHttpxClient(
+        timeout=timeout, follow_redirects=False, event_hooks={"request": [only_what_the_grant_allows]}
+    )
+
+
 def openai_chat(ctx: TurnContext, grant: TurnGrant) -> Iterator[Piece]:
     """Any OpenAI-compatible chat-completions endpoint, streamed; cancel closes the HTTP stream at once."""
     import openai
 
+    timeout = float((ctx.app.get("config") or {}).get("timeout", 60))
+    with _upstream_http_client(grant, timeout) as http_client:
+        client = openai.OpenAI(
+            # The SDK insists on a key; the HTTP client sends the grant's (or none) whatever this says.
+            api_key=grant.api_key or "unset",
+            base_url=grant.base_url or SDK_DEFAULT_BASE_URL,
+            timeout=timeout,
+            max_retries=0,
+            http_client=http_client,
+        )
+        yield from _stream_chat(ctx, grant, client)
+
+
+def _stream_chat(ctx: TurnContext, grant: TurnGrant, client: Any) -> Iterator[Piece]:
+    """One streamed chat completion through `client`, with retries that a cancel cuts short."""
+    import openai
+
     config = ctx.app.get("config") or {}
-    client = openai.OpenAI(
-        api_key=grant.api_key or "unset",
-        base_url=grant.base_url,
-        timeout=float(config.get("timeout", 60)),
-        max_retries=0,
-    )
     messages: list[dict[str, str]] = []
     if config.get("systemPrompt"):
         messages.append({"role": "system", "content": ctx.fill(config["systemPrompt"])})
@@ -162,13 +201,10 @@ def openai_chat(ctx: TurnContext, grant: TurnGrant) -> Iterator[Piece]:
 def python_callable(ctx: TurnContext, grant: TurnGrant) -> Iterable[Any]:
     """A user callable named `module:function` in the app's settings, from a module the operator allows."""
     target = (ctx.app.get("config") or {})["callable"]
-    if not module_allowed(target, grant.allowed_modules):
-        raise RunnerError(f"the runner callable {target!r} is not in a module this installation allows")
-    module_name, _, function_name = target.partition(":")
     try:
-        function = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError):
-        raise RunnerError(f"cannot load the runner callable {target!r}") from None
+        function = load_runner_callable(target, grant.allowed_modules)
+    except UnusableCallableError as exc:
+        raise RunnerError(f"the runner callable {target!r} cannot be used: {exc}") from None
     pieces: Iterable[Any] = function(ctx)
     return pieces
 

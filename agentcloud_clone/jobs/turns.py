@@ -24,6 +24,7 @@ from ..access import SYSTEM
 from ..logs import set_job_context
 from ..repositories import apps as apps_repo
 from ..repositories import sessions as sessions_repo
+from ..sealing import UnsealError
 from ..services import apps as apps_service
 from ..services import sessions
 from ..vocabulary import CancelSource, EndReason, EventType
@@ -199,7 +200,7 @@ def run_turn(team_id: str, session_id: str, turn_id: str) -> dict[str, Any]:
         user_message, history, number = _context_from_transcript(sid, turn)
         ctx = TurnContext(
             session=session,
-            app=app_doc,
+            app=apps_service.without_secrets(app_doc),
             user_message=user_message,
             history=history,
             cancel=cancel,
@@ -209,7 +210,11 @@ def run_turn(team_id: str, session_id: str, turn_id: str) -> dict[str, Any]:
         writer = OutputWriter(
             session, turn, float(config["OUTPUT_FLUSH_INTERVAL"]), int(config["TURN_MAX_OUTPUT_CHARS"]), cancel
         )
-        base_url, api_key = apps_service.upstream_for(app_doc, config)
+        try:
+            base_url, api_key = apps_service.upstream_for(app_doc, config)
+        except UnsealError as exc:
+            _stop(writer, EndReason.ERROR, f"{exc} Enter the app's API key again.", flush=False)
+            return {"outcome": "error"}
         grant = TurnGrant(base_url, api_key, tuple(config["PYTHON_RUNNER_MODULES"]), writer.budget)
         log.info("turn %s of session %s started", turn_id, session_id)
         return _drive(ctx, grant, writer, tid, sid, turn)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from bson import ObjectId
@@ -71,3 +72,16 @@ def update_app(team_id: ObjectId, app_id: ObjectId, changes: dict[str, Any]) -> 
 def delete_app(team_id: ObjectId, app_id: ObjectId) -> bool:
     """Remove the team's app; False when it was not there."""
     return get_db().apps.delete_one({"_id": app_id, "teamId": team_id}).deleted_count == 1
+
+
+def stored_api_keys() -> Iterator[tuple[ObjectId, ObjectId, str]]:
+    """(team id, app id, stored key) of every app, in every team, holding an upstream key (operators' resealing)."""
+    query = {"config.apiKey": {"$type": "string"}}
+    for doc in get_db().apps.find(query, {"teamId": 1, "config.apiKey": 1}):
+        yield doc["teamId"], doc["_id"], doc["config"]["apiKey"]
+
+
+def replace_api_key(team_id: ObjectId, app_id: ObjectId, was: str, now: str) -> bool:
+    """Store `now` in place of `was` (unless the key changed meanwhile)."""
+    query = {"_id": app_id, "teamId": team_id, "config.apiKey": was}
+    return get_db().apps.update_one(query, {"$set": {"config.apiKey": now}}).modified_count == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -140,3 +141,15 @@ def prune_deliveries(older_than: datetime) -> int:
     """Forget deliveries older than `older_than`."""
     cutoff = ObjectId.from_datetime(older_than)
     return int(get_db().webhook_deliveries.delete_many({"_id": {"$lt": cutoff}}).deleted_count)
+
+
+def stored_secrets() -> Iterator[tuple[ObjectId, ObjectId, str]]:
+    """(team id, endpoint id, stored secret) of every endpoint in every team (operators' resealing)."""
+    for doc in get_db().webhook_endpoints.find({"secret": {"$type": "string"}}, {"teamId": 1, "secret": 1}):
+        yield doc["teamId"], doc["_id"], doc["secret"]
+
+
+def replace_secret(team_id: ObjectId, endpoint_id: ObjectId, was: str, now: str) -> bool:
+    """Store `now` in place of `was` (unless the secret was rotated meanwhile)."""
+    query = {"_id": endpoint_id, "teamId": team_id, "secret": was}
+    return get_db().webhook_endpoints.update_one(query, {"$set": {"secret": now}}).modified_count == 1

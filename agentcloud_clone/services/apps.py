@@ -3,7 +3,9 @@ upstream key goes only where the app said it goes when the key was entered."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import importlib
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from bson import ObjectId
@@ -14,6 +16,7 @@ from ..errors import Conflict, InvalidInput, NotFound
 from ..repositories import apps as repo
 from ..repositories import sessions as sessions_repo
 from ..schemas import MASKED_SECRET, validate_runner_config
+from ..sealing import is_sealed, seal, unseal
 from ..vocabulary import LINK_MODES, RUNNER_NAMES, Runner, SharingMode
 from . import sharing
 
@@ -24,12 +27,20 @@ def _checked_config(runner: str, config: dict[str, Any]) -> dict[str, Any]:
     except ValidationError as exc:
         messages = exc.messages if isinstance(exc.messages, dict) else {"config": exc.messages}
         raise InvalidInput("Invalid runner settings.", messages) from None
-    if runner == Runner.PYTHON and not module_allowed(checked["callable"], allowed_runner_modules()):
-        raise InvalidInput(
-            "Invalid runner settings.",
-            {"config": {"callable": ["Not in a module this installation allows (PYTHON_RUNNER_MODULES)."]}},
-        )
+    if runner == Runner.PYTHON:
+        try:
+            load_runner_callable(checked["callable"], allowed_runner_modules())
+        except UnusableCallableError as exc:
+            raise InvalidInput("Invalid runner settings.", {"config": {"callable": [str(exc)]}}) from None
     return checked
+
+
+def _sealed(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings as stored: an upstream key entered now is sealed (see sealing.py)."""
+    key = config.get("apiKey")
+    if key and key != MASKED_SECRET and not is_sealed(key):
+        return {**config, "apiKey": seal(key, current_app.config)}
+    return config
 
 
 def _fits(runner: str, config: dict[str, Any]) -> bool:
@@ -44,6 +55,27 @@ def module_allowed(target: str, allowed_modules: Sequence[str]) -> bool:
     """Whether `module:function` lies in one of the allowed modules (or their submodules)."""
     module_name = target.partition(":")[0]
     return any(module_name == m or module_name.startswith(f"{m}.") for m in allowed_modules)
+
+
+class UnusableCallableError(Exception):
+    """A `python` runner's `module:function` that this installation will not call (the message says why)."""
+
+
+def load_runner_callable(target: str, allowed_modules: Sequence[str]) -> Callable[..., Any]:
+    """The function `module:function` names: public, defined in that module (not merely imported there, which
+    would reach any name an allowed module happens to import), and the module in the operator's allow-list."""
+    if not module_allowed(target, allowed_modules):
+        raise UnusableCallableError("Not in a module this installation allows (PYTHON_RUNNER_MODULES).")
+    module_name, _, function_name = target.partition(":")
+    if function_name.startswith("_"):
+        raise UnusableCallableError("Name a public function: one whose name does not start with an underscore.")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError):
+        raise UnusableCallableError(f"There is no function {function_name!r} in module {module_name!r}.") from None
+    if not inspect.isfunction(function) or function.__module__ != module_name:
+        raise UnusableCallableError(f"{target!r} is not a function defined in module {module_name!r}.")
+    return function
 
 
 def allowed_runner_modules() -> list[str]:
@@ -70,7 +102,7 @@ def create_app_record(
     share_id = None
     if sharing_config["mode"] in LINK_MODES:
         extra["shareLink"], share_id = sharing.new_share_link()
-    app = repo.insert_app(team, name, runner, _checked_config(runner, config), created_by, limits, extra)
+    app = repo.insert_app(team, name, runner, _sealed(_checked_config(runner, config)), created_by, limits, extra)
     return {**app, "shareId": share_id} if share_id else app
 
 
@@ -95,13 +127,12 @@ def edit_app(team_id: ObjectId, app_id: ObjectId, changes: dict[str, Any]) -> di
         config = dict(changes.get("config", stored))
         if "config" not in changes and runner != current["runner"]:
             config = {}
-        if config.get("apiKey") == MASKED_SECRET:
-            if config.get("baseUrl") != stored.get("baseUrl") or runner != current["runner"]:
-                raise InvalidInput(
-                    "Enter the API key again: it would be sent to a different address than the one it was saved for.",
-                    {"config": {"apiKey": ["Re-enter the key when changing baseUrl."]}},
-                )
-            config["apiKey"] = stored.get("apiKey")
+        moved = config.get("baseUrl") != stored.get("baseUrl") or runner != current["runner"]
+        if config.get("apiKey") == MASKED_SECRET and moved:
+            raise InvalidInput(
+                "Enter the API key again: it would be sent to a different address than the one it was saved for.",
+                {"config": {"apiKey": ["Re-enter the key when changing baseUrl."]}},
+            )
         try:
             changes["config"] = _checked_config(runner, config)
         except InvalidInput:
@@ -112,6 +143,9 @@ def edit_app(team_id: ObjectId, app_id: ObjectId, changes: dict[str, Any]) -> di
             if "runner" not in changes and any(_fits(other, config) for other in RUNNER_NAMES if other != runner):
                 raise Conflict(f"These settings are not for this app's runner ({runner}); name the runner.") from None
             raise
+        if changes["config"].get("apiKey") == MASKED_SECRET:
+            changes["config"]["apiKey"] = stored.get("apiKey")  # kept as stored (sealed)
+        changes["config"] = _sealed(changes["config"])
     share_id = None
     old_mode, new_mode = sharing.mode_of(current), sharing.mode_of({"sharingConfig": changes.get("sharingConfig")})
     mode_changed = "sharingConfig" in changes and new_mode is not old_mode
@@ -150,6 +184,15 @@ def delete_app(team_id: ObjectId, app_id: ObjectId) -> None:
         raise NotFound("No such app in this team.")
 
 
+def without_secrets(app: dict[str, Any]) -> dict[str, Any]:
+    """The app as a turn's context holds it: an upstream key shows only as the mask (the key itself travels in
+    the turn's grant, to the runner that sends it)."""
+    config = dict(app.get("config") or {})
+    if config.get("apiKey"):
+        config["apiKey"] = MASKED_SECRET
+    return {**app, "config": config}
+
+
 def _same_endpoint(a: str | None, b: str | None) -> bool:
     return (a or "").rstrip("/") == (b or "").rstrip("/")
 
@@ -159,12 +202,13 @@ def upstream_for(app: dict[str, Any], settings: Mapping[str, Any]) -> tuple[str 
 
     The app's own key (entered by a team admin for it) goes to the app's address. With no key of its own,
     the operator's OPENAI_API_KEY is sent only to the operator's OPENAI_BASE_URL, never to an address a team
-    chose. Nothing is ever read from the process environment on a team's behalf."""
+    chose. Nothing is ever read from the process environment on a team's behalf. UnsealError when the stored
+    key cannot be read with this installation's SECRET_KEY."""
     config = app.get("config") or {}
     operator_url = settings.get("OPENAI_BASE_URL")
     base_url = config.get("baseUrl") or operator_url
     if config.get("apiKey"):
-        return base_url, config["apiKey"]
+        return base_url, unseal(config["apiKey"], settings)
     if _same_endpoint(base_url, operator_url):
         return base_url, settings.get("OPENAI_API_KEY")
     return base_url, None

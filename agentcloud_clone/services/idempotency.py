@@ -22,6 +22,13 @@ def fingerprint(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def check_key(key: str | None) -> None:
+    """InvalidInput unless `key` (when sent) is 1 to MAX_KEY_LENGTH visible ASCII characters."""
+    # Visible ASCII, as the IETF Idempotency-Key draft's sf-string allows; other bytes reach us as latin-1 guesses.
+    if key is not None and (not key or len(key) > MAX_KEY_LENGTH or not (key.isascii() and key.isprintable())):
+        raise InvalidInput(f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable ASCII characters.")
+
+
 def run_once(
     account_id: ObjectId,
     key: str | None,
@@ -36,9 +43,7 @@ def run_once(
     nothing, so the caller may retry with the same key."""
     if key is None:
         return action()[0]
-    # Visible ASCII, as the IETF Idempotency-Key draft's sf-string allows; other bytes reach us as latin-1 guesses.
-    if not key or len(key) > MAX_KEY_LENGTH or not (key.isascii() and key.isprintable()):
-        raise InvalidInput(f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable ASCII characters.")
+    check_key(key)
     keys = get_db().idempotency_keys
     try:
         record_id = keys.insert_one(

@@ -153,7 +153,9 @@ def app_to_start(caller: Caller, team_id: ObjectId, share_id: str | None, app_id
     current one, or an app the caller may not use, is not found."""
     account = caller.account
     if share_id is not None:
-        app = apps_repo.find_app_by_share_link(team_id, _hash(share_id)) if SHARE_ID.fullmatch(share_id) else None
+        if not SHARE_ID.fullmatch(share_id):
+            raise InvalidInput("A share link's id is `app_` and 64 characters of [a-f0-9].")
+        app = apps_repo.find_app_by_share_link(team_id, _hash(share_id))
         if app is None or mode_of(app) not in LINK_MODES:
             raise NotFound("No such share link (it may have been replaced, or the app is no longer shared).")
         if app_id is not None and app_id != app["_id"]:

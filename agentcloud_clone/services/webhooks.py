@@ -36,8 +36,9 @@ from standardwebhooks import Webhook
 
 from .. import queueing
 from ..access import Actor
-from ..errors import InvalidInput, NotFound
+from ..errors import Conflict, InvalidInput, NotFound
 from ..repositories import webhooks as repo
+from ..sealing import UnsealError, seal, unseal
 from ..timeutil import utcnow
 from ..vocabulary import WEBHOOK_EVENTS, EventType, WebhookEvent
 
@@ -64,7 +65,10 @@ def new_secret() -> str:
 def check_destination(url: str, settings: Mapping[str, Any]) -> tuple[str, str, int, str, list[str]]:
     """The scheme, host, port, path and the resolved addresses a delivery to `url` may use now; InvalidInput
     when the URL is malformed, not https where https is required, or resolves to an address not allowed."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unbalanced `[` or `]` in the host
+        raise InvalidInput("The URL is malformed.") from None
     schemes = {"https"} if settings["WEBHOOK_REQUIRE_HTTPS"] else {"https", "http"}
     if parts.scheme not in schemes or not parts.hostname or parts.username or parts.password:
         raise InvalidInput(f"The URL must be {' or '.join(sorted(schemes))}://host/path, without credentials.")
@@ -92,7 +96,7 @@ def create_endpoint(team_id: ObjectId, url: str, event_types: list[str], actor: 
     """Register an endpoint; returns it (without its secret) and the secret, shown only now."""
     check_destination(url, current_app.config)
     if len(repo.list_endpoints(team_id)) >= MAX_ENDPOINTS:
-        raise InvalidInput(f"A team has at most {MAX_ENDPOINTS} webhook endpoints.")
+        raise Conflict(f"A team has at most {MAX_ENDPOINTS} webhook endpoints.")
     secret = new_secret()
     now = utcnow()
     doc = repo.insert_endpoint(
@@ -100,7 +104,7 @@ def create_endpoint(team_id: ObjectId, url: str, event_types: list[str], actor: 
             "teamId": team_id,
             "url": url,
             "eventTypes": event_types or list(WEBHOOK_EVENTS),
-            "secret": secret,
+            "secret": seal(secret, current_app.config),
             "disabled": False,
             "createdAt": now,
             "updatedAt": now,
@@ -127,7 +131,7 @@ def get_endpoint(team_id: ObjectId, endpoint_id: ObjectId) -> dict[str, Any]:
 def rotate_secret(team_id: ObjectId, endpoint_id: ObjectId) -> tuple[dict[str, Any], str]:
     """Give the endpoint a new signing secret (shown only now); deliveries from now on are signed with it."""
     secret = new_secret()
-    endpoint = repo.update_endpoint(team_id, endpoint_id, {"secret": secret})
+    endpoint = repo.update_endpoint(team_id, endpoint_id, {"secret": seal(secret, current_app.config)})
     if endpoint is None:
         raise NotFound("No such webhook endpoint in this team.")
     return endpoint, secret
@@ -357,11 +361,15 @@ def deliver(delivery_id: ObjectId) -> dict[str, Any]:
             "user-agent": "agentcloud-clone-webhooks",
             "webhook-id": str(delivery_id),
             "webhook-timestamp": str(int(signed_at.timestamp())),
-            "webhook-signature": Webhook(endpoint["secret"]).sign(str(delivery_id), signed_at, body),
+            "webhook-signature": Webhook(unseal(endpoint["secret"], current_app.config)).sign(
+                str(delivery_id), signed_at, body
+            ),
         }
         attempt["statusCode"] = _post(scheme, host, port, path, addresses[0], headers, body)
     except InvalidInput as exc:
         attempt["error"] = exc.message
+    except UnsealError as exc:
+        attempt["error"] = f"{exc} Rotate the endpoint's secret."
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         attempt["error"] = f"{exc.__class__.__name__}: {exc}"[:500]
     attempt["durationMs"] = round((time.monotonic() - started) * 1000, 1)

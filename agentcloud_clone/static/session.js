@@ -267,8 +267,11 @@
           return;
         }
         showAlert("");
-        status = body.status || status;
-        cancelling = !ENDED.has(status);
+        // The stream may already have said the session ended; this answer is older news then.
+        if (!final) {
+          status = body.status || status;
+          cancelling = !ENDED.has(status);
+        }
         render();
         liveStatus.focus();
         if (!source) schedule(0);

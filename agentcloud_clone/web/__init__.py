@@ -21,7 +21,7 @@ from . import (
     teams,
     webhooks,
 )
-from .parsing import BoundedJSONProvider, ItemIdConverter
+from .parsing import BoundedBody, BoundedJSONProvider, use_path_converters
 
 BLUEPRINTS = (account, apps, sessions, streams, share, managed_agents, teams, webhooks, pages, probes, docs)
 
@@ -29,7 +29,8 @@ BLUEPRINTS = (account, apps, sessions, streams, share, managed_agents, teams, we
 def init_app(app: Flask) -> None:
     """Register the blueprints, the error handlers, identity and CSRF, the request hooks and the limiter."""
     app.json = BoundedJSONProvider(app)
-    app.url_map.converters["item"] = ItemIdConverter  # before the blueprints' rules use it
+    app.wsgi_app = BoundedBody(app)  # type: ignore[method-assign]
+    use_path_converters(app.url_map)  # before the blueprints add their rules
     errors.init_app(app)
     identity.init_app(app)
     for module in BLUEPRINTS:

@@ -52,7 +52,8 @@ def docs_page() -> Any:
 
 
 def docs_view(spec: dict[str, Any]) -> dict[str, Any]:
-    """The page's data: info, tags with their operations, security schemes and component schemas."""
+    """The page's data: info, tags with their operations, the webhooks this service sends, security schemes and
+    component schemas."""
     tags = {t["name"]: {**t, "description": prose(t.get("description")), "operations": []} for t in spec["tags"]}
     default_security = spec.get("security", [])
     for path, item in spec["paths"].items():
@@ -67,6 +68,13 @@ def docs_view(spec: dict[str, Any]) -> dict[str, Any]:
         "info": {**spec["info"], "description": prose(spec["info"].get("description"))},
         "openapi_version": spec["openapi"],
         "tags": [t for t in tags.values() if t["operations"]],
+        # OpenAPI 3.1's top-level `webhooks`: requests this service makes, keyed by the event they announce.
+        "webhooks": [
+            {**_operation(spec, name, method, item[method], []), "webhook": True}
+            for name, item in spec.get("webhooks", {}).items()
+            for method in HTTP_METHODS
+            if method in item
+        ],
         "security_schemes": [
             {"name": name, "summary": _inline(_scheme_summary(s)), "description": prose(s.get("description"))}
             for name, s in schemes.items()

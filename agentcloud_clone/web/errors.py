@@ -23,6 +23,7 @@ from ..errors import (
     TooLarge,
     Unavailable,
 )
+from .parsing import empty_leading_parameter
 from .responses import error_response
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> ResponseReturnValue:
         code = exc.code or 500
+        if code in (404, 405) and (empty := empty_leading_parameter()) is not None:
+            return error_response(400, f"The path's `{empty}` is empty: give the id (24 characters of [a-f0-9]).")
         message = HTTP_MESSAGES.get(code) or exc.description or exc.name
         response = app.make_response(error_response(code, message))
         allow = exc.get_response().headers.get("Allow")

@@ -38,7 +38,7 @@ from ..services import sessions as service
 from ..vocabulary import CancelSource, OnBusy
 from .parsing import load_args, load_body
 from .ratelimits import bulk_cancel_limit, cancel_limit
-from .sessions import bulk_cancel_answer, cancel_fields, dump_session
+from .sessions import bulk_cancel_answer, cancel_fields, dump_session, with_queue_position
 from .streams import stream_response
 
 bp = Blueprint("managed_agents", __name__, url_prefix="/api/managed-agents")
@@ -153,11 +153,12 @@ def list_sessions() -> Any:
     return jsonify(sessions=[dump_session(s) for s in page], nextBefore=next_before)
 
 
-@bp.get("/sessions/<sessionId>")
+@bp.get("/sessions/<managed_session:sessionId>")
 @declares_permission(Permission.SESSION_VIEW)
 def get_session(sessionId: str) -> Any:
     """One session in the caller's teams."""
-    return jsonify(session=dump_session(session_for(current_account(), sessionId, Permission.SESSION_VIEW)))
+    session = session_for(current_account(), sessionId, Permission.SESSION_VIEW)
+    return jsonify(session=with_queue_position(dump_session(session)))
 
 
 @bp.get("/sessions/<sessionId>/events")
@@ -190,7 +191,7 @@ def session_stream(sessionId: str) -> Any:
     return stream_response(session_for(current_account(), sessionId, Permission.SESSION_VIEW))
 
 
-@bp.delete("/sessions/<sessionId>")
+@bp.delete("/sessions/<managed_session:sessionId>")
 @declares_permission(Permission.SESSION_DELETE)
 def delete_session(sessionId: str) -> Any:
     """Remove an ended session and its transcript; 409 while it is active."""

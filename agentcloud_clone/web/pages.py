@@ -36,7 +36,7 @@ from ..services import sharing
 from ..vocabulary import RUNNER_NAMES, STATUSES, EventType, Runner, Status
 from .parsing import load_args
 from .ratelimits import share_limit
-from .sessions import dump_session
+from .sessions import dump_session, with_queue_position
 from .share import dump_shared, shared_route
 
 bp = Blueprint("pages", __name__)
@@ -106,7 +106,7 @@ def session_page(team_id: ObjectId, sessionId: str) -> Any:
     """One session's transcript, its controls, and the box for the next message."""
     doc = session_for(current_account(), sessionId, Permission.SESSION_VIEW, team_id=team_id)
     events = _all_events(doc["_id"])
-    session_view = dump_session(doc)
+    session_view = with_queue_position(dump_session(doc))
     app = apps_repo.find_app(team_id, doc["appId"])
     ended = sessions_service.is_ended(doc)
     confirm_delete = (

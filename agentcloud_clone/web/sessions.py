@@ -7,6 +7,7 @@ from typing import Any
 from bson import ObjectId
 from flask import Blueprint, jsonify, request
 
+from .. import queueing
 from ..access import Permission, app_for, current_account, parse_id, require_team, session_for
 from ..errors import InvalidInput
 from ..repositories.sessions import Visible
@@ -107,9 +108,16 @@ def list_sessions(team_id: ObjectId) -> Any:
 @bp.get(f"/<resourceSlug>/session/{SID}.json")
 @require_team(Permission.SESSION_VIEW)
 def session_json(team_id: ObjectId, sessionId: str) -> Any:
-    """One session."""
+    """One session (with its place in the queue while its turn waits for a worker)."""
     session = session_for(current_account(), sessionId, Permission.SESSION_VIEW, team_id=team_id)
-    return jsonify(session=dump_session(session), **csrf_field())
+    return jsonify(session=with_queue_position(dump_session(session)), **csrf_field())
+
+
+def with_queue_position(shown: dict[str, Any]) -> dict[str, Any]:
+    """A shown session, plus `queuePosition` ({state, position}) while its turn is queued."""
+    if shown.get("queued") and shown.get("activeTurnId"):
+        shown["queuePosition"] = queueing.queue_position(shown["activeTurnId"]) or None
+    return shown
 
 
 @bp.get(f"/<resourceSlug>/session/{SID}/messages.json")
@@ -187,7 +195,10 @@ def cancel_session(team_id: ObjectId, sessionId: str) -> Any:
 
 
 def bulk_cancel_answer(team_id: ObjectId, account: Any, data: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    """Count (dry run) or start a bulk cancel; the answer's body and status (200 or 202), for both families."""
+    """Count (dry run) or start a bulk cancel; the answer's body and status (200 or 202), for both families. A dry
+    run stores nothing under its Idempotency-Key, which is checked all the same."""
+    key = request.headers.get("Idempotency-Key")
+    idempotency.check_key(key)
     if data["dryRun"]:
         return {"dryRun": True, "count": bulk.count(team_id, data["criteria"])}, 200
 
@@ -196,7 +207,7 @@ def bulk_cancel_answer(team_id: ObjectId, account: Any, data: dict[str, Any]) ->
         return {"operation": operation_out.dump(operation), "operationId": str(operation["_id"])}, None
 
     request_hash = idempotency.fingerprint({"bulk": str(team_id), **data})
-    result = idempotency.run_once(account.object_id, request.headers.get("Idempotency-Key"), request_hash, start)
+    result = idempotency.run_once(account.object_id, key, request_hash, start)
     return result, 202
 
 
@@ -223,7 +234,7 @@ def _delete(team_id: ObjectId, sessionId: str) -> Any:
     return redirect_or_json(f"/{team_id}/sessions", flash_message="Session deleted.", _id=str(sid), ok=True)
 
 
-@bp.delete("/<resourceSlug>/forms/session/<item:sessionId>")
+@bp.delete("/<resourceSlug>/forms/session/<session_item:sessionId>")
 @require_team(Permission.SESSION_DELETE)
 def delete_session(team_id: ObjectId, sessionId: str) -> Any:
     """Remove an ended session and its transcript."""

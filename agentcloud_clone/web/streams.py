@@ -35,11 +35,14 @@ MAX_CURSOR = 2**63 - 1
 
 
 def _cursor() -> int:
-    """Where the client wants to resume: `Last-Event-ID`, else `?after=`, else the start."""
-    raw = request.headers.get("Last-Event-ID") or request.args.get("after") or "0"
-    if not (raw.isascii() and raw.isdigit()) or int(raw) > MAX_CURSOR:
-        raise InvalidInput("Last-Event-ID (or ?after=) must be an event seq: a whole number from 0.")
-    return int(raw)
+    """Where the client wants to resume: `Last-Event-ID`, else `?after=`, else the start. Each one sent must be an
+    event seq, the one not used too (an EventSource never sends an empty Last-Event-ID)."""
+    sent = [raw for raw in (request.headers.get("Last-Event-ID"), request.args.get("after")) if raw is not None]
+    for raw in sent:
+        # The length first: int() refuses (ValueError) strings of more than 4,300 digits.
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > len(str(MAX_CURSOR)) or int(raw) > MAX_CURSOR:
+            raise InvalidInput("Last-Event-ID (or ?after=) must be an event seq: a whole number from 0.")
+    return int(sent[0]) if sent else 0
 
 
 def _frame(event: dict[str, Any]) -> str:

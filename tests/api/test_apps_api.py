@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 MISSING = "c" * 24
 
 
@@ -89,6 +91,7 @@ def test_saving_the_masked_upstream_key_keeps_the_stored_one(factory, login, app
     from bson import ObjectId
 
     from agentcloud_clone.db import get_db
+    from agentcloud_clone.sealing import unseal
 
     admin = login(factory.user("admin"))
     team = admin.user.team_id
@@ -102,7 +105,9 @@ def test_saving_the_masked_upstream_key_keeps_the_stored_one(factory, login, app
     )
     with app.app_context():
         stored = get_db().apps.find_one({"_id": ObjectId(app_id)})["config"]
-    assert stored["apiKey"] == "sk-real-secret" and stored["model"] == "m2"
+    # Stored sealed (sealing.py), and still the key that was entered.
+    assert stored["apiKey"].startswith("sealed:v1:") and "sk-real-secret" not in stored["apiKey"]
+    assert unseal(stored["apiKey"], app.config) == "sk-real-secret" and stored["model"] == "m2"
 
 
 def test_settings_keys_mongodb_cannot_store_are_refused(factory, login):
@@ -156,3 +161,46 @@ def test_edits_that_only_the_apps_current_state_refuses_are_conflicts(factory, l
     assert admin.json("POST", path, {"runner": "python", "config": python}).status_code == 200
     assert admin.json("POST", path, {"runner": "python", "name": "same runner keeps its settings"}).status_code == 200
     assert admin.json("POST", path, {"runner": "scripted"}).status_code == 200  # scripted has defaults
+
+
+def _stored_config(app, app_id):
+    """The app's settings as stored, its sealed key opened."""
+    from bson import ObjectId
+
+    from agentcloud_clone.db import get_db
+    from agentcloud_clone.sealing import is_sealed, unseal
+
+    with app.app_context():
+        config = get_db().apps.find_one({"_id": ObjectId(app_id)})["config"]
+    assert "apiKey" not in config or is_sealed(config["apiKey"])
+    return {**config, "apiKey": unseal(config["apiKey"], app.config)} if "apiKey" in config else config
+
+
+def test_changing_where_a_key_is_sent_needs_the_key_again_by_json_and_by_form(factory, login, app):
+    admin = login(factory.user("admin"))
+    team = admin.user.team_id
+    home, elsewhere = "https://models.example.com/v1", "https://collector.example.net/v1"
+    config = {"model": "m", "baseUrl": home, "apiKey": "sk-entered-by-an-admin"}
+    app_id = admin.json(
+        "POST", f"/{team}/forms/app/add", {"name": "llm", "runner": "openai", "config": config}
+    ).get_json()["_id"]
+    edit = f"/{team}/forms/app/{app_id}/edit"
+    shown = admin.client.get(f"/{team}/app/{app_id}.json").get_json()["app"]["config"]
+    assert shown["apiKey"] == "********"
+    without_address = {key: value for key, value in shown.items() if key != "baseUrl"}
+
+    for moved in ({**shown, "baseUrl": elsewhere}, without_address):
+        by_json = admin.json("POST", edit, {"config": moved})
+        assert by_json.status_code == 400 and by_json.get_json()["errors"]["config"]["apiKey"], moved
+        by_form = admin.form(edit, {"name": "llm", "runner": "openai", "config": json.dumps(moved)})
+        assert by_form.status_code == 400 and b"Enter the API key again" in by_form.data, moved
+        assert _stored_config(app, app_id) == {**config, "timeout": 60.0}
+
+    # The mask with the address unchanged keeps the key (a form saving the other settings).
+    kept = admin.form(edit, {"name": "llm", "runner": "openai", "config": json.dumps({**shown, "model": "m2"})})
+    assert kept.status_code == 302 and _stored_config(app, app_id)["apiKey"] == "sk-entered-by-an-admin"
+    # The key entered again goes with the new address.
+    moved = admin.json("POST", edit, {"config": {**shown, "baseUrl": elsewhere, "apiKey": "sk-entered-again"}})
+    assert moved.status_code == 200
+    stored = _stored_config(app, app_id)
+    assert (stored["baseUrl"], stored["apiKey"]) == (elsewhere, "sk-entered-again")

@@ -100,6 +100,20 @@ def test_session_cookie_flags(factory, app):
     assert "HttpOnly" in cookie and "SameSite=Lax" in cookie
 
 
+def test_behind_https_both_sign_in_cookies_are_secure(make_app):
+    from tests.support import Factory
+
+    secure = make_app(SESSION_COOKIE_SECURE=True)
+    user = Factory(secure).user("member")
+    signed_in = secure.test_client().post(
+        "/forms/account/login", json={"email": user.email, "password": user.password, "remember": True}
+    )
+    cookies = {header.split("=", 1)[0]: header for header in signed_in.headers.getlist("Set-Cookie")}
+    assert set(cookies) >= {"session", "remember_token"}
+    for name in ("session", "remember_token"):
+        assert "; Secure" in cookies[name] and "HttpOnly" in cookies[name] and "SameSite=Lax" in cookies[name], name
+
+
 def _cookie(response, name: str) -> str | None:
     for header in response.headers.getlist("Set-Cookie"):
         if header.startswith(f"{name}="):

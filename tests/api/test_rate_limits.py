@@ -69,6 +69,37 @@ def test_a_stranger_cannot_lock_an_owner_out(make_app):
     assert response.status_code == 200
 
 
+def test_failed_sign_ins_from_one_address_over_many_accounts_are_limited(make_app):
+    strict = make_app(LOGIN_RATE_LIMIT="100 per minute", LOGIN_ADDRESS_RATE_LIMIT="5 per minute")
+    here, elsewhere = {"REMOTE_ADDR": "203.0.113.20"}, {"REMOTE_ADDR": "198.51.100.20"}
+    client = strict.test_client()
+    codes = [
+        client.post(
+            "/forms/account/login", json={"email": f"user{i}@example.com", "password": "wrong"}, environ_base=here
+        ).status_code
+        for i in range(6)
+    ]
+    assert codes == [401] * 5 + [429]
+    other = client.post(
+        "/forms/account/login", json={"email": "user0@example.com", "password": "x"}, environ_base=elsewhere
+    )
+    assert other.status_code == 401
+
+
+def test_the_sign_in_form_and_json_sign_in_share_one_budget(make_app):
+    strict = make_app(LOGIN_RATE_LIMIT="3 per minute")
+    client = strict.test_client()
+    body = {"email": "someone@example.com", "password": "wrong-password"}
+    token = client.get("/login").get_data(as_text=True).split('name="csrf_token" value="')[1].split('"')[0]
+    codes = [
+        client.post("/forms/account/login", json=body).status_code,
+        client.post("/login", data={**body, "csrf_token": token}).status_code,
+        client.post("/forms/account/login", json=body).status_code,
+        client.post("/login", data={**body, "csrf_token": token}).status_code,
+    ]
+    assert codes == [401, 401, 401, 429]
+
+
 def test_successful_sign_ins_do_not_use_up_the_budget(make_app):
     from tests.support import Factory
 

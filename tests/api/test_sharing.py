@@ -189,6 +189,13 @@ def test_guessing_ids_tells_nothing(app, factory, login):
     assert forged.status_code == 404
     wrong_link = client.post(f"/s/{rs}/forms/session/add", json={"shareId": "app_" + "0" * 64})
     assert wrong_link.status_code == 404 and set(wrong_link.get_json()) == {"message", "code"}
+    # Not the shape of a link at all (or empty): a 400 that says what one looks like.
+    for malformed in ("app_" + "0" * 63, "APP_" + "0" * 64, "app_" + "0" * 64 + "\n"):
+        refused = client.post(f"/s/{rs}/forms/session/add", json={"shareId": malformed})
+        assert refused.status_code == 400 and "64 characters" in refused.get_json()["message"], malformed
+    empty = client.post(f"/s/{rs}/forms/session/add", json={"shareId": ""})
+    assert empty.status_code == 400 and "shareId" in empty.get_json()["errors"]
+    assert client.get(f"/s/{rs}/app_zz", headers={"Accept": "application/json"}).status_code == 400
 
 
 def test_a_link_works_only_on_its_own_team(app, factory, login):

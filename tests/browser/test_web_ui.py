@@ -105,6 +105,31 @@ def test_sign_in_start_a_session_watch_it_stream_cancel_it_and_delete_it(pages, 
     check_page(page, "error-404")
 
 
+def test_a_cancel_answer_that_arrives_after_the_stream_ended_leaves_the_end_shown(pages, stack, slow_app):
+    # On a busy machine the worker can stop, and the stream say so, before the cancel's own answer reaches the
+    # page. That answer says "running" (it was true when the cancel was stamped) and must not put the badge
+    # back to "cancelling" for good. The page's cancel is held here until the stream has shown the end.
+    page = pages.new()
+    sign_in(page, stack.demo["email"], stack.demo["password"])
+    _start_session(page, slow_app, "Late cancel answer")
+    expect(page.locator("#transcript .entry-agent .text")).to_have_text(re.compile(r"\S"))
+    held = []
+    page.route(re.compile(r"/forms/session/[0-9a-f]{24}/cancel$"), lambda route: held.append(route))
+    page.get_by_role("button", name="Cancel session").click()
+    deadline = time.monotonic() + 10
+    while not held and time.monotonic() < deadline:
+        page.wait_for_timeout(50)  # lets Playwright call the route handler
+    assert held, "the page did not post the cancel"
+    answer = held[0].fetch()  # the server cancels now; the page does not hear back yet
+    assert answer.json()["status"] == "running"
+    expect(page.locator("#transcript .entry-note").filter(has_text="Session terminated (cancelled)")).to_be_visible()
+    expect(page.locator("#session-status")).to_have_text("terminated")
+    held[0].fulfill(response=answer)
+    expect(page.locator("#live-status")).to_be_focused()  # the page has handled the answer
+    expect(page.locator("#session-status")).to_have_text("terminated")
+    expect(page.get_by_role("button", name="Cancel session")).to_be_hidden()
+
+
 def test_viewer_sees_no_controls_and_forged_posts_are_refused(pages, stack, slow_app, make_user):
     team = stack.demo["teamId"]
     body = {"appId": slow_app["id"], "name": "Watched by a viewer", "message": "go"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
 from typing import Any
@@ -12,6 +13,9 @@ from flask import Flask
 from flask.testing import FlaskClient
 from openapi_spec_validator import validate
 
+from agentcloud_clone import examples
+from agentcloud_clone.services.apps import load_runner_callable
+from agentcloud_clone.vocabulary import WEBHOOK_EVENTS
 from agentcloud_clone.web.docs import SPEC_PATH
 from devtools import contract
 
@@ -110,6 +114,8 @@ def test_every_operation_documents_its_failure_codes(spec: dict[str, Any]) -> No
             assert {"413"} <= codes, (method, path)
         if any(_resolve(spec, p)["in"] in ("path", "query") for p in op.get("parameters", [])):
             assert "400" in codes, (method, path)
+        if any(_resolve(spec, p)["in"] == "query" for p in op.get("parameters", [])):
+            assert "414" in codes, (method, path)  # gunicorn's answer to a request line over its limit
 
 
 def test_form_routes_document_the_browser_redirect(app: Flask, spec: dict[str, Any]) -> None:
@@ -165,3 +171,58 @@ def test_the_docs_page_needs_nothing_but_the_app(client: FlaskClient) -> None:
     assert not re.search(r"""(?:src|href)=["']?(?:https?:)?//""", html)
     stylesheet = re.search(r'href="(/static/docs/[^"]+\.css)"', html)
     assert stylesheet and client.get(stylesheet.group(1)).status_code == 200
+
+
+def test_the_docs_page_lists_every_webhook(client: FlaskClient, spec: dict[str, Any]) -> None:
+    html = client.get("/docs").get_data(as_text=True)
+    assert 'id="webhooks"' in html
+    for name, item in spec["webhooks"].items():
+        assert f'id="op-{item["post"]["operationId"]}"' in html, name
+        assert f'<code class="docs-path">{name}</code>' in html, name
+
+
+def test_the_spec_s_webhooks_are_the_events_the_service_sends(spec: dict[str, Any]) -> None:
+    assert set(spec["webhooks"]) == set(WEBHOOK_EVENTS)
+    assert set(_resolve(spec, {"$ref": "#/components/schemas/WebhookEventType"})["enum"]) == set(WEBHOOK_EVENTS)
+    headers = {"webhook-id", "webhook-timestamp", "webhook-signature"}
+    for item in spec["webhooks"].values():
+        assert {_resolve(spec, p)["name"] for p in item["post"]["parameters"]} == headers
+
+
+def test_the_python_runner_callables_listed_are_those_the_default_installation_accepts(spec: dict[str, Any]) -> None:
+    listed = _resolve(spec, {"$ref": "#/components/schemas/PythonRunnerConfig"})["properties"]["callable"]["enum"]
+    public = [
+        f"{examples.__name__}:{name}"
+        for name, value in vars(examples).items()
+        if callable(value) and not name.startswith("_") and getattr(value, "__module__", None) == examples.__name__
+    ]
+    assert sorted(listed) == sorted(public)
+    for target in listed:
+        assert callable(load_runner_callable(target, [examples.__name__]))
+
+
+def test_the_contract_run_reads_every_live_stream_on_an_ended_session(spec: dict[str, Any]) -> None:
+    """An operation answering `text/event-stream` must be pinned to the ended session and kept out of the stateful
+    phase, or a generated request waits on a live session until it times out."""
+    streams = {
+        op["operationId"]
+        for op in spec_operations(spec).values()
+        if any("text/event-stream" in _resolve(spec, r).get("content", {}) for r in op["responses"].values())
+    }
+    assert streams == set(contract.STREAMS)
+    targets = contract.Targets("http://127.0.0.1:1", "ak_x", "a" * 24, "b" * 24, "c" * 24, "d" * 24, "e" * 24)
+    config = tomllib.loads(contract.schemathesis_config(targets))
+    entry = next(e for e in config["operations"] if set(e["include-operation-id"]) == streams)
+    assert entry["parameters"] == {"path.sessionId": "e" * 24}
+    assert entry["phases"]["stateful"]["enabled"] is False
+
+
+def test_the_contract_run_registers_webhooks_only_at_its_receiver() -> None:
+    targets = contract.Targets("http://127.0.0.1:1", "ak_x", "a" * 24, "b" * 24, "c" * 24, "d" * 24)
+    skipped = tomllib.loads(contract.schemathesis_config(targets))["operations"]
+    assert any(e["include-operation-id"] == contract.WEBHOOK_REGISTRATION and e["enabled"] is False for e in skipped)
+    pinned = tomllib.loads(
+        contract.schemathesis_config(dataclasses.replace(targets, webhook_url="http://127.0.0.1:9/hooks"))
+    )["operations"]
+    entry = next(e for e in pinned if e["include-operation-id"] == contract.WEBHOOK_REGISTRATION)
+    assert entry["parameters"] == {"body.url": "http://127.0.0.1:9/hooks"}

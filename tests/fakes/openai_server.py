@@ -1,7 +1,8 @@
 """A fake OpenAI-compatible chat-completions server on loopback, for the `openai` runner's tests.
 
 It streams one SSE chunk per `interval` seconds and records whether the client closed the stream early
-(the write fails once the worker hangs up), so a test can assert that cancelling stopped the upstream.
+(the write fails once the worker hangs up), so a test can assert that cancelling stopped the upstream. It also
+records every request as received (path, headers, body), so a test can assert what a worker sent where.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ class FakeOpenAI:
         self.streams: list[dict[str, Any]] = []
         # Every request's Authorization header, in order (None when absent).
         self.authorizations: list[str | None] = []
+        # Every request as received: {"path", "headers", "body"} (headers as sent, body as raw bytes).
+        self.received: list[dict[str, Any]] = []
         self.requests = 0
         self._lock = threading.Lock()
         fake = self
@@ -34,9 +37,11 @@ class FakeOpenAI:
                 return
 
             def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                body = json.loads(raw or b"{}")
                 with fake._lock:
                     fake.authorizations.append(self.headers.get("Authorization"))
+                    fake.received.append({"path": self.path, "headers": list(self.headers.items()), "body": raw})
                     fake.requests += 1
                     failing = fake.requests <= fake.fail_first
                 if failing:

@@ -24,3 +24,8 @@ def patient(ctx: Any) -> Iterator[str]:
     if ctx.cancel.wait(30):
         return
     yield "not stopped "
+
+
+def one_huge_piece(ctx: Any) -> Iterator[str]:
+    """Yields its whole reply in one piece of `options.size` characters, as a runner that buffers would."""
+    yield "y" * int(ctx.options.get("size", 30_000_000))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from typing import Any
 
@@ -199,7 +200,31 @@ def test_python_runner_refuses_callables_outside_the_allowed_modules(harness, ap
     with pytest.raises(InvalidInput):
         harness.start(runner="python", callable="builtins:repr")
     ctx = type("Ctx", (), {"app": {"config": {"callable": "builtins:repr"}}})()
-    with pytest.raises(RunnerError, match="not in a module"):
+    with pytest.raises(RunnerError, match=r"(?i)not in a module"):
+        python_callable(ctx, TurnGrant(allowed_modules=RUNNER_MODULES))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("target", "why"),
+    [
+        # Names an allowed module merely imports are not its functions (the examples import Iterator and Any).
+        ("agentcloud_clone.examples:Iterator", "not a function defined in module"),
+        ("agentcloud_clone.examples:Any", "not a function defined in module"),
+        ("agentcloud_clone.examples:annotations", "not a function defined in module"),
+        ("agentcloud_clone.examples:__loader__", "public function"),
+        ("agentcloud_clone.examples:nothing_here", "no function 'nothing_here'"),
+    ],
+)
+def test_python_runner_calls_only_public_functions_defined_in_an_allowed_module(harness, target, why):
+    from agentcloud_clone.errors import InvalidInput
+    from agentcloud_clone.jobs.runners import RunnerError, TurnGrant, python_callable
+
+    with pytest.raises(InvalidInput) as refused:
+        harness.start(runner="python", callable=target)
+    assert why in str(refused.value.errors)
+    # A setting stored before this check (or written to the database directly) is refused when the turn runs.
+    ctx = type("Ctx", (), {"app": {"config": {"callable": target}}})()
+    with pytest.raises(RunnerError, match=re.escape(why)):
         python_callable(ctx, TurnGrant(allowed_modules=RUNNER_MODULES))  # type: ignore[arg-type]
 
 

@@ -1,0 +1,121 @@
+"""A 503 leaves nothing half done: when the job queue cannot take a turn, the session, its first message, the
+message sent to a live session and the Idempotency-Key record all go again, and a retry with the same key works."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+from bson import ObjectId
+
+from agentcloud_clone import queueing
+from agentcloud_clone.db import get_db
+
+UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"
+
+
+def _counts(app: Any, team_id: str) -> dict[str, int]:
+    with app.app_context():
+        db = get_db()
+        sessions = list(db.sessions.find({"teamId": ObjectId(team_id)}, {"_id": 1}))
+        return {
+            "sessions": len(sessions),
+            "events": db.session_events.count_documents({"sessionId": {"$in": [s["_id"] for s in sessions]}}),
+            "idempotency": db.idempotency_keys.count_documents({}),
+        }
+
+
+def _queue_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> str:
+        raise redis.ConnectionError("Error 111 connecting to the queue. Connection refused.")
+
+    monkeypatch.setattr(queueing, "enqueue_turn", refuse)
+
+
+def _creates(user: Any, app_id: str) -> list[tuple[str, dict[str, Any], int]]:
+    """Both families' create routes, each with the status its success answers."""
+    return [
+        (f"/{user.team_id}/forms/session/add", {"appId": app_id, "message": "hello"}, 200),
+        ("/api/managed-agents/sessions", {"appId": app_id, "message": "hello"}, 201),
+    ]
+
+
+def _refused(response: Any) -> None:
+    assert response.status_code == 503, response.get_data(as_text=True)
+    assert response.get_json() == {"message": "The job queue is unavailable; try again shortly.", "code": 503}
+
+
+def test_a_create_refused_by_the_queue_leaves_nothing_and_the_same_key_then_works(
+    app, factory, api_key_client, monkeypatch
+):
+    user = factory.user("member", api_key=True)
+    call = api_key_client(user)
+    app_id = factory.app_record(user.team_id)
+    for number, (path, body, ok) in enumerate(_creates(user, app_id)):
+        key = {"Idempotency-Key": f"create-{number}"}
+        before = _counts(app, user.team_id)
+        with monkeypatch.context() as patch:
+            _queue_down(patch)
+            _refused(call("POST", path, body, headers=key))
+            _refused(call("POST", path, body))  # without a key too
+        assert _counts(app, user.team_id) == before, path
+        retried = call("POST", path, body, headers=key)
+        assert retried.status_code == ok and "idempotentReplay" not in retried.get_json(), path
+        after = _counts(app, user.team_id)
+        assert after == {
+            "sessions": before["sessions"] + 1,
+            "events": before["events"] + 1,
+            "idempotency": before["idempotency"] + 1,
+        }, path
+        # And it is the one session the key names from now on.
+        assert call("POST", path, body, headers=key).get_json().get("idempotentReplay") is True
+
+
+def test_a_message_refused_by_the_queue_is_taken_back_and_can_be_sent_again(app, factory, api_key_client, monkeypatch):
+    user = factory.user("member", api_key=True)
+    call = api_key_client(user)
+    app_id = factory.app_record(user.team_id)
+    for path_of in (
+        lambda sid: f"/{user.team_id}/session/{sid}/send-message",
+        lambda sid: f"/api/managed-agents/sessions/{sid}/messages",
+    ):
+        sid = str(factory.session(user, app_id, None)["_id"])
+        with app.app_context():
+            before = get_db().sessions.find_one({"_id": ObjectId(sid)})
+        with monkeypatch.context() as patch:
+            _queue_down(patch)
+            _refused(call("POST", path_of(sid), {"message": "are you there?"}))
+        with app.app_context():
+            after = get_db().sessions.find_one({"_id": ObjectId(sid)})
+            assert get_db().session_events.count_documents({"sessionId": ObjectId(sid)}) == 0
+        assert (after["status"], after.get("activeTurnId"), after.get("eventSeq", 0)) == (
+            before["status"],
+            before.get("activeTurnId"),
+            before.get("eventSeq", 0),
+        )
+        assert call("POST", path_of(sid), {"message": "are you there?"}).status_code in (200, 202)
+        events = call("GET", f"/{user.team_id}/session/{sid}/messages.json").get_json()["messages"]
+        assert [(e["type"], e["seq"], e["text"]) for e in events] == [("message", 1, "are you there?")]
+
+
+@pytest.fixture
+def redis_unreachable(app: Any, make_app: Callable[..., Any]) -> Any:
+    """A second app on the same database whose REDIS_URL answers nothing (the limiter falls back to memory)."""
+    return make_app(MONGO_URI=app.config["MONGO_URI"], REDIS_URL=UNREACHABLE_REDIS)
+
+
+def test_with_redis_unreachable_a_create_is_503_and_leaves_nothing(app, factory, redis_unreachable):
+    user = factory.user("member", api_key=True)
+    app_id = factory.app_record(user.team_id)
+    headers = {"Authorization": f"Bearer {user.api_key}", "Idempotency-Key": "while-down"}
+    for path, body, ok in _creates(user, app_id):
+        before = _counts(app, user.team_id)
+        _refused(redis_unreachable.test_client().post(path, json=body, headers=headers))
+        assert _counts(app, user.team_id) == before, path
+        # Redis is back (the healthy app, same database): the same key starts the session.
+        retried = app.test_client().post(path, json=body, headers=headers)
+        assert retried.status_code == ok, retried.get_json()
+        assert _counts(app, user.team_id)["sessions"] == before["sessions"] + 1
+        headers["Idempotency-Key"] += "-again"

@@ -1,0 +1,50 @@
+"""Output is bounded: every transcript event holds at most MAX_EVENT_CHARS, a turn at most TURN_MAX_OUTPUT_CHARS,
+and a turn past that limit ends the session `error` with a clear message instead of sitting `running`."""
+
+from __future__ import annotations
+
+from agentcloud_clone.jobs.turns import MAX_EVENT_CHARS
+
+DEFAULT_MAX_OUTPUT = 2_000_000
+
+
+def _outputs(harness, session):
+    return [e for e in harness.events(session) if e["type"] == "output"]
+
+
+def test_a_turn_past_its_output_limit_ends_error_with_bounded_events(harness, app):
+    assert app.config["TURN_MAX_OUTPUT_CHARS"] == DEFAULT_MAX_OUTPUT
+    # 3,000 steps of a 10,000-character word: 30 million characters if nothing stopped it.
+    session = harness.start(steps=3000, stepDelay=0, reply="x" * 10_000)
+    assert harness.run(session)["outcome"] == "error"
+    doc = harness.doc(session)
+    assert (doc["status"], doc["endReason"]) == ("error", "error") and doc.get("endedAt")
+    assert not doc.get("activeTurnId")
+    closing = harness.closing(session)
+    assert f"passed the limit of {DEFAULT_MAX_OUTPUT} characters" in closing["message"]
+    outputs = _outputs(harness, session)
+    assert outputs and all(len(e["text"]) <= MAX_EVENT_CHARS == 64 * 1024 for e in outputs)
+    # What came before the limit is kept, marked cut off, and no more than the limit.
+    assert sum(len(e["text"]) for e in outputs) == DEFAULT_MAX_OUTPUT
+    assert outputs[-1].get("interrupted") is True
+
+
+def test_one_huge_piece_is_split_into_bounded_events(harness, app):
+    app.config["TURN_MAX_OUTPUT_CHARS"] = 100_000_000
+    session = harness.start(runner="python", callable="tests.workers.runners:one_huge_piece")
+    assert harness.run(session)["outcome"] == "completed"
+    assert harness.doc(session)["status"] == "waiting"
+    outputs = _outputs(harness, session)
+    assert all(len(e["text"]) <= MAX_EVENT_CHARS for e in outputs)
+    assert len(outputs) == -(-30_000_000 // MAX_EVENT_CHARS)
+    assert sum(len(e["text"]) for e in outputs) == 30_000_000
+    assert [e["seq"] for e in outputs] == list(range(outputs[0]["seq"], outputs[0]["seq"] + len(outputs)))
+
+
+def test_one_huge_piece_past_the_limit_ends_error_keeping_the_limit(harness):
+    session = harness.start(runner="python", callable="tests.workers.runners:one_huge_piece")
+    assert harness.run(session)["outcome"] == "error"
+    assert harness.doc(session)["status"] == "error"
+    outputs = _outputs(harness, session)
+    assert all(len(e["text"]) <= MAX_EVENT_CHARS for e in outputs)
+    assert sum(len(e["text"]) for e in outputs) == DEFAULT_MAX_OUTPUT
