@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from devtools.servers import start_mongo, start_redis
-
 from . import api, cancel_latency, load_tier, many_turns, poll_cost, report, store_growth, storm, streams
+from .harness import Servers, part_servers
 from .workload import store_capacity
 
 PARTS = ("cancel_latency", "api", "storm", "poll_cost", "store_growth", "load_tier", "many_turns", "streams")
@@ -33,22 +29,22 @@ QUICK = {
 }
 
 
-@contextlib.contextmanager
-def embedded_store() -> Iterator[tuple[str, int | None, dict[str, Any]]]:
-    """`make run`'s store (the MongoDB-wire server over the corrected SQLite engine, on disk) in a temp dir of
-    its own, with what it does flat out while still idle; removed afterwards."""
-    directory = tempfile.mkdtemp(prefix="bench-store-")
-    try:
-        with start_mongo(data_dir=directory) as server:
-            yield server.url, server.pid, store_capacity(server.url, seconds=1.0)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+# Which store each part runs on: its own servers, in memory (the first parts, as their figures have always been
+# taken) or on disk (`make run`'s store, the new parts'); store_growth starts its own stores and needs no Redis.
+ON_DISK = {"cancel_latency": False, "api": False, "storm": False, "poll_cost": False, "store_growth": None,
+           "load_tier": True, "many_turns": True, "streams": True}  # fmt: skip
 
 
-def _on_embedded_store(run: Callable[[str, int | None], dict[str, Any]]) -> dict[str, Any]:
-    with embedded_store() as (url, pid, capacity):
-        return {**run(url, pid), "store": "embedded (make run's: corrected SQLite engine, on disk)",
-                "store_capacity": capacity}  # fmt: skip
+def _run_part(on_disk: bool | None, run: Callable[[Servers | None], dict[str, Any]]) -> dict[str, Any]:
+    """`run` on servers of its own (none for None), stopped afterwards; on `make run`'s store, what the store
+    does flat out while still idle comes with the figures."""
+    if on_disk is None:
+        return run(None)
+    with part_servers(on_disk) as servers:
+        if not on_disk:
+            return run(servers)
+        capacity = store_capacity(servers.mongo_url, seconds=1.0)
+        return {**run(servers), "store": servers.store, "store_capacity": capacity}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -90,81 +86,59 @@ def main(argv: Sequence[str] | None = None) -> int:
         "errors": {},
         "load_average": {},
     }
-    with start_redis() as redis_server, start_mongo() as mongo_server:
-        mongo, redis_url = mongo_server.url, redis_server.url
-        runs: dict[str, Callable[[], dict[str, Any]]] = {
-            "cancel_latency": lambda: cancel_latency.run(
-                mongo, redis_url, workers=args.workers, samples=args.samples, interval=args.interval
-            ),
-            "api": lambda: {
-                **api.run(
-                    mongo,
-                    redis_url,
-                    seconds=args.seconds,
-                    connections=args.connections,
-                    threads=2,
-                    fresh_cancels=300,
-                    mongo_pid=mongo_server.pid,
-                ),
-                # The same three endpoints again on `make run`'s store (the new parts' store).
-                "embedded_store": _on_embedded_store(
-                    lambda url, pid: api.run(
-                        url,
-                        redis_url,
-                        seconds=args.seconds,
-                        connections=args.connections,
-                        threads=2,
-                        fresh_cancels=300,
-                        mongo_pid=pid,
-                        only=(),
-                    )
-                ),
-            },
-            "storm": lambda: storm.run(mongo, redis_url, requests_total=1000, threads=64),
-            "poll_cost": lambda: poll_cost.run(mongo, redis_url, sizes=[10, 100, 1000], interval=0.5, seconds=5.0),
-            # Its own stores and servers: `make run`'s engine on disk, not the in-memory one the other parts use.
-            "store_growth": lambda: store_growth.run(sizes=[int(n) for n in args.store_events.split(",")]),
-            # The load parts run on `make run`'s store, one fresh store each (see docs/PERFORMANCE.md).
-            "load_tier": lambda: _on_embedded_store(
-                lambda url, pid: load_tier.run(
-                    url, redis_url, turns=args.load_turns, seconds=args.load_seconds, mongo_pid=pid
-                )
-            ),
-            "many_turns": lambda: _on_embedded_store(
-                lambda url, pid: many_turns.run(
-                    url,
-                    redis_url,
-                    turns=args.many_turns,
-                    fork_turns=args.fork_turns,
-                    interval=args.interval,
-                    mongo_pid=pid,
-                )
-            ),
-            "streams": lambda: _on_embedded_store(
-                lambda url, pid: streams.run(
-                    url,
-                    redis_url,
-                    turns=args.load_turns,
-                    active_streams=5 * args.load_turns,
-                    total_streams=args.streams,
-                    idle_sessions=max(10, args.streams // 10),
-                    seconds=args.load_seconds,
-                    mongo_pid=pid,
-                )
-            ),
-        }
-        for name in (p for p in PARTS if p in chosen):
-            print(f"running {name}…", file=sys.stderr, flush=True)
-            part_started = time.monotonic()
-            results["load_average"][name] = os.getloadavg()
-            try:
-                results["parts"][name] = runs[name]()
-            except Exception as exc:
-                traceback.print_exc()
-                results["errors"][name] = f"{exc.__class__.__name__}: {exc}"
-            results["load_average"][f"{name}:end"] = os.getloadavg()
-            results.setdefault("part_seconds", {})[name] = time.monotonic() - part_started
-            print(f"  {name} took {time.monotonic() - part_started:.0f} s", file=sys.stderr, flush=True)
+
+    def api_on(servers: Servers, only: tuple[str, ...] | None = None) -> dict[str, Any]:
+        return api.run(
+            servers.mongo_url,
+            servers.redis_url,
+            seconds=args.seconds,
+            connections=args.connections,
+            threads=2,
+            fresh_cancels=300,
+            mongo_pid=servers.mongo_pid,
+            only=only,
+        )
+
+    # Each takes the part's own servers (see ON_DISK).
+    runs: dict[str, Callable[[Any], dict[str, Any]]] = {
+        "cancel_latency": lambda s: cancel_latency.run(
+            s.mongo_url, s.redis_url, workers=args.workers, samples=args.samples, interval=args.interval
+        ),
+        "api": lambda s: {
+            **api_on(s),
+            # The same three endpoints again on `make run`'s store (the new parts' store), its own servers too.
+            "embedded_store": _run_part(True, lambda d: api_on(d, only=())),
+        },
+        "storm": lambda s: storm.run(s.mongo_url, s.redis_url, requests_total=1000, threads=64),
+        "poll_cost": lambda s: poll_cost.run(
+            s.mongo_url, s.redis_url, sizes=[10, 100, 1000], interval=0.5, seconds=5.0
+        ),
+        "store_growth": lambda _: store_growth.run(sizes=[int(n) for n in args.store_events.split(",")]),
+        "load_tier": lambda s: load_tier.run(s, turns=args.load_turns, seconds=args.load_seconds),
+        "many_turns": lambda s: many_turns.run(
+            s, turns=args.many_turns, fork_turns=args.fork_turns, interval=args.interval
+        ),
+        "streams": lambda s: streams.run(
+            s,
+            turns=args.load_turns,
+            active_streams=5 * args.load_turns,
+            total_streams=args.streams,
+            idle_sessions=max(10, args.streams // 10),
+            seconds=args.load_seconds,
+        ),
+    }
+    for name in (p for p in PARTS if p in chosen):
+        print(f"running {name}…", file=sys.stderr, flush=True)
+        part_started = time.monotonic()
+        results["load_average"][name] = os.getloadavg()
+        try:
+            results["parts"][name] = _run_part(ON_DISK[name], runs[name])
+        except Exception as exc:
+            traceback.print_exc()
+            results["errors"][name] = f"{exc.__class__.__name__}: {exc}"
+        results["load_average"][f"{name}:end"] = os.getloadavg()
+        results.setdefault("part_seconds", {})[name] = time.monotonic() - part_started
+        print(f"  {name} took {time.monotonic() - part_started:.0f} s", file=sys.stderr, flush=True)
     results["seconds"] = time.monotonic() - started
     results["load_average"]["end"] = os.getloadavg()
     results["json"] = str(report.write_json(results))

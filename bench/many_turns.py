@@ -30,7 +30,7 @@ from typing import Any
 
 from devtools.stack import Stack
 
-from .harness import BenchError, cpu_seconds, running_stack, wait_for
+from .harness import BenchError, Servers, cpu_seconds, running_stack, wait_for
 from .streams import Receiver, webhook_latency
 from .workload import (
     NO_LIMITS,
@@ -71,27 +71,6 @@ def _app(stack: Stack, name: str, config: dict[str, Any]) -> str:
     return str(
         stack.cli("apps", "create", stack.demo["teamId"], "--name", name, "--config", json.dumps(config))["appId"]
     )
-
-
-def _wait_running(store: Store, sids: list[str], timeout: float) -> float:
-    """Seconds until every session's turn runs (one query a second: the bench's only load on the store)."""
-    started = time.monotonic()
-    states: dict[str, dict[str, Any]] = {}
-
-    def all_running() -> bool:
-        states.update(store.sessions(sids, ("status", "endReason")))
-        return all(states.get(sid, {}).get("status") == "running" for sid in sids)
-
-    try:
-        wait_for(all_running, timeout, f"{len(sids)} turns to run", every=1.0)
-    except BenchError as exc:
-        seen: dict[str, int] = {}
-        for doc in states.values():
-            key = f"{doc.get('status')}/{doc.get('endReason')}"
-            seen[key] = seen.get(key, 0) + 1
-        ended = [sid for sid in sids if states.get(sid, {}).get("status") in ("error", "terminated", "waiting")]
-        raise BenchError(f"{exc}; status/endReason of the sessions: {seen}; {store.why_ended(ended[:3])}") from None
-    return time.monotonic() - started
 
 
 def _wait_turns_ended(notices: NoticeWatcher, store: Store, sids: list[str], timeout: float) -> None:
@@ -153,7 +132,8 @@ def _memory_phase(stack: Stack, client: Client, store: Store, roots: list[int], 
         )
         store_probe = Every(PROBE_PERIOD, lambda: store.probe(sids[0]), name="store-probe")
         with running([session_reads, store_probe]):
-            all_running_s = _wait_running(store, sids, timeout=STEPS * STEP_DELAY + 120) + created_s
+            claimed = store.wait_claimed(sids, timeout=STEPS * STEP_DELAY + 120)
+            all_running_s = claimed.seconds + created_s
             if notices.seen.get("turn_end"):
                 raise BenchError(
                     f"{len(notices.seen['turn_end'])} turns ended before all {turns} ran: the turn is too short "
@@ -162,7 +142,7 @@ def _memory_phase(stack: Stack, client: Client, store: Store, roots: list[int], 
             running_kib, running_processes = steady_tree_pss_kib(roots)
             window_start = time.monotonic()
             commands_before, cpu_before = store.commands(), (cpu_of_tree(roots), cpu_seconds(mongo_pid))
-            _wait_turns_ended(notices, store, sids, STEPS * STEP_DELAY * 4 + 120)
+            _wait_turns_ended(notices, store, claimed.running, STEPS * STEP_DELAY * 4 + 120)
             elapsed = time.monotonic() - window_start
             commands = commands_between(commands_before, store.commands(), elapsed)
             cpu = {
@@ -171,7 +151,7 @@ def _memory_phase(stack: Stack, client: Client, store: Store, roots: list[int], 
             }
         reads = session_reads.answers
         finished_s = time.monotonic() - started
-    per_turn_mib = (running_kib - idle_kib) / turns / 1024
+    per_turn_mib = (running_kib - idle_kib) / len(claimed.running) / 1024
     complete = _output_complete(client, team, sids)
     read = latency_summary(reads)
     return {
@@ -180,7 +160,9 @@ def _memory_phase(stack: Stack, client: Client, store: Store, roots: list[int], 
         "running_pss_mib": running_kib / 1024,
         "running_processes": running_processes,
         "pss_per_turn_mib": per_turn_mib,
-        "pss_total_per_turn_mib": running_kib / turns / 1024,
+        "pss_total_per_turn_mib": running_kib / len(claimed.running) / 1024,
+        # Turns over (failed) before all had started: not in the PSS per turn, and not complete below.
+        "turns_failed": claimed.figures(),
         "pss_target_mib": PSS_TARGET_MIB,
         "pss_target_met": per_turn_mib <= PSS_TARGET_MIB,
         "turns_started_in_s": created_s,
@@ -203,8 +185,8 @@ def _cancel_phase(stack: Stack, client: Client, store: Store, roots: list[int], 
     if hook.status != 201:
         raise BenchError(f"webhook add answered {hook.status}: {hook.body or hook.error}")
     app_id = _app(stack, "long", LONG_TURN)
-    sids = start_sessions(client, team, app_id, turns)
-    _wait_running(store, sids, timeout=180)
+    claimed = store.wait_claimed(start_sessions(client, team, app_id, turns), timeout=180)
+    sids = claimed.running  # a turn that failed before the cancel is counted, and not cancelled
     running_kib, _ = steady_tree_pss_kib(roots, reads=1)
     # Every turn streams and has written output by the end of this; the store's profiler shows meanwhile where
     # its time goes with all N turns running (it is off again before the cancel).
@@ -219,28 +201,25 @@ def _cancel_phase(stack: Stack, client: Client, store: Store, roots: list[int], 
         receiver.stop()
     return {
         **outcome.figures(target),
+        "turns_failed": claimed.figures(),
         # session.ended deliveries (a loopback receiver): arrival minus the session's endedAt
         "webhook_session_ended": webhook,
         "running_pss_mib": running_kib / 1024,
         "store_commands": commands,
-        "round_trips_per_session": commands["round_trips"] / turns,
+        "round_trips_per_session": commands["round_trips"] / len(sids),
         "store_profile_before": profile,
     }
 
 
-def run_mode(
-    mongo_url: str,
-    redis_url: str,
-    mode: str,
-    *,
-    turns: int,
-    processes: int,
-    interval: float,
-    mongo_pid: int | None,
-) -> dict[str, Any]:
+def run_mode(servers: Servers, mode: str, *, turns: int, processes: int, interval: float) -> dict[str, Any]:
     """One worker mode: memory and completeness, then cancel-all with pub/sub, then without (a fresh stack)."""
     concurrency = -(-turns // processes) if mode == "thread" else None
-    result: dict[str, Any] = {"mode": mode, "turns": turns, "worker_processes": processes, "concurrency": concurrency}
+    result: dict[str, Any] = {
+        "mode": mode,
+        "turns": turns,
+        "worker_processes": processes,
+        "turn_concurrency": concurrency,
+    }
     for pubsub in (True, False):
         settings = {
             **NO_LIMITS,
@@ -249,7 +228,7 @@ def run_mode(
             "OUTPUT_FLUSH_INTERVAL": FLUSH_INTERVAL,
             "WEBHOOK_ALLOW_PRIVATE": "true",
         }
-        with running_stack(mongo_url, redis_url, webs=1, workers=0, **settings) as stack:
+        with running_stack(servers.mongo_url, servers.redis_url, webs=1, workers=0, **settings) as stack:
             started = time.monotonic()
             workers = start_workers(stack, processes, mode, concurrency, timeout=300)
             result.setdefault("workers_start_s", time.monotonic() - started)
@@ -257,7 +236,7 @@ def run_mode(
             roots = [w.pid for w in workers]
             try:
                 if pubsub:
-                    result["memory"] = _memory_phase(stack, client, store, roots, turns, mongo_pid)
+                    result["memory"] = _memory_phase(stack, client, store, roots, turns, servers.mongo_pid)
                     target = CANCEL_TARGET_PUBSUB
                 else:
                     target = interval + POLLING_MARGIN
@@ -268,15 +247,13 @@ def run_mode(
 
 
 def run(
-    mongo_url: str,
-    redis_url: str,
+    servers: Servers,
     *,
     turns: int = 200,
     thread_processes: int = 4,
     fork_turns: int = 40,
     interval: float = 1.0,
     modes: tuple[str, ...] = ("thread", "fork"),
-    mongo_pid: int | None = None,
 ) -> dict[str, Any]:
     """Thread mode at `turns` on `thread_processes` processes, fork mode at `fork_turns`, side by side."""
     out: dict[str, Any] = {
@@ -288,7 +265,5 @@ def run(
     }
     for mode in modes:
         n, processes = (turns, thread_processes) if mode == "thread" else (fork_turns, fork_turns)
-        out["modes"][mode] = run_mode(
-            mongo_url, redis_url, mode, turns=n, processes=processes, interval=interval, mongo_pid=mongo_pid
-        )
+        out["modes"][mode] = run_mode(servers, mode, turns=n, processes=processes, interval=interval)
     return out

@@ -255,11 +255,20 @@ def _load_tier_lines(part: dict[str, Any]) -> list[str]:
             f"{c['store_commands']['per_s']:>14.0f}  {yes(c['target_met']):<18}"
             f"{c.get('closing_notices_missing', '-'):>14}"
             + (f" ({c['not_ended']} never ended)" if c["not_ended"] else "")
+            + _failed(layout.get("turns_failed"), "before the cancel, left out of it")
         )
     return lines
 
 
+def _failed(figures: dict[str, Any] | None, when: str) -> str:
+    """A note for a row whose turns did not all run: how many failed, and why (the first reason)."""
+    if not figures or not figures.get("not_running"):
+        return ""
+    return f"  ({figures['not_running']} turns FAILED {when}: {(figures.get('why') or ['?'])[0][:160]})"
+
+
 def _layout_name(layout: dict[str, Any]) -> str:
+    """A worker layout (load_tier's and many_turns' modes alike): fork, N processes, or thread, P × C."""
     if layout["mode"] == "fork":
         return f"fork, {layout['worker_processes']} processes"
     return f"thread, {layout['worker_processes']} × {layout['turn_concurrency']}"
@@ -286,10 +295,12 @@ def _many_turns_lines(part: dict[str, Any]) -> list[str]:
         if not m:
             continue
         lines.append(
-            f"   {_mode_name(mode):<22}{mode['turns']:>6}{m['idle_pss_mib']:>7.0f} MiB{m['running_pss_mib']:>6.0f} MiB"
+            f"   {_layout_name(mode):<22}{mode['turns']:>6}"
+            f"{m['idle_pss_mib']:>7.0f} MiB{m['running_pss_mib']:>6.0f} MiB"
             f"{_mib(m['pss_per_turn_mib']):>10}  {yes(m['pss_target_met']):<7}{_mib(m['pss_total_per_turn_mib']):>17}"
             f"{m['output']['complete']:>5}/{m['output']['checked']:<4}{_pair(m['session_read']):>22}"
             f"{m['all_running_after_s']:>9.1f} s / {m['all_ended_after_s']:.1f} s"
+            + _failed(m.get("turns_failed"), "before all ran")
         )
     lines.append(
         f"   {'cancel all':<22}{'turns':>6}{'to end p50/p99':>22}{'max':>9}{'stamp→end p99':>15}{'answer p99':>12}"
@@ -303,11 +314,12 @@ def _many_turns_lines(part: dict[str, Any]) -> list[str]:
                 continue
             live = "/".join(str(c["live_after_s"].get(k, "-")) for k in ("1", "2", "5"))
             lines.append(
-                f"   {_mode_name(mode) + (', pub/sub' if key == 'pubsub' else ', polling'):<22}{c['sessions']:>6}"
+                f"   {_layout_name(mode) + (', pub/sub' if key == 'pubsub' else ', polling'):<22}{c['sessions']:>6}"
                 f"{_pair(c['cancel_to_end']):>22}{ms(c['cancel_to_end']['max']):>9}{ms(c['stamp_to_end']['p99']):>15}"
                 f"{ms(c['request']['p99']):>12}{live:>16}{c['sessions'] - c['not_ended']:>4}/{c['sessions']:<3}"
                 f"{c['store_commands']['per_s']:>14.0f}  ≤ {ms(c['target_p99_s']):<8}{yes(c['target_met']):<4}"
                 f"{c.get('closing_notices_missing', '-'):>13}{_webhook_cell(c.get('webhook_session_ended')):>32}"
+                + _failed(c.get("turns_failed"), "before the cancel, left out of it")
             )
             lines += _profile_line(c.get("store_profile_before"), f"{c['sessions']} turns running, before the cancel")
     return lines
@@ -317,12 +329,6 @@ def _webhook_cell(hook: dict[str, Any] | None) -> str:
     if not hook:
         return "-"
     return f"{_pair(hook) if hook['delivered'] else '-'}, {hook['delivered']}/{hook['sessions']}"
-
-
-def _mode_name(mode: dict[str, Any]) -> str:
-    if mode["mode"] == "fork":
-        return f"fork, {mode['worker_processes']} processes"
-    return f"thread, {mode['worker_processes']} × {mode['concurrency']}"
 
 
 def _mib(value: float) -> str:
@@ -364,6 +370,11 @@ def _streams_lines(part: dict[str, Any]) -> list[str]:
         + f"; they arrived p50 {_seconds(busy['p50'])} after their sessions ended (once the cancel-all freed slots)",
         f"   streams on the cancelled sessions that got session.ended: {part['streams_ended']['on_cancelled_sessions']}"
         f"/{part['streams_ended']['of']}",
+        *(
+            [_failed(part.get("turns_failed"), "before the streams opened, left out").strip()]
+            if part.get("turns_failed", {}).get("not_running")
+            else []
+        ),
     ]
     return lines
 

@@ -19,12 +19,12 @@ One web instance as the stack starts it (gunicorn, 2 gevent workers), one thread
 from __future__ import annotations
 
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from .harness import BenchError, cpu_seconds, running_stack, wait_for
+from tests.fakes.receiver import Receiver as FakeReceiver
+
+from .harness import BenchError, Servers, cpu_seconds, running_stack
 from .sse import StreamFleet
 from .stats import summarize
 from .workload import (
@@ -45,47 +45,30 @@ WEBHOOK_TARGET_P99 = 1.0
 STREAMING_TURN = {"steps": 10_000, "stepDelay": 0.05}
 
 
-class Receiver:
-    """A webhook receiver on loopback: notes when each delivery arrived, answers 200."""
+class _Stamped(list[dict[str, Any]]):
+    """The fake receiver's record of deliveries, each stamped with `time.time()` as it is recorded."""
+
+    def append(self, record: dict[str, Any]) -> None:
+        super().append({**record, "arrived": time.time()})
+
+
+class Receiver(FakeReceiver):
+    """The tests' webhook receiver on loopback (answers 200), started, noting when each delivery arrived."""
 
     def __init__(self) -> None:
-        self.arrivals: list[tuple[float, dict[str, Any]]] = []
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                return
-
-            def do_POST(self) -> None:
-                arrived = time.time()
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                with receiver.lock:
-                    receiver.arrivals.append((arrived, json.loads(body)))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, name="webhook-receiver", daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/hooks/bench"
+        super().__init__()
+        self.received = _Stamped()
+        self.start()
 
     def ended(self) -> dict[str, float]:
         """Session → first arrival of its `session.ended`."""
         with self.lock:
             found: dict[str, float] = {}
-            for arrived, body in self.arrivals:
+            for record in self.received:
+                body = json.loads(record["body"])
                 if body.get("type") == "session.ended":
-                    found.setdefault(body["data"]["sessionId"], arrived)
+                    found.setdefault(body["data"]["sessionId"], record["arrived"])
             return found
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def _delivery(fleet: StreamFleet, streams: list[Any], seconds: float, notices: NoticeWatcher) -> dict[str, Any]:
@@ -126,22 +109,21 @@ def webhook_latency(receiver: Receiver, store: Store, sids: list[str], wait: flo
 
 
 def run(
-    mongo_url: str,
-    redis_url: str,
+    servers: Servers,
     *,
     turns: int = 20,
     active_streams: int = 100,
     total_streams: int = 1000,
     idle_sessions: int = 100,
     seconds: float = 10.0,
-    mongo_pid: int | None = None,
 ) -> dict[str, Any]:
-    """The three phases on one stack."""
+    """The three phases on one stack (on the part's servers)."""
     settings = {**NO_LIMITS, "WEBHOOK_ALLOW_PRIVATE": "true", "CANCEL_PUBSUB": "true"}
     receiver = Receiver()
     result: dict[str, Any] = {"turns": turns, "seconds": seconds, "turn": STREAMING_TURN}
     try:
-        with running_stack(mongo_url, redis_url, webs=1, workers=0, **settings) as stack:
+        mongo_pid = servers.mongo_pid
+        with running_stack(servers.mongo_url, servers.redis_url, webs=1, workers=0, **settings) as stack:
             workers = start_workers(stack, 1, "thread", turns)
             team, key = stack.demo["teamId"], stack.demo["apiKey"]
             client, store = Client(stack.url, key), Store(stack)
@@ -159,19 +141,14 @@ def run(
                 ]
                 idle = start_sessions(client, team, stack.demo["appId"], idle_sessions + 45, message=None)
                 watched_idle, to_cancel = idle[:idle_sessions], idle[idle_sessions:]
-                sids = start_sessions(client, team, app_id, turns)
-                wait_for(
-                    lambda: all(d.get("status") == "running" for d in store.sessions(sids, ("status",)).values()),
-                    120,
-                    f"{turns} turns to run",
-                    every=0.5,
-                )
+                claimed = store.wait_claimed(start_sessions(client, team, app_id, turns), 120, every=0.5)
+                sids, result["turns_failed"] = claimed.running, claimed.figures()
                 time.sleep(1.0)
                 web_idle_kib, web_processes = steady_tree_pss_kib([web_root])
 
                 # 1. delivery with `active_streams` following the running turns
                 per_session = max(1, active_streams // turns)
-                active = fleet.open([f"/{team}/session/{sids[i % turns]}/events" for i in range(per_session * turns)])
+                active = fleet.open([f"/{team}/session/{sid}/events" for sid in sids for _ in range(per_session)])
                 failed = [s for s in active if s.status != 200 or s.error]
                 if failed:
                     raise BenchError(f"{len(failed)} of {len(active)} streams failed to open: {failed[0].error}")

@@ -30,13 +30,16 @@ from rq import Queue, Worker
 
 from devtools.stack import Stack
 
-from .harness import BenchError, wait_for
+from .harness import BenchError, stat_fields, wait_for
 from .stats import summarize
 
-# The scripted runner's settings of the long turns these parts cancel: one word every `stepDelay`, far more
-# steps than any part waits for. The output writer flushes every OUTPUT_FLUSH_INTERVAL (0.25 s), so each
-# running turn makes about 1 / max(stepDelay, 0.25) transcript writes a second, as a model streaming tokens does.
-NO_LIMITS = {"CANCEL_RATE_LIMIT": "1000000 per minute", "DEFAULT_RATE_LIMIT": "1000000 per minute"}
+# Limits out of the way: the request rate limits, and the fair share of the worker slots one team may hold
+# (TEAM_MAX_ACTIVE_TURNS, 8 by default), since every session the bench starts is the demo team's.
+NO_LIMITS = {
+    "CANCEL_RATE_LIMIT": "1000000 per minute",
+    "DEFAULT_RATE_LIMIT": "1000000 per minute",
+    "TEAM_MAX_ACTIVE_TURNS": "10000",
+}
 
 
 # -- worker processes ---------------------------------------------------------------------------------------------
@@ -112,8 +115,7 @@ def cpu_of_tree(roots: Sequence[int]) -> float:
     they have reaped (fork mode's finished work horses)."""
     total = 0
     for pid in {pid for root in roots for pid in process_tree(root)}:
-        with contextlib.suppress(OSError, IndexError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        if fields := stat_fields(pid):
             total += sum(int(fields[i]) for i in (11, 12, 13, 14))
     return total / os.sysconf("SC_CLK_TCK")
 
@@ -277,6 +279,20 @@ def latency_summary(answers: Sequence[Answer]) -> dict[str, Any]:
 # -- MongoDB, read by the bench itself ------------------------------------------------------------------------------
 
 
+@dataclass
+class Claimed:
+    """How long until every turn was claimed; the sessions whose turn runs; those whose turn was already over
+    (session → status, end reason and closing message)."""
+
+    seconds: float
+    running: list[str]
+    over: dict[str, str]
+
+    def figures(self) -> dict[str, Any]:
+        """For the JSON: how many turns were not running when they all should have been, and why (a few)."""
+        return {"not_running": len(self.over), "why": sorted(set(self.over.values()))[:3]}
+
+
 class Store:
     """The stack's database, for what the bench reads in one query instead of one request per session: session
     states and the MongoDB-wire server's command counters."""
@@ -298,6 +314,37 @@ class Store:
         states = self.sessions(sids, ("endedAt",))
         return [sid for sid in sids if not states.get(sid, {}).get("endedAt")]
 
+    def wait_claimed(self, sids: Sequence[str], timeout: float, every: float = 1.0) -> Claimed:
+        """Until no session's turn is still queued: each one running or already over (a turn that failed, say;
+        its status and closing message come back and the part goes on with the others), looking once every
+        `every` s (one query each time: the bench's only load on the store meanwhile). BenchError after
+        `timeout`, saying how the sessions stand, or when none runs."""
+        started = time.monotonic()
+        states: dict[str, dict[str, Any]] = {}
+
+        def settled() -> bool:
+            states.update(self.sessions(sids, ("status", "endReason")))
+            return all(states.get(sid, {}).get("status") not in (None, "started") for sid in sids)
+
+        def standing() -> str:
+            seen: dict[str, int] = {}
+            for doc in states.values():
+                key = f"{doc.get('status')}/{doc.get('endReason')}"
+                seen[key] = seen.get(key, 0) + 1
+            return f"status/endReason of the sessions: {seen}"
+
+        try:
+            wait_for(settled, timeout, f"{len(sids)} turns to run", every=every)
+        except BenchError as exc:
+            raise BenchError(f"{exc}; {standing()}") from None
+        running = [sid for sid in sids if states[sid].get("status") == "running"]
+        over = [sid for sid in sids if states[sid].get("status") != "running"]
+        why = self.why_ended(over)
+        if not running:
+            raise BenchError(f"no turn ran; {standing()}; {dict(list(why.items())[:3])}")
+        failed = {sid: f"{states[sid].get('status')}, {why.get(sid, 'no closing event')}" for sid in over}
+        return Claimed(time.monotonic() - started, running, failed)
+
     def probe(self, sid: str) -> Answer:
         """One timed `find_one` by `_id` from here: how long any client's round trip waits on the store now."""
         sent, started = time.time(), time.perf_counter()
@@ -313,13 +360,15 @@ class Store:
         return found
 
     def interrupted_outputs(self, sids: Sequence[str]) -> dict[str, Any]:
-        """Session → `createdAt` of its output event marked interrupted (a cancelled turn's last text)."""
+        """Session → `createdAt` of its event marked interrupted: the cut-off output (a cancelled turn's last
+        text), or its closing event when nothing was left to write (the transcript is append-only)."""
         found: dict[str, Any] = {}
         ids = [ObjectId(s) for s in sids]
         for start in range(0, len(ids), 500):
-            query = {"sessionId": {"$in": ids[start : start + 500]}, "type": "output", "interrupted": True}
-            for doc in self.db.session_events.find(query, {"sessionId": 1, "createdAt": 1}):
-                found.setdefault(str(doc["sessionId"]), doc["createdAt"])
+            query = {"sessionId": {"$in": ids[start : start + 500]}, "interrupted": True}
+            for doc in self.db.session_events.find(query, {"sessionId": 1, "createdAt": 1, "type": 1}):
+                if str(doc["sessionId"]) not in found or doc.get("type") == "output":
+                    found[str(doc["sessionId"])] = doc["createdAt"]
         return found
 
     def commands(self) -> dict[str, int]:
