@@ -6,10 +6,12 @@ BIN := $(VENV)/bin
 PYTHON313 ?= $(shell for p in $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.1[3-9]*/bin/python3 python3.13 python3; do \
   "$$p" -c 'import sys; sys.exit(sys.version_info < (3, 13))' 2>/dev/null && { command -v "$$p"; break; }; done)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-SYSTEM_PACKAGES := redis-server chromium
+SYSTEM_PACKAGES := redis-server chromium curl
 PYTEST_ARGS ?=
+# `make chaos`: seconds of faults (the seed is printed first; CHAOS_SEED=N repeats a run's choices).
+CHAOS_SECONDS ?= 180
 
-.PHONY: install system-packages run cli worker test test-fast test-integration contract lint format bench clean
+.PHONY: install system-packages run cli worker test test-fast test-integration contract chaos lint format bench clean
 
 install: system-packages $(VENV)/.installed
 
@@ -17,6 +19,7 @@ system-packages:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
@@ -40,8 +43,12 @@ cli: install
 worker: install
 	$(BIN)/python -m workers
 
+# The in-process tier on two pytest-xdist workers (each with servers of its own), then the tiers of real
+# processes one test at a time, so their processes never compete with another test's for the two cores.
+TEST_JOBS ?= 2
 test: install lint
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) -m "not integration and not browser and not contract" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m "integration or browser or contract" $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not integration and not browser and not contract" $(PYTEST_ARGS)
@@ -51,6 +58,11 @@ test-integration: install
 
 contract: install
 	$(BIN)/python -m devtools.contract
+
+# Random kills and stops of every process under a mixed workload, then the invariants (README, "Reliability").
+# `make test` runs a bounded version (tests/integration/test_chaos.py, about a minute).
+chaos: install
+	$(BIN)/python -m devtools.chaos --duration $(CHAOS_SECONDS) $(if $(CHAOS_SEED),--seed $(CHAOS_SEED))
 
 lint: install
 	$(BIN)/ruff check .

@@ -103,6 +103,19 @@ class Config:
             "REDIS_URL": os.environ.get("REDIS_URL", make_run.get("REDIS_URL", "redis://127.0.0.1:6379/0")),
             # Namespaces this deployment's metrics and cancel channel on a shared Redis.
             "REDIS_PREFIX": redis_prefix,
+            # Seconds a Redis command or a MongoDB operation may take before the server counts as unavailable: the
+            # request answers 503 and this process fails fast until the server answers a probe again.
+            "REDIS_TIMEOUT": _env_float("REDIS_TIMEOUT", 1.0, 0.05, 60.0),
+            "MONGO_TIMEOUT": _env_float("MONGO_TIMEOUT", 1.0, 0.05, 120.0),
+            # A deleted session stays a tombstone this long before the reaper purges it (and anything written to it
+            # since); a write that took longer than half of this checks its session afterwards (services.sessions).
+            "TOMBSTONE_GRACE": _env_float("TOMBSTONE_GRACE", 60.0, 0.0, 86400.0),
+            # An Idempotency-Key whose request never finished (its process died) is put right after this long.
+            "IDEMPOTENCY_STALE_AFTER": _env_float("IDEMPOTENCY_STALE_AFTER", 300.0, 1.0, 86400.0),
+            # The reaper looks this far back for transcript writes whose second half never landed, leaving alone
+            # those younger than REPAIR_SETTLE (their writer may still be on its way).
+            "REPAIR_WINDOW": _env_float("REPAIR_WINDOW", 900.0, 10.0, 7 * 86400.0),
+            "REPAIR_SETTLE": _env_float("REPAIR_SETTLE", 5.0, 0.0, 3600.0),
             "CANCEL_POLL_INTERVAL": _env_float("CANCEL_POLL_INTERVAL", 1.0, *self.POLL_INTERVAL_BOUNDS),
             "CANCEL_PUBSUB": _env_bool("CANCEL_PUBSUB", True),
             "HEARTBEAT_INTERVAL": _env_float("HEARTBEAT_INTERVAL", 5.0, 0.05, 300.0),
@@ -125,11 +138,23 @@ class Config:
             "WEBHOOK_RETRY_INTERVALS": _env_list(
                 "WEBHOOK_RETRY_INTERVALS", "5,30,120,600,1800,3600,7200,14400,28800,36000,36000"
             ),
+            # How long a queued delivery is left to its job (RQ's job timeout is 60 s) before the reaper takes the
+            # job for lost and queues the delivery again.
+            "WEBHOOK_LEASE": _env_float("WEBHOOK_LEASE", 120.0, 0.1, 86400.0),
             "WEBHOOK_REQUIRE_HTTPS": _env_bool("WEBHOOK_REQUIRE_HTTPS", env == "production"),
             "WEBHOOK_ALLOW_PRIVATE": _env_bool("WEBHOOK_ALLOW_PRIVATE", False),
             # Workers: `thread` runs up to TURN_CONCURRENCY turns in one process; `fork` one per forked process.
             "WORKER_MODE": _env_choice("WORKER_MODE", "thread", ("thread", "fork")),
             "TURN_CONCURRENCY": _env_int("TURN_CONCURRENCY", 20, 1, 1000),
+            # Thread mode: slots of a worker process that only webhook deliveries use, so a delivery never waits
+            # behind turns (its queue is also served first).
+            "WEBHOOK_CONCURRENCY": _env_int("WEBHOOK_CONCURRENCY", 2, 0, 100),
+            # Thread mode, on SIGTERM: seconds running turns may still finish, then seconds an interrupted turn may
+            # take to stop. An interrupted turn is queued again (another worker runs it from the user's message)
+            # at most TURN_SHUTDOWN_RETRIES times; after that its session ends `worker_lost`.
+            "WORKER_SHUTDOWN_GRACE": _env_float("WORKER_SHUTDOWN_GRACE", 20.0, 0.0, 3600.0),
+            "WORKER_INTERRUPT_GRACE": _env_float("WORKER_INTERRUPT_GRACE", 5.0, 0.1, 600.0),
+            "TURN_SHUTDOWN_RETRIES": _env_int("TURN_SHUTDOWN_RETRIES", 2, 0, 100),
             # A team's turns queued or running at once, whatever its backlog (the rest wait their turn).
             "TEAM_MAX_ACTIVE_TURNS": _env_int("TEAM_MAX_ACTIVE_TURNS", 8, 1, 10_000),
             # Modules `python` runner callables may come from; anything else is refused when an app is saved
@@ -150,7 +175,8 @@ class Config:
             # When Redis is unreachable the limiter keeps serving, counting in process memory meanwhile.
             "RATELIMIT_SWALLOW_ERRORS": True,
             "RATELIMIT_IN_MEMORY_FALLBACK_ENABLED": True,
-            "RATELIMIT_STORAGE_OPTIONS": {"socket_connect_timeout": 1, "socket_timeout": 1},
+            # web/ratelimits.py gives the limiter connections that skip Redis while it is known to be away.
+            "RATELIMIT_STORAGE_OPTIONS": {"socket_connect_timeout": 0.5, "socket_timeout": 0.5},
             "MAX_CONTENT_LENGTH": _env_int("MAX_CONTENT_LENGTH", 1024 * 1024, 1024, 1024**3),
             # werkzeug's password hashing; tests use a cheap method, production keeps the strong default.
             "PASSWORD_HASH_METHOD": os.environ.get("PASSWORD_HASH_METHOD", "scrypt"),

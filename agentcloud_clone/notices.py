@@ -1,7 +1,7 @@
 """Transcript notices over Redis pub/sub: "new events for session X", carrying the events themselves.
 
-Writers publish without waiting (a background thread sends; a notice that cannot be sent is dropped), so a
-slow or hung Redis never holds up a request or a turn. Readers (live streams) subscribe through one
+Writers publish without waiting (the process's Redis outbox sends; a notice that cannot be sent is dropped), so
+a slow or hung Redis never holds up a request or a turn. Readers (live streams) subscribe through one
 dispatcher per process, which fans notices out to per-stream queues. MongoDB stays the source of truth: a
 stream that misses a notice (Redis away, a full queue, a reconnect) reads what it missed from MongoDB.
 """
@@ -20,11 +20,9 @@ from typing import Any
 import redis
 from flask import current_app
 
-from .queueing import redis_for
+from .queueing import redis_for, send_later
 
 log = logging.getLogger(__name__)
-# Queued but unsent notices a process keeps before dropping new ones.
-OUTBOX_SIZE = 10_000
 # Notices a stream's queue holds before the stream is told to catch up from MongoDB instead.
 STREAM_QUEUE_SIZE = 256
 RESYNC: dict[str, Any] = {"resync": True}
@@ -35,41 +33,6 @@ def channel_prefix(prefix: str) -> str:
     return f"{prefix}:session:"
 
 
-class _Publisher:
-    """One background sender per process."""
-
-    def __init__(self) -> None:
-        self.outbox: queue.Queue[tuple[str, str, str]] = queue.Queue(OUTBOX_SIZE)
-        self.thread = threading.Thread(target=self._run, name="notice-publisher", daemon=True)
-        self.thread.start()
-
-    def put(self, url: str, channel: str, payload: str) -> None:
-        try:
-            self.outbox.put_nowait((url, channel, payload))
-        except queue.Full:
-            log.debug("notice for %s dropped: the outbox is full", channel)
-
-    def _run(self) -> None:
-        while True:
-            url, channel, payload = self.outbox.get()
-            try:
-                redis_for(url).publish(channel, payload)
-            except redis.RedisError:
-                log.debug("notice for %s dropped: Redis unavailable", channel)
-
-
-_publishers: dict[int, _Publisher] = {}
-_publishers_lock = threading.Lock()
-
-
-def _publisher() -> _Publisher:
-    with _publishers_lock:
-        publisher = _publishers.get(os.getpid())
-        if publisher is None:
-            publisher = _publishers[os.getpid()] = _Publisher()
-        return publisher
-
-
 def publish_events(session_id: Any, events: Sequence[dict[str, Any]]) -> None:
     """Announce events just written to a session's transcript (their JSON form), without waiting."""
     if not events:
@@ -78,7 +41,12 @@ def publish_events(session_id: Any, events: Sequence[dict[str, Any]]) -> None:
 
     config = current_app.config
     payload = json.dumps({"events": event_out.dump(list(events), many=True)}, default=str)
-    _publisher().put(config["REDIS_URL"], channel_prefix(config["REDIS_PREFIX"]) + str(session_id), payload)
+    channel = channel_prefix(config["REDIS_PREFIX"]) + str(session_id)
+    send_later(_publish, config["REDIS_URL"], channel, payload)
+
+
+def _publish(url: str, channel: str, payload: str) -> None:
+    redis_for(url).publish(channel, payload)
 
 
 class Dispatcher:

@@ -170,6 +170,11 @@ class LoginSchema(Strict):
     remember = FormBoolean(load_default=False)
 
 
+class PasswordChangeSchema(Strict):
+    currentPassword = fields.String(required=True, validate=validate.Length(min=1, max=1024))
+    newPassword = fields.String(required=True, validate=validate.Length(min=1, max=1024))
+
+
 DAY = 86400
 
 
@@ -653,7 +658,12 @@ class EventOut(Out):
     text = fields.String()
     turnId = fields.String()
     interrupted = fields.Boolean()
+    # On a `turn_end` that hands a turn back to the queue (its worker shut down): which attempt was cut off.
+    retry = fields.Integer()
     queued = fields.Boolean()
+    # A stand-in for an entry lost with its writers (two in a row died between their writes): the transcript
+    # keeps its gap-free `seq`, and says so.
+    lost = fields.Boolean()
     by = ObjectIdField()
     status = fields.String()
     endReason = fields.String()

@@ -48,7 +48,7 @@ class Stack:
         self.logs.mkdir(parents=True, exist_ok=True)
 
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
-        log = open(self.logs / log_name, "wb")  # noqa: SIM115 - kept open for the child's lifetime
+        log = open(self.logs / log_name, "ab")  # noqa: SIM115 - kept open for the child's lifetime (appended: restarts)
         # Own process group, so a kill takes the worker's forked job process with it (a lost machine).
         process = subprocess.Popen(
             args, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -70,9 +70,9 @@ class Stack:
             raise RuntimeError(f"flask {' '.join(args[:2])} failed: {out.stderr.strip()[-500:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    def start_web(self) -> str:
-        port = free_port()
-        process = self._spawn(
+    def spawn_web(self, port: int) -> subprocess.Popen[bytes]:
+        """Launch a web instance (gunicorn, gevent workers) on `port` without waiting for it."""
+        return self._spawn(
             [
                 sys.executable,
                 "-m",
@@ -93,19 +93,35 @@ class Stack:
             ],
             f"web-{port}.log",
         )
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
+
+    def wait_for_web(self, process: subprocess.Popen[bytes], url: str, timeout: float = 30) -> None:
+        """Return once the instance answers /healthz; RuntimeError if it exits or does not within `timeout`."""
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"web app exited with {process.returncode}; see {self.logs}")
             try:
                 if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
-                    self.webs.append((process, url))
-                    return url
+                    return
             except requests.RequestException:
-                time.sleep(0.1)
+                pass
+            time.sleep(0.1)
         raise RuntimeError(f"web app did not start; see {self.logs}")
 
+    def start_web(self, port: int | None = None) -> str:
+        port = port or free_port()
+        process = self.spawn_web(port)
+        url = f"http://127.0.0.1:{port}"
+        self.wait_for_web(process, url)
+        self.webs.append((process, url))
+        return url
+
+    def spawn_worker(self, log_name: str) -> subprocess.Popen[bytes]:
+        """Launch a worker (`python -m workers`) logging to `log_name`."""
+        return self._spawn([sys.executable, "-m", "workers"], log_name)
+
     def start_worker(self) -> subprocess.Popen[bytes]:
-        process = self._spawn([sys.executable, "-m", "workers"], f"worker-{len(self.workers)}.log")
+        process = self.spawn_worker(f"worker-{len(self.workers)}.log")
         self.workers.append(process)
         return process
 

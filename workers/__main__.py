@@ -24,7 +24,7 @@ from agentcloud_clone import create_app
 from agentcloud_clone.db import ensure_indexes_once
 from agentcloud_clone.jobs import turns
 from agentcloud_clone.jobs.reaper import ReaperLoop
-from agentcloud_clone.queueing import get_redis
+from agentcloud_clone.queueing import rq_connection
 
 log = logging.getLogger("workers")
 
@@ -38,7 +38,8 @@ def _end_turn(app: Flask, job: Any, pid: int, status: int) -> None:
 
 
 def _thread_worker(app: Flask, queues: list[str], name: str | None, concurrency: int) -> Worker:
-    """Thread mode (workers/pool.py): up to `concurrency` turns at once in threads of this process."""
+    """Thread mode (workers/pool.py): up to `concurrency` turns at once in threads of this process, and
+    WEBHOOK_CONCURRENCY more slots that only webhook deliveries use (so a delivery never waits behind turns)."""
     from workers.pool import ThreadPoolWorker, current_control
 
     # The turn job sees the pool's per-job control (rq stop-job, job timeout, shutdown) as a way to stop.
@@ -57,9 +58,15 @@ def _thread_worker(app: Flask, queues: list[str], name: str | None, concurrency:
 
     return ThreadPoolWorker(
         queues,
-        connection=get_redis(),
+        # RQ's loop has a connection of its own: it raises the socket timeout above its blocking dequeue, which the
+        # product's own calls (short timeouts, failing fast while Redis is away) must not inherit.
+        connection=rq_connection(app.config["REDIS_URL"]),
         name=name,
         concurrency=concurrency,
+        reserved_queues=[q for q in queues if q == app.config["WEBHOOK_QUEUE"]],
+        reserved_concurrency=int(app.config["WEBHOOK_CONCURRENCY"]),
+        shutdown_grace=float(app.config["WORKER_SHUTDOWN_GRACE"]),
+        interrupt_grace=float(app.config["WORKER_INTERRUPT_GRACE"]),
         execution_context=in_app,
         abnormal_end_handler=ended_abnormally,
     )
@@ -77,18 +84,19 @@ def main(argv: list[str] | None = None) -> int:
 
     app = create_app({"WEB_REAPER": False})
     try:
-        ensure_indexes_once(app)
+        ensure_indexes_once(app, deadline=10.0)  # a worker starting beside a hung MongoDB does not wait long
     except PyMongoError as exc:
         log.warning("indexes not ensured yet (MongoDB unavailable: %s); the reaper retries", exc)
     mode = args.mode or app.config["WORKER_MODE"]
     with app.app_context():
-        queues = args.queues or [app.config["TURN_QUEUE"], app.config["WEBHOOK_QUEUE"]]
+        # Webhook deliveries first: they are short, and issue 15 wants them out within a second of the event.
+        queues = args.queues or [app.config["WEBHOOK_QUEUE"], app.config["TURN_QUEUE"]]
         if mode == "thread":
             worker = _thread_worker(app, queues, args.name, args.concurrency or int(app.config["TURN_CONCURRENCY"]))
         else:
             worker = Worker(
                 queues,
-                connection=get_redis(),
+                connection=rq_connection(app.config["REDIS_URL"]),
                 name=args.name,
                 work_horse_killed_handler=lambda job, pid, status, _rusage: _end_turn(app, job, pid, status),
             )

@@ -39,7 +39,7 @@ from typing import Any
 import redis
 from rq.callbacks import execute_stopped_callback
 from rq.command import handle_command, parse_payload
-from rq.exceptions import AbandonedJobError, ShutDownImminentException, StopRequested
+from rq.exceptions import AbandonedJobError, NoSuchJobError, ShutDownImminentException, StopRequested
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.queue import Queue
@@ -215,6 +215,7 @@ class _Slot:
     def __init__(self, job: Job, queue: Queue, execution: Execution, control: JobControl) -> None:
         self.job, self.queue, self.execution, self.control = job, queue, execution, control
         self.thread: threading.Thread | None = None
+        self.reserved = False  # runs in one of the reserved queues' own slots (see ThreadPoolWorker)
         self.end_reason: str | None = None  # the control's reason when the end was claimed
         self._claimed = False
         self._lock = threading.Lock()
@@ -245,8 +246,11 @@ class ThreadPoolWorker(Worker):
     Settings beyond Worker's: `concurrency`; `shutdown_grace` (seconds running jobs may still finish after
     SIGTERM/SIGINT); `interrupt_grace` (seconds a job may take to return once its control is set, before the
     worker records its end and abandons its thread); `heartbeat_margin` (seconds a job's StartedJobRegistry
-    entry outlives its last heartbeat; RQ hard-codes 60); `abnormal_end_handler(job, AbnormalEnd)`;
-    `execution_context(job)`, a context manager entered in each job's thread (e.g. a Flask app context).
+    entry outlives its last heartbeat; RQ hard-codes 60); `reserved_queues` and `reserved_concurrency` (slots
+    beyond `concurrency` that only jobs of those queues use: while every other slot is busy the worker still
+    takes their jobs at once, so e.g. webhook deliveries never wait behind long jobs);
+    `abnormal_end_handler(job, AbnormalEnd)`; `execution_context(job)`, a context manager entered in each job's
+    thread (e.g. a Flask app context).
     The defaults of `job_monitoring_interval` (heartbeat period), `maintenance_interval` and `worker_ttl` are
     lowered from RQ's 30/600/420 to 10/60/75 so that a killed process's jobs are failed within about two
     minutes by a sibling instead of up to eleven.
@@ -262,6 +266,8 @@ class ThreadPoolWorker(Worker):
         shutdown_grace: float = 20.0,
         interrupt_grace: float = 5.0,
         heartbeat_margin: int = 20,
+        reserved_queues: Any = (),
+        reserved_concurrency: int = 0,
         abnormal_end_handler: AbnormalEndHandler | None = None,
         execution_context: Callable[[Job], contextlib.AbstractContextManager[Any]] | None = None,
         **kwargs: Any,
@@ -274,6 +280,11 @@ class ThreadPoolWorker(Worker):
         kwargs.setdefault("worker_ttl", 75)
         super().__init__(queues, *args, **kwargs)
         self.concurrency = concurrency
+        names = {q if isinstance(q, str) else q.name for q in reserved_queues}
+        self._reserved_queues = [q for q in self.queues if q.name in names]
+        if names - {q.name for q in self._reserved_queues}:
+            raise ValueError("reserved_queues must be among the queues the worker serves")
+        self.reserved_concurrency = int(reserved_concurrency) if self._reserved_queues else 0
         self._size_connection_pool()
         self.shutdown_grace = float(shutdown_grace)
         self.interrupt_grace = float(interrupt_grace)
@@ -300,7 +311,7 @@ class ThreadPoolWorker(Worker):
         default of 100 a burst of simultaneous ends would fail with MaxConnectionsError. (A
         BlockingConnectionPool is left alone: it waits for a free connection instead of failing.)"""
         pool = self.connection.connection_pool
-        needed = 2 * self.concurrency + 10
+        needed = 2 * (self.concurrency + self.reserved_concurrency) + 10
         if type(pool) is redis.ConnectionPool and pool.max_connections < needed:
             pool.max_connections = needed
 
@@ -323,9 +334,17 @@ class ThreadPoolWorker(Worker):
         self._supervisor = threading.Thread(target=self._supervise, name="rq-pool-supervisor", daemon=True)
         self._supervisor.start()
         self.log.info("Worker %s: thread mode, up to %d jobs at once", self.name, self.concurrency)
+        if self.reserved_concurrency:
+            names = ", ".join(q.name for q in self._reserved_queues)
+            self.log.info("Worker %s: %d more slots for %s alone", self.name, self.reserved_concurrency, names)
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         """Register the execution as Worker does, start the job's thread, return once a slot is free."""
+        self._dispatch(job, queue)
+        self._wait_for_free_slot()
+
+    def _dispatch(self, job: Job, queue: Queue) -> None:
+        """Register the execution as Worker does and start the job's thread (in a reserved slot when it may)."""
         with self._cond:
             self._dispatching += 1  # so a job ending meanwhile does not mark the worker IDLE after this BUSY
         try:
@@ -333,6 +352,7 @@ class ThreadPoolWorker(Worker):
             control = JobControl(job.id, on_set=self._supervisor_wake.set)
             slot = _Slot(job, queue, execution, control)
             with self._cond:
+                slot.reserved = self._reserved_slot_free() and any(q.name == queue.name for q in self._reserved_queues)
                 self._slots[execution.id] = slot
         finally:
             with self._cond:
@@ -346,7 +366,6 @@ class ThreadPoolWorker(Worker):
             self.log.exception("Worker %s: could not start a thread for job %s", self.name, job.id)
             if slot.claim(None):
                 self._finish(slot, exc_info=sys.exc_info())
-        self._wait_for_free_slot()
 
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
         # Blocked in BLMOVE: a stop request interrupts at once, as it does for an idle fork-mode worker.
@@ -377,18 +396,49 @@ class ThreadPoolWorker(Worker):
         # end is recorded (deadline plus grace included), so the entry need only outlive one missed heartbeat.
         return int(self.job_monitoring_interval + self.heartbeat_margin)
 
+    def _general_slot_free(self) -> bool:
+        # Called with _cond held.
+        return sum(1 for slot in self._slots.values() if not slot.reserved) < self.concurrency
+
+    def _reserved_slot_free(self) -> bool:
+        # Called with _cond held.
+        return sum(1 for slot in self._slots.values() if slot.reserved) < self.reserved_concurrency
+
     def _wait_for_free_slot(self) -> None:
-        self._interruptible = True
+        """Return once a slot any job may use is free (or a stop was requested). Meanwhile, while a reserved slot
+        is free, take the reserved queues' jobs as they arrive (a blocking pop of at most a second, so a slot
+        freeing or a stop request is noticed within one)."""
+        while True:
+            with self._cond:
+                if self._general_slot_free() or self._stop_requested:
+                    return
+                take_reserved = self._reserved_slot_free()
+                if not take_reserved:
+                    self._interruptible = True
+                    try:
+                        self._cond.wait(1.0)
+                    finally:
+                        self._interruptible = False
+            if take_reserved:
+                self._take_reserved_job(timeout=1)
+            if self.should_run_maintenance_tasks:  # the loop runs them only between dequeues
+                self.run_maintenance_tasks()
+
+    def _take_reserved_job(self, timeout: int) -> None:
+        """Pop one job of the reserved queues (waiting up to `timeout` s) and start it in a reserved slot. The pop is
+        not interrupted by a signal (a job popped and not started would be lost); a stop is noticed after it."""
+        popped = self.connection.blpop([q.key for q in self._reserved_queues], timeout)
+        if popped is None:
+            return
+        queue_key, job_id = (part.decode() if isinstance(part, bytes) else str(part) for part in popped)
+        queue = next(q for q in self._reserved_queues if q.key == queue_key)
         try:
-            while True:
-                with self._cond:
-                    if len(self._slots) < self.concurrency or self._stop_requested:
-                        return
-                    self._cond.wait(1.0)
-                if self.should_run_maintenance_tasks:  # the loop runs them only between dequeues
-                    self.run_maintenance_tasks()
-        finally:
-            self._interruptible = False
+            job = self.job_class.fetch(job_id, connection=self.connection, serializer=self.serializer)
+        except NoSuchJobError:
+            return  # deleted while queued, as RQ's own dequeue skips it
+        job.redis_server_version = self.get_redis_server_version()
+        self.log.info("Worker %s: %s: %s (reserved slot)", self.name, queue.name, job.id)
+        self._dispatch(job, queue)
 
     # -- signals and commands -----------------------------------------------------------------------------------
 
@@ -840,6 +890,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interrupt-grace", type=float, default=5.0)
     parser.add_argument("--job-monitoring-interval", type=int, default=10, help="heartbeat period, seconds")
     parser.add_argument("--heartbeat-margin", type=int, default=20)
+    parser.add_argument("--reserved-queue", action="append", default=[], help="a queue with slots of its own")
+    parser.add_argument("--reserved-concurrency", type=int, default=0, help="those slots, beyond --concurrency")
     parser.add_argument("--maintenance-interval", type=int, default=60)
     parser.add_argument("--worker-ttl", type=int, default=75, help="also bounds a blocking dequeue (TTL - 15 s)")
     parser.add_argument("--abnormal-end-handler", help="module:function called as f(job, AbnormalEnd)")
@@ -868,6 +920,8 @@ def main(argv: list[str] | None = None) -> int:
             shutdown_grace=args.shutdown_grace,
             interrupt_grace=args.interrupt_grace,
             heartbeat_margin=args.heartbeat_margin,
+            reserved_queues=args.reserved_queue,
+            reserved_concurrency=args.reserved_concurrency,
             abnormal_end_handler=handler,
             **common,
         )

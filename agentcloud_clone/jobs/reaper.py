@@ -13,15 +13,19 @@ import os
 import socket
 import threading
 import time
+from datetime import datetime, timedelta
 from typing import Any
 
 import redis
 from flask import Flask
+from pymongo.errors import PyMongoError
 
-from ..db import ensure_indexes_once
+from .. import metrics
+from ..db import ensure_indexes_once, note_failure
 from ..queueing import redis_for
 from ..services import webhooks
 from ..services.sessions import sweep
+from ..timeutil import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +71,25 @@ def _take_turn(app: Flask, interval: float) -> bool:
         return True
 
 
-def reap_once(app: Flask, heartbeat_timeout: float | None = None) -> dict[str, Any]:
-    """One pass of the reaper (with the indexes in place first): lost turns, limits, lost jobs, tombstones,
-    and webhook deliveries a crashed process never recorded."""
+# How far before its last complete pass a reaper looks again for what a crash left: writes are stamped with their
+# writer's clock, so this covers a skewed clock and a write the server applied late (it had hung).
+SWEEP_OVERLAP = timedelta(seconds=120)
+SWEPT_KINDS = {"repaired": "event", "orphans": "orphan_event", "keys": "idempotency_key", "jobs": "job"}
+
+
+def reap_once(app: Flask, heartbeat_timeout: float | None = None, since: datetime | None = None) -> dict[str, Any]:
+    """One pass of the reaper (with the indexes in place first): lost turns, limits, lost jobs, tombstones, what a
+    crash left behind (since `since`: by default as far back as REPAIR_WINDOW), and webhook deliveries a crashed
+    process never recorded. What it put right is counted in `agentcloud_reaper_swept_total`."""
     ensure_indexes_once(app)
     with app.app_context():
         timeout = float(app.config["HEARTBEAT_TIMEOUT"]) if heartbeat_timeout is None else heartbeat_timeout
-        result: dict[str, Any] = sweep(timeout, float(app.config["REQUEUE_AFTER"]))
+        result: dict[str, Any] = sweep(timeout, float(app.config["REQUEUE_AFTER"]), since=since)
         result["webhooks"] = webhooks.sweep_missed()
+        store = metrics.store_for(app.config)
+        for field, kind in SWEPT_KINDS.items():
+            if result.get(field):
+                store.increment("reaper_swept_total", int(result[field]), kind=kind)
         return result
 
 
@@ -86,6 +101,8 @@ class ReaperLoop:
         self.interval = float(app.config["REAPER_INTERVAL"])
         self.stop_event = threading.Event()
         self.thread = threading.Thread(target=self._run, name="reaper", daemon=True)
+        # When this loop's last complete pass began: the next one sweeps from shortly before it.
+        self.last_complete: datetime | None = None
 
     def start(self) -> ReaperLoop:
         """Start the thread; returns self."""
@@ -109,9 +126,16 @@ class ReaperLoop:
                     log.debug("presence beat dropped: Redis unavailable")
             if time.monotonic() >= next_pass:
                 next_pass = time.monotonic() + self.interval
+                started = utcnow()
                 try:
                     if _take_turn(self.app, self.interval):
-                        reap_once(self.app)
+                        since = None if self.last_complete is None else self.last_complete - SWEEP_OVERLAP
+                        reap_once(self.app, since=since)
+                        self.last_complete = started
+                except PyMongoError as exc:
+                    with self.app.app_context():
+                        note_failure(exc)
+                    log.warning("reaper pass failed (MongoDB unavailable: %s); retrying next interval", exc)
                 except Exception:
                     log.exception("reaper pass failed; retrying next interval")
             self.stop_event.wait(min(beat_every, max(next_pass - time.monotonic(), 0.05)))

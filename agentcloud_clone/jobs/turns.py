@@ -21,6 +21,7 @@ from rq.timeouts import JobTimeoutException
 
 from .. import metrics, queueing
 from ..access import SYSTEM
+from ..db import is_unavailable, note_failure
 from ..logs import set_job_context
 from ..repositories import apps as apps_repo
 from ..repositories import sessions as sessions_repo
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 # Output events hold at most this many characters, so no write comes near MongoDB's 16 MB document limit
 # whatever a runner yields.
 MAX_EVENT_CHARS = 64 * 1024
+# Output events per transcript write: at most 1 Mi characters (4 MiB of UTF-8) in one write.
+EVENTS_PER_WRITE = 16
 # Turns read this many of the latest transcript entries as context.
 HISTORY_EVENTS = 400
 
@@ -52,8 +55,15 @@ class OutputTooLongError(Exception):
 _control_provider: Callable[[], Any] | None = None
 STOP_MESSAGES = {
     "timeout": "The turn ran past TURN_TIMEOUT and was stopped.",
-    "shutdown": "The worker shut down before the turn finished; send the message again to retry.",
+    # Only once the turn was queued again TURN_SHUTDOWN_RETRIES times (see _hand_back): the session has ended.
+    "shutdown": "The worker shut down before the turn finished, and the turn had already been queued again as often "
+    "as TURN_SHUTDOWN_RETRIES allows; the session was ended.",
 }
+
+
+class TurnRequeued(Exception):  # noqa: N818 - named for what happened, like rq's StopRequested
+    """Raised by a turn that a worker's shutdown interrupted and that was handed back to the queue: RQ's own retry
+    (the job's `retries_left`) queues the job again, so another worker runs the turn from the user's message."""
 
 
 def set_control_provider(provider: Callable[[], Any] | None) -> None:
@@ -106,6 +116,7 @@ class OutputWriter:
         self.turn_tokens = 0
         self.last_flush = time.monotonic()
         self.chars_written = 0
+        self.batches = 0
 
     def add(self, piece: Any) -> None:
         """Take one piece from the runner; raises OutputTooLongError past the turn's output limit."""
@@ -145,16 +156,57 @@ class OutputWriter:
         if not text and not tokens:
             return
         self.buffer, self.buffered, self.tokens = [], 0, 0
+        texts = _split(text)
+        # A write records its events on the session document too (until they are surely inserted), so one huge
+        # piece is written in several writes, each well within MongoDB's 16 MB document limit.
+        writes = [texts[i : i + EVENTS_PER_WRITE] for i in range(0, len(texts), EVENTS_PER_WRITE)]
+        for number, part in enumerate(writes, start=1):
+            last = number == len(writes)
+            if not self._write(part, tokens if number == 1 else 0, interrupted=interrupted and last):
+                self.cancel.trigger("ended")
+                return
+            self.chars_written += sum(map(len, part))
+
+    def _write(self, texts: list[str], tokens: int, *, interrupted: bool) -> bool:
+        """One output write; False when the session no longer runs this turn."""
+        self.batches += 1
+        # Named once: an attempt whose answer is lost and the attempt after it are the same write.
+        batch, ids = f"{self.turn_id}:{self.batches}", [ObjectId() for _ in texts]
         try:
-            events = sessions.record_output(
-                self.team_id, self.session_id, self.turn_id, _split(text), tokens, interrupted=interrupted
+            events = persist(
+                lambda: sessions.record_output(
+                    self.team_id,
+                    self.session_id,
+                    self.turn_id,
+                    texts,
+                    tokens,
+                    interrupted=interrupted,
+                    batch=batch,
+                    event_ids=ids,
+                )
             )
         except PyMongoError as exc:
             raise TranscriptWriteError(f"The transcript could not be written: {exc.__class__.__name__}: {exc}") from exc
-        if events is None:
-            self.cancel.trigger("ended")
-            return
-        self.chars_written += len(text)
+        return events is not None
+
+
+def persist[T](call: Callable[[], T]) -> T:
+    """Run one of the turn's MongoDB calls, trying it again while MongoDB is away or hangs, for up to
+    HEARTBEAT_TIMEOUT (after which the reaper takes the turn for lost anyway). Every call passed here is safe to
+    repeat: each is conditional on the state it moves on from, and output names its batch."""
+    config = current_app.config
+    deadline = time.monotonic() + float(config["HEARTBEAT_TIMEOUT"])
+    pause = 0.1
+    while True:
+        try:
+            return call()
+        except PyMongoError as exc:
+            if not is_unavailable(exc) or time.monotonic() + pause > deadline:
+                raise
+            note_failure(exc)
+            log.warning("MongoDB unavailable during a turn (%s); trying again in %.1f s", exc, pause)
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
 
 
 def _context_from_transcript(session_id: ObjectId, turn_id: ObjectId) -> tuple[str, list[dict[str, str]], int]:
@@ -169,6 +221,8 @@ def _context_from_transcript(session_id: ObjectId, turn_id: ObjectId) -> tuple[s
             turns += 1
             history.append({"role": "user", "content": event.get("text", "")})
         elif event["type"] == EventType.OUTPUT:
+            if event.get("turnId") == str(turn_id):
+                continue  # an earlier attempt of this turn, cut off by a worker's shutdown: it runs again afresh
             if history and history[-1]["role"] == "assistant":
                 history[-1]["content"] += event.get("text", "")
             else:
@@ -185,19 +239,21 @@ def run_turn(team_id: str, session_id: str, turn_id: str) -> dict[str, Any]:
     tid, sid, turn = ObjectId(team_id), ObjectId(session_id), ObjectId(turn_id)
     # Claimed once: a job that RQ hands out again after its worker died finds the turn `running` and leaves it
     # to the reaper, and a turn cancelled while queued was ended by the cancel itself.
-    session = sessions.claim_turn(tid, sid, turn, worker_id())
+    me = worker_id()
+    session = persist(lambda: sessions.claim_turn(tid, sid, turn, me))
     if session is None:
         return {"outcome": "skipped"}
-    app_doc = apps_repo.find_app(tid, session["appId"])
+    app_doc = persist(lambda: apps_repo.find_app(tid, session["appId"]))
     if app_doc is None or app_doc.get("runner") not in RUNNERS:
-        sessions.end_turn(tid, sid, turn, EndReason.ERROR, "The app this session was started from no longer exists.")
+        gone = "The app this session was started from no longer exists."
+        persist(lambda: sessions.end_turn(tid, sid, turn, EndReason.ERROR, gone))
         return {"outcome": "error"}
 
     watcher = watcher_for(app)
     cancel = watcher.register(tid, sid, turn)
     _link_control(app, cancel, tid, sid)
     try:
-        user_message, history, number = _context_from_transcript(sid, turn)
+        user_message, history, number = persist(lambda: _context_from_transcript(sid, turn))
         ctx = TurnContext(
             session=session,
             app=apps_service.without_secrets(app_doc),
@@ -246,14 +302,16 @@ def _drive(
             log.exception("turn %s of session %s failed", turn, sid)
             _stop(writer, EndReason.ERROR, message[:2000])
             return {"outcome": "error"}
-    if not cancel.is_set() and sessions.complete_turn(tid, sid, turn, end_session=ctx.end_session):
+    if not cancel.is_set() and persist(lambda: sessions.complete_turn(tid, sid, turn, end_session=ctx.end_session)):
         log.info("turn %s of session %s completed", turn, sid)
         return {"outcome": "completed", "chars": writer.chars_written}
     if cancel.reason == "interrupted":
         # A newer message asked this turn to stop: keep its output (marked interrupted), run the next one.
         writer.flush(interrupted=True)
-        if sessions.complete_turn(tid, sid, turn, end_session=False, interrupted=True):
+        if persist(lambda: sessions.complete_turn(tid, sid, turn, end_session=False, interrupted=True)):
             return {"outcome": "interrupted"}
+    if cancel.reason == "shutdown" and _hand_back(writer):
+        raise TurnRequeued(f"turn {turn} of session {sid} was interrupted by a worker shutdown; queued again")
     if cancel.reason in STOP_MESSAGES:
         reason = EndReason.TIMED_OUT if cancel.reason == "timeout" else EndReason.WORKER_LOST
         _stop(writer, reason, STOP_MESSAGES[cancel.reason])
@@ -267,6 +325,33 @@ def _drive(
     return {"outcome": "cancelled"}
 
 
+def _hand_back(writer: OutputWriter) -> bool:
+    """The worker is shutting down: keep the turn's output so far (marked interrupted), put the turn back in the
+    queue (services.sessions.requeue_interrupted_turn) and mark this RQ job for one retry, so that RQ queues it
+    again when it raises. False when the turn is not handed back: it was handed back TURN_SHUTDOWN_RETRIES times
+    already (the caller ends it `worker_lost`), or the session no longer runs it (a cancel decides the end)."""
+    job = get_current_job()
+    if job is None:
+        return False
+    try:
+        writer.flush(interrupted=True)
+    except TranscriptWriteError:
+        return False
+    limit = int(current_app.config["TURN_SHUTDOWN_RETRIES"])
+    outcome = persist(
+        lambda: sessions.requeue_interrupted_turn(
+            writer.team_id, writer.session_id, writer.turn_id, limit, interrupted=writer.chars_written > 0
+        )
+    )
+    if outcome != "requeued":
+        return False
+    # RQ's retry: the worker's failure handling queues the job again (same id, at the front) instead of failing it.
+    job.retries_left = max(int(job.retries_left or 0), 1)
+    job.retry_intervals = None
+    job.enqueue_at_front_on_retry = True
+    return True
+
+
 def _stop(writer: OutputWriter, reason: EndReason, message: str, *, flush: bool = True) -> dict[str, Any] | None:
     """Keep what was produced (marked interrupted), then end the session with its closing event; the session
     as ended, or None when it had already ended elsewhere."""
@@ -275,8 +360,11 @@ def _stop(writer: OutputWriter, reason: EndReason, message: str, *, flush: bool 
             writer.flush(interrupted=True)
         except TranscriptWriteError as exc:
             reason, message = EndReason.ERROR, str(exc)
-    return sessions.end_turn(
-        writer.team_id, writer.session_id, writer.turn_id, reason, message, interrupted=writer.chars_written > 0
+    interrupted = writer.chars_written > 0
+    return persist(
+        lambda: sessions.end_turn(
+            writer.team_id, writer.session_id, writer.turn_id, reason, message, interrupted=interrupted
+        )
     )
 
 
@@ -289,7 +377,11 @@ def end_turn_abandoned(job: Any, reason: str, detail: str) -> bool:
     if reason == "timeout":
         ended = sessions.end_turn(team_id, session_id, turn_id, EndReason.TIMED_OUT, STOP_MESSAGES["timeout"])
         return ended is not None
-    return sessions.end_turn_of_killed_job(team_id, session_id, turn_id, f"the turn was abandoned ({reason}: {detail})")
+    # A sibling found the job of a dead process: its turn is lost only if nothing heartbeats it any more. (A turn the
+    # dead process never claimed is queued again by the reaper, and may be running elsewhere by now.)
+    silent = reason == "abandoned"
+    detail = f"the turn was abandoned ({reason}: {detail})"
+    return sessions.end_turn_of_killed_job(team_id, session_id, turn_id, detail, only_if_silent=silent)
 
 
 def end_turn_of_killed_job(job: Any, pid: int, status: int) -> bool:

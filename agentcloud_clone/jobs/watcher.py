@@ -17,8 +17,10 @@ from typing import Any
 import redis
 from bson import ObjectId
 from flask import Flask
+from pymongo.errors import PyMongoError
 
 from .. import metrics
+from ..db import note_failure
 from ..ids import parse_object_id
 from ..queueing import cancel_channel, redis_for
 from ..repositories import sessions as sessions_repo
@@ -155,11 +157,13 @@ class CancelWatcher:
             for session_id in set(watched) - seen:
                 watched[session_id][1].trigger("deleted")
             now = time.monotonic()
+            # Measured from the last heartbeat that landed: after MongoDB was away, the first poll that gets through
+            # heartbeats at once, so a turn that kept running is not taken for lost.
             if now - self._last_heartbeat >= self.heartbeat_interval:
-                self._last_heartbeat = now
                 live = {sid: team for sid, team in teams.items() if not watched[sid][1].is_set()}
                 if live:
                     sessions_repo.heartbeat(live, utcnow())
+                self._last_heartbeat = now
 
     def _poll_loop(self) -> None:
         # Polls keep to a fixed schedule, so the time a poll takes does not stretch the interval.
@@ -170,8 +174,13 @@ class CancelWatcher:
             next_poll = max(next_poll + self.poll_interval, time.monotonic())
             try:
                 self.check_once()
+            except PyMongoError as exc:
+                # MongoDB away or hung: keep trying every interval; turns keep running meanwhile.
+                with self.app.app_context():
+                    note_failure(exc)
+                log.warning("cancel poll failed (MongoDB unavailable: %s); polling again in %.2f s", exc,
+                            self.poll_interval)  # fmt: skip
             except Exception:
-                # MongoDB away: keep trying every interval; turns keep running meanwhile.
                 log.exception("cancel poll failed")
 
     def _listen_loop(self) -> None:

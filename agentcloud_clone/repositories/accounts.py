@@ -71,6 +71,16 @@ def add_signin(account_id: ObjectId, signin: dict[str, Any], keep: int) -> None:
     get_db().accounts.update_one({"_id": account_id}, {"$push": {"signins": {"$each": [signin], "$slice": -keep}}})
 
 
+def set_password(account_id: ObjectId, password_hash: str, keep_signin: dict[str, Any] | None) -> bool:
+    """Store a new password hash and revoke every sign-in of the account but `keep_signin` (which may be None);
+    True when the account exists. One write, so no sign-in made with the old password survives it."""
+    signins = [keep_signin] if keep_signin else []
+    result = get_db().accounts.update_one(
+        {"_id": account_id}, {"$set": {"passwordHash": password_hash, "signins": signins}}
+    )
+    return result.matched_count == 1
+
+
 def remove_signins(account_id: ObjectId, signin_id: str | None = None) -> None:
     """Revoke one sign-in of the account, or all of them when `signin_id` is None."""
     update: dict[str, Any] = {"$pull": {"signins": {"id": signin_id}}} if signin_id else {"$set": {"signins": []}}

@@ -1,25 +1,48 @@
 """Sessions and their transcript events (`session_events`, ordered by a per-session `seq`).
 
-Every query names the session's team. A deleted session is first a tombstone (`deletedAt` set, its events
-removed at once) and is purged for good by the reaper a while later: a writer that reserved a `seq` just
-before the delete still finds its session when its insert lands, so no event ever outlives its session.
+Every query names the session's team.
+
+A change and its transcript events are two writes: one `findAndModify` on the session, which changes its state,
+reserves the events' `seq`s and records the events themselves as the session's `pendingEvents`, then one
+`insert_many` of the events. The first write is the commit; the second only materialises it, and anyone can
+do that again, since an event's `_id` and `seq` are fixed by the first write (a repeat is a duplicate key, and
+ignored). So a writer that dies, or loses its answer to a hung server, between the two writes leaves nothing
+wrong for long: the next write to the session inserts the batch it finds pending before its own, and the
+reaper's sweep (`unsettled`, `materialise_pending`) does it for a session that is written no more. Every
+transcript stays gap-free and an ended session keeps its closing event.
+
+A deleted session is first a tombstone (`deletedAt` set, its events removed at once) and is purged for good by
+the reaper TOMBSTONE_GRACE later: a writer that reserved a `seq` just before the delete still finds its session
+when its insert lands. A writer whose insert took longer than half the grace (a stalled process) checks its
+session afterwards and removes what it wrote if the session is gone: no event outlives its session.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import pymongo
 from bson import ObjectId
+from flask import current_app
 from pymongo import ReturnDocument
+from pymongo.errors import BulkWriteError
 
-from ..db import chunked, get_db
+from ..db import LONG_OPERATION, chunked, get_db
 from ..timeutil import utcnow
 from ..vocabulary import ENDED_STATUSES, LIVE_STATUSES, SharingMode, Status
 
+log = logging.getLogger(__name__)
 NOT_CANCELLED: dict[str, Any] = {"cancelledAt": {"$exists": False}}
+# What reads of a session leave out: the last write's events, kept only until they are surely inserted.
+HIDDEN: dict[str, Any] = {"pendingEvents": 0}
+DUPLICATE_KEY = 11000
 NOT_DELETED: dict[str, Any] = {"deletedAt": {"$exists": False}}
 LIVE: dict[str, Any] = {"status": {"$in": list(LIVE_STATUSES)}}
 ENDED: dict[str, Any] = {"status": {"$in": list(ENDED_STATUSES)}}
@@ -104,13 +127,22 @@ def _applied(
 
 
 def insert_session(doc: dict[str, Any], first_events: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
-    """Store a new session and its first transcript events (seq 1..n): two writes, whatever n is."""
+    """Store a new session and its first transcript events (seq 1..n): two writes, whatever n is. (`doc` may carry
+    its own `_id`, chosen before the write.)"""
+    started = time.monotonic()
     now = doc.get("startDate") or utcnow()
-    doc["eventSeq"] = len(first_events)
-    doc["_id"] = get_db().sessions.insert_one(doc).inserted_id
-    if first_events:
-        events = [_event(doc["teamId"], doc["_id"], seq, now, e) for seq, e in enumerate(first_events, start=1)]
-        get_db().session_events.insert_many(events, ordered=True)
+    doc.setdefault("_id", ObjectId())
+    pending = [_pending(now, e) for e in first_events]
+    doc["eventSeq"] = len(pending)
+    if pending:
+        doc["pendingEvents"] = pending
+    get_db().sessions.insert_one(doc)
+    if pending:
+        events = _materialised(doc["teamId"], doc["_id"], 0, pending)
+        insert_events(events)
+        _remember(doc["_id"], pending[-1]["_id"])
+        _check_late_write(doc["_id"], started)
+    doc.pop("pendingEvents", None)
     return doc
 
 
@@ -125,7 +157,8 @@ def find_session(
     team_id: ObjectId, session_id: ObjectId, projection: dict[str, Any] | None = None
 ) -> dict[str, Any] | None:
     """The session, only if it belongs to the team and is not deleted."""
-    return get_db().sessions.find_one({"_id": session_id, "teamId": team_id, **NOT_DELETED}, projection)
+    shown = HIDDEN if projection is None else projection
+    return get_db().sessions.find_one({"_id": session_id, "teamId": team_id, **NOT_DELETED}, shown)
 
 
 def find_session_in_teams(scope: TeamScope, session_id: ObjectId) -> dict[str, Any] | None:
@@ -133,7 +166,7 @@ def find_session_in_teams(scope: TeamScope, session_id: ObjectId) -> dict[str, A
     scope) its viewer may see it."""
     if _empty(scope):
         return None
-    return get_db().sessions.find_one({"_id": session_id, **scope_filter(scope), **NOT_DELETED})
+    return get_db().sessions.find_one({"_id": session_id, **scope_filter(scope), **NOT_DELETED}, HIDDEN)
 
 
 def list_sessions(
@@ -153,7 +186,7 @@ def list_sessions(
         query["status"] = status
     if before is not None:
         query["_id"] = {"$lt": before}
-    return list(get_db().sessions.find(query).sort("_id", -1).limit(limit))
+    return list(get_db().sessions.find(query, HIDDEN).sort("_id", -1).limit(limit))
 
 
 def update_session(
@@ -163,6 +196,7 @@ def update_session(
     return get_db().sessions.find_one_and_update(
         {"_id": session_id, "teamId": team_id, **NOT_DELETED, **LIVE, **where},
         update,
+        projection=HIDDEN,
         return_document=ReturnDocument.AFTER,
     )
 
@@ -181,11 +215,18 @@ def append_events(
 ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]] | None:
     """Append transcript events to a live session matching `where`, applying `set_fields`/`inc`/`push`/`pop`
     in the same write: one update reserves the events' `seq`s (and changes the state), one insert writes them.
+    (An event may carry its own `_id`, chosen before the write: a caller trying again after losing the answer
+    names the same events.)
 
     Returns (session before, session after, events stored), or None when no live session matched, in which
-    case nothing was written."""
+    case nothing was written. The events stored are this write's, preceded by those of the write before it when
+    that writer never inserted them (see the module docstring)."""
+    started = time.monotonic()
     now = utcnow()
+    pending = [_pending(now, e) for e in events]
     set_all = {"lastUpdatedDate": now, **(set_fields or {})}
+    if pending:
+        set_all["pendingEvents"] = pending
     inc_all = {"eventSeq": len(events), **(inc or {})}
     update: dict[str, Any] = {"$set": set_all, "$inc": inc_all}
     if push:
@@ -195,20 +236,136 @@ def append_events(
     before = get_db().sessions.find_one_and_update(
         {"_id": session_id, **scope_filter(scope), **NOT_DELETED, **LIVE, **where},
         update,
-        projection={**projection, "teamId": 1, "eventSeq": 1} if projection else None,
+        projection={**projection, "teamId": 1, "eventSeq": 1, "pendingEvents": 1} if projection else None,
         return_document=ReturnDocument.BEFORE,
     )
     if before is None:
         return None
-    first = int(before.get("eventSeq", 0)) + 1
-    stored = [_event(before["teamId"], session_id, seq, now, e) for seq, e in enumerate(events, start=first)]
-    if stored:
-        get_db().session_events.insert_many(stored, ordered=True)
-    return before, _applied(before, set_all, inc_all, push, pop), stored
+    first = int(before.get("eventSeq", 0))
+    stored = _materialised(before["teamId"], session_id, first, pending)
+    earlier = _unconfirmed(session_id, before)
+    if earlier or stored:
+        inserted = insert_events(earlier + stored)
+        if pending:
+            _remember(session_id, pending[-1]["_id"])
+        _check_late_write(session_id, started)
+        stored = [e for e in earlier if e["_id"] in inserted] + stored
+    before.pop("pendingEvents", None)
+    after = _applied(before, set_all, inc_all, push, pop)
+    after.pop("pendingEvents", None)
+    return before, after, stored
 
 
-def _event(team_id: ObjectId, session_id: ObjectId, seq: int, now: datetime, fields: dict[str, Any]) -> dict[str, Any]:
-    return {"_id": ObjectId(), "sessionId": session_id, "teamId": team_id, "seq": seq, "createdAt": now, **fields}
+def settle_batch(team_id: ObjectId, session_id: ObjectId, event_ids: Sequence[ObjectId]) -> list[dict[str, Any]]:
+    """A write the server applied but whose answer was lost: store its events if they are still only pending
+    (the session's last write), and return them as stored."""
+    session = get_db().sessions.find_one(
+        {"_id": session_id, "teamId": team_id, **NOT_DELETED}, {"teamId": 1, "eventSeq": 1, "pendingEvents": 1}
+    )
+    pending = (session or {}).get("pendingEvents") or []
+    if session is not None and pending and pending[-1]["_id"] == event_ids[-1]:
+        insert_events(pending_batch(session))
+    found = {doc["_id"]: doc for doc in get_db().session_events.find({"_id": {"$in": list(event_ids)}})}
+    return [found[event_id] for event_id in event_ids if event_id in found]
+
+
+def _pending(now: datetime, fields: dict[str, Any]) -> dict[str, Any]:
+    """An event as the write that reserves it records it: everything but what follows from its session."""
+    return {"_id": ObjectId(), "createdAt": now, **fields}
+
+
+def _materialised(
+    team_id: ObjectId, session_id: ObjectId, after_seq: int, pending: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The event documents of a reserved batch whose first `seq` follows `after_seq`."""
+    return [
+        {**event, "sessionId": session_id, "teamId": team_id, "seq": seq}
+        for seq, event in enumerate(pending, start=after_seq + 1)
+    ]
+
+
+def pending_batch(session: dict[str, Any]) -> list[dict[str, Any]]:
+    """The event documents of the session's last write (its `pendingEvents`, with their `seq`s)."""
+    pending = session.get("pendingEvents") or []
+    return _materialised(session["teamId"], session["_id"], int(session.get("eventSeq", 0)) - len(pending), pending)
+
+
+# The last event of the batch each session's latest write from this process inserted (a bounded cache), so a
+# writer following its own write does not insert that batch again.
+_confirmed: OrderedDict[ObjectId, ObjectId] = OrderedDict()
+_confirmed_lock = threading.Lock()
+CONFIRMED_KEPT = 10_000
+
+
+def _remember(session_id: ObjectId, last_event_id: ObjectId) -> None:
+    with _confirmed_lock:
+        _confirmed[session_id] = last_event_id
+        _confirmed.move_to_end(session_id)
+        while len(_confirmed) > CONFIRMED_KEPT:
+            _confirmed.popitem(last=False)
+
+
+def _unconfirmed(session_id: ObjectId, before: dict[str, Any]) -> list[dict[str, Any]]:
+    """The previous write's events, unless this process saw them inserted."""
+    pending = before.get("pendingEvents") or []
+    if not pending:
+        return []
+    with _confirmed_lock:
+        if _confirmed.get(session_id) == pending[-1]["_id"]:
+            return []
+    return pending_batch({**before, "_id": session_id})
+
+
+def insert_events(events: Sequence[dict[str, Any]], *, _again: bool = True) -> set[ObjectId]:
+    """Insert transcript events whose `seq`s the caller's write reserved, some of which may be there already
+    (another writer materialised the same batch): the `_id`s this call inserted.
+
+    A reserved `seq` can only be held by the event reserved for it, so anything else found there is a leftover (a
+    message taken back, or a stand-in for an event its writer never wrote) and gives way."""
+    if not events:
+        return set()
+    try:
+        get_db().session_events.insert_many(list(events), ordered=False)
+    except BulkWriteError as exc:
+        errors = exc.details.get("writeErrors", [])
+        if any(error.get("code") != DUPLICATE_KEY for error in errors):
+            raise
+        failed = [events[int(error["index"])] for error in errors]
+        # A duplicate `_id` is the event itself, already stored by another writer: servers name the index that
+        # refused each insert (`keyPattern`), so only the others need a look at what holds their `seq`.
+        there = {events[int(error["index"])]["_id"] for error in errors if error.get("keyPattern") == {"_id": 1}}
+        unsure = [e["_id"] for e in failed if e["_id"] not in there]
+        if unsure:
+            there |= {doc["_id"] for doc in get_db().session_events.find({"_id": {"$in": unsure}}, {"_id": 1})}
+        displaced = [e for e in failed if e["_id"] not in there]
+        for event in displaced:
+            get_db().session_events.delete_many(
+                {"sessionId": event["sessionId"], "seq": event["seq"], "_id": {"$ne": event["_id"]}}
+            )
+        inserted = {e["_id"] for e in events} - {e["_id"] for e in failed}
+        if displaced and not _again:
+            raise
+        return inserted | (insert_events(displaced, _again=False) if displaced else set())
+    return {event["_id"] for event in events}
+
+
+def _late_after() -> float:
+    return float(current_app.config.get("TOMBSTONE_GRACE", 60.0)) / 2
+
+
+def _check_late_write(session_id: ObjectId, started: float) -> None:
+    """A write that took so long that its session may have been deleted and purged meanwhile (the process stalled):
+    if the session is gone, what was written to it goes too. (Purging removes the events before the session, so an
+    insert that lands later than that finds no session here.)"""
+    if time.monotonic() - started <= _late_after():
+        return
+    if get_db().sessions.find_one({"_id": session_id, **NOT_DELETED}, {"_id": 1}) is None:
+        removed = get_db().session_events.delete_many({"sessionId": session_id}).deleted_count
+        if removed:
+            log.warning("removed %d transcript events written late to deleted session %s", removed, session_id)
+            from ..metrics import store_for
+
+            store_for(current_app.config).increment("reaper_swept_total", removed, kind="orphan_event")
 
 
 def remove_event(session_id: ObjectId, event_id: ObjectId) -> None:
@@ -217,15 +374,16 @@ def remove_event(session_id: ObjectId, event_id: ObjectId) -> None:
 
 
 def restore_event(event: dict[str, Any]) -> None:
-    """Put back an event `remove_event` took, when the take-back could not be completed."""
-    get_db().session_events.insert_one(event)
+    """Put back an event `remove_event` took, when the take-back could not be completed (another writer may have
+    put it back already)."""
+    insert_events([event])
 
 
 def release_turn(team_id: ObjectId, session_id: ObjectId, turn_id: ObjectId, seq: int) -> bool:
     """Give back a turn that was never queued and the `seq` of its message, if nothing was written since."""
     done = get_db().sessions.find_one_and_update(
         {"_id": session_id, "teamId": team_id, "activeTurnId": turn_id, "eventSeq": seq, **NOT_DELETED},
-        {"$set": {"activeTurnId": None}, "$inc": {"eventSeq": -1}},
+        {"$set": {"activeTurnId": None, "pendingEvents": []}, "$inc": {"eventSeq": -1}},
         projection={"_id": 1},
     )
     return done is not None
@@ -310,7 +468,7 @@ def tombstone_ended_session(scope: TeamScope, session_id: ObjectId) -> bool:
     db = get_db()
     done = db.sessions.find_one_and_update(
         {"_id": session_id, **scope_filter(scope), **ENDED, **NOT_DELETED},
-        {"$set": {"deletedAt": utcnow()}},
+        {"$set": {"deletedAt": utcnow()}, "$unset": {"pendingEvents": ""}},
         projection={"_id": 1},
     )
     if done is None:
@@ -321,14 +479,109 @@ def tombstone_ended_session(scope: TeamScope, session_id: ObjectId) -> bool:
 
 
 def purge_tombstones(deleted_before: datetime, limit: int = 500) -> int:
-    """Remove sessions deleted before `deleted_before` for good, with anything written to them since."""
+    """Remove sessions deleted before `deleted_before` for good, with anything written to them since (the events
+    first: a late writer that finds its session gone afterwards removes what it wrote itself)."""
     db = get_db()
-    ids = [doc["_id"] for doc in db.sessions.find({"deletedAt": before(deleted_before)}, {"_id": 1}).limit(limit)]
-    for chunk in chunked(ids):
-        db.session_events.delete_many({"sessionId": {"$in": chunk}})
-        db.idempotency_keys.delete_many({"sessionId": {"$in": chunk}})
-        db.sessions.delete_many({"_id": {"$in": chunk}, "deletedAt": {"$exists": True}})
+    with pymongo.timeout(LONG_OPERATION):
+        ids = [doc["_id"] for doc in db.sessions.find({"deletedAt": before(deleted_before)}, {"_id": 1}).limit(limit)]
+        for chunk in chunked(ids):
+            db.session_events.delete_many({"sessionId": {"$in": chunk}})
+            db.idempotency_keys.delete_many({"sessionId": {"$in": chunk}})
+            db.sessions.delete_many({"_id": {"$in": chunk}, "deletedAt": {"$exists": True}})
     return len(ids)
+
+
+def unsettled(written_since: datetime, written_before: datetime, limit: int = 5000) -> list[dict[str, Any]]:
+    """Sessions (not deleted) whose last transcript write happened in the window, oldest first, with the ids of
+    that write's events (the events themselves are read only for a session that needs them)."""
+    query = {
+        "lastUpdatedDate": {"$gte": written_since, "$lte": written_before},
+        "pendingEvents.0": {"$exists": True},
+        **NOT_DELETED,
+    }
+    projection = {"teamId": 1, "eventSeq": 1, "pendingEvents._id": 1}
+    return list(get_db().sessions.find(query, projection).sort("lastUpdatedDate", 1).limit(limit))
+
+
+# What stands in for a transcript entry that can no longer be recovered (its writer, and the next writer too,
+# died between their two writes): an empty piece of output, so the transcript stays gap-free.
+LOST_ENTRY: dict[str, Any] = {"type": "output", "role": "agent", "text": "", "lost": True}
+
+
+def materialise_pending(sessions: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Store the events of each session's last write that were never stored (sessions from `unsettled`), and a
+    stand-in for any older entry missing with them; returns the events stored. (Every write inserts the batch
+    before it too, so when a session's last batch is stored, so is everything before it.)"""
+    started = time.monotonic()
+    last = {s["_id"]: s["pendingEvents"][-1]["_id"] for s in sessions if s.get("pendingEvents")}
+    present: set[ObjectId] = set()
+    for chunk in chunked(list(last.values())):
+        present |= {doc["_id"] for doc in get_db().session_events.find({"_id": {"$in": chunk}}, {"_id": 1})}
+    stored: list[dict[str, Any]] = []
+    for light in sessions:
+        if light["_id"] not in last or last[light["_id"]] in present:
+            continue
+        projection = {"teamId": 1, "eventSeq": 1, "pendingEvents": 1}
+        session = get_db().sessions.find_one({"_id": light["_id"], **NOT_DELETED}, projection)
+        if session is None or not session.get("pendingEvents"):
+            continue
+        batch = pending_batch(session)
+        inserted = insert_events(batch)
+        stored += [event for event in batch if event["_id"] in inserted]
+        stored += _fill_gaps(session)
+        _check_late_write(session["_id"], started)
+    return stored
+
+
+def _fill_gaps(session: dict[str, Any]) -> list[dict[str, Any]]:
+    """Stand-ins for the entries missing below the session's last reserved `seq`."""
+    seqs = {doc["seq"] for doc in get_db().session_events.find({"sessionId": session["_id"]}, {"seq": 1})}
+    now = utcnow()
+    gaps = [seq for seq in range(1, int(session.get("eventSeq", 0)) + 1) if seq not in seqs]
+    missing = [{**LOST_ENTRY, "_id": ObjectId(), "createdAt": now} for _ in gaps]
+    missing = _materialised(session["teamId"], session["_id"], 0, missing)
+    for event, seq in zip(missing, gaps, strict=True):
+        event["seq"] = seq
+    inserted = insert_events(missing)
+    if missing:
+        log.warning("session %s: %d transcript entries lost with their writers", session["_id"], len(missing))
+    return [event for event in missing if event["_id"] in inserted]
+
+
+def remove_orphan_events(reserved_since: datetime) -> int:
+    """Remove the transcript events reserved since `reserved_since` whose session document is gone altogether;
+    returns how many. (A tombstone still exists: its events go with it when it is purged.) What this finds is
+    the insert of a writer that landed after its session was purged and whose writer died before
+    `_check_late_write` could take it back. Cost: one `distinct` over the `_id` range of the recent events, then
+    one `$in` of at most IN_CHUNK ids per chunk, and a delete only where a session is missing."""
+    db = get_db()
+    removed = 0
+    with pymongo.timeout(LONG_OPERATION):
+        ids = db.session_events.distinct("sessionId", {"_id": {"$gte": ObjectId.from_datetime(reserved_since)}})
+        for chunk in chunked([i for i in ids if isinstance(i, ObjectId)]):
+            there = {doc["_id"] for doc in db.sessions.find({"_id": {"$in": chunk}}, {"_id": 1})}
+            gone = [session_id for session_id in chunk if session_id not in there]
+            if gone:
+                removed += int(db.session_events.delete_many({"sessionId": {"$in": gone}}).deleted_count)
+    return removed
+
+
+def existing_sessions(session_ids: Sequence[ObjectId]) -> set[ObjectId]:
+    """Which of these sessions exist and are not deleted (a system-wide check, for the reaper's sweeps)."""
+    found: set[ObjectId] = set()
+    for chunk in chunked(list(session_ids)):
+        found |= {doc["_id"] for doc in get_db().sessions.find({"_id": {"$in": chunk}, **NOT_DELETED}, {"_id": 1})}
+    return found
+
+
+def turn_states(session_ids: Sequence[ObjectId]) -> dict[ObjectId, dict[str, Any]]:
+    """Status and active turn of these sessions (not deleted), for the reaper's sweep of the queue."""
+    found: dict[ObjectId, dict[str, Any]] = {}
+    for chunk in chunked(list(session_ids)):
+        query = {"_id": {"$in": chunk}, **NOT_DELETED}
+        for doc in get_db().sessions.find(query, {"status": 1, "activeTurnId": 1}):
+            found[doc["_id"]] = doc
+    return found
 
 
 def find_past_deadline(now: datetime, limit: int = 1000) -> list[dict[str, Any]]:

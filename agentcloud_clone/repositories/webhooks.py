@@ -88,10 +88,10 @@ def list_deliveries(team_id: ObjectId, endpoint_id: ObjectId, limit: int = 100) 
 
 
 def record_attempt(delivery_id: ObjectId, attempt: dict[str, Any], changes: dict[str, Any]) -> None:
-    """Add an attempt to a delivery (keeping the latest 20) and apply `changes` (its status)."""
+    """Add an attempt to a delivery (keeping the latest 20) and apply `changes` (its status). (`start_attempt`
+    counted it.)"""
     get_db().webhook_deliveries.update_one(
-        {"_id": delivery_id},
-        {"$push": {"attempts": {"$each": [attempt], "$slice": -20}}, "$set": changes, "$inc": {"attemptCount": 1}},
+        {"_id": delivery_id}, {"$push": {"attempts": {"$each": [attempt], "$slice": -20}}, "$set": changes}
     )
 
 
@@ -100,18 +100,37 @@ def set_delivery(delivery_id: ObjectId, changes: dict[str, Any]) -> None:
     get_db().webhook_deliveries.update_one({"_id": delivery_id}, {"$set": changes})
 
 
-def due_retries(now: datetime, limit: int = 1000) -> list[ObjectId]:
-    """Deliveries waiting for another attempt whose back-off is over; each is marked queued as it is taken, so
-    two reapers do not both queue it."""
+# A delivery's state: `pending` (recorded; its job could not be queued), `queued` (a job was queued), `sending` (a
+# job is making the attempt), `retrying` (waiting out its back-off), then `delivered` or `failed`. In the first
+# four `nextAttemptAt` says when the reaper takes it (again): at once for `pending`, when the back-off is over for
+# `retrying`, and when the job's lease runs out for `queued` and `sending` (its job was lost with a Redis restart,
+# or its worker died mid-attempt).
+OPEN_STATES = ("pending", "queued", "sending", "retrying")
+
+
+def due_deliveries(now: datetime, lease_until: datetime, limit: int = 1000) -> list[ObjectId]:
+    """Open deliveries whose `nextAttemptAt` has come: each is marked queued (until `lease_until`) as it is taken,
+    conditionally on the state it was found in, so two reapers do not both queue it."""
     db = get_db()
     taken = []
-    query = {"status": "retrying", "nextAttemptAt": {"$gt": EPOCH, "$lte": now}}
-    for doc in db.webhook_deliveries.find(query, {"_id": 1}).limit(limit):
+    query = {"status": {"$in": list(OPEN_STATES)}, "nextAttemptAt": {"$gt": EPOCH, "$lte": now}}
+    for doc in db.webhook_deliveries.find(query, {"_id": 1, "status": 1, "nextAttemptAt": 1}).limit(limit):
+        seen = {"_id": doc["_id"], "status": doc["status"], "nextAttemptAt": doc["nextAttemptAt"]}
         if db.webhook_deliveries.update_one(
-            {"_id": doc["_id"], "status": "retrying"}, {"$set": {"status": "queued"}}
+            seen, {"$set": {"status": "queued", "nextAttemptAt": lease_until}}
         ).modified_count:
             taken.append(doc["_id"])
     return taken
+
+
+def start_attempt(delivery_id: ObjectId, lease_until: datetime) -> dict[str, Any] | None:
+    """Claim an open delivery for one attempt, counted now (an attempt whose job dies still counts) and leased
+    until `lease_until`; None when it is not open (delivered, failed, or gone)."""
+    return get_db().webhook_deliveries.find_one_and_update(
+        {"_id": delivery_id, "status": {"$in": list(OPEN_STATES)}},
+        {"$set": {"status": "sending", "nextAttemptAt": lease_until}, "$inc": {"attemptCount": 1}},
+        return_document=ReturnDocument.AFTER,
+    )
 
 
 def watermark(name: str) -> ObjectId | None:

@@ -51,10 +51,17 @@ def _dummy_hash() -> str:
     return _dummy_hashes[method]
 
 
+MIN_PASSWORD_LENGTH = 8
+
+
+def _check_new_password(password: str, field: str) -> None:
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise InvalidInput(f"Password must be at least {MIN_PASSWORD_LENGTH} characters.", {field: ["Too short."]})
+
+
 def create_account(email: str, password: str, name: str | None = None) -> dict[str, Any]:
     """A new account with a hashed password; Conflict when the email is taken."""
-    if len(password) < 8:
-        raise InvalidInput("Password must be at least 8 characters.", {"password": ["Too short."]})
+    _check_new_password(password, "password")
     try:
         password_hash = _off_the_loop(generate_password_hash, password, _password_method())
         return repo.insert_account(email, name or email.split("@")[0], password_hash)
@@ -78,6 +85,22 @@ def start_signin(account_id: ObjectId, remember: bool) -> str:
     return signin_id
 
 
+def change_password(account_id: ObjectId, current: str, new: str, *, remember: bool) -> str:
+    """Replace the account's password, given the current one, and sign out every browser: the sign-in that asked
+    is replaced by a new one, whose id is returned. NotSignedIn-like refusal (PermissionDenied) for a wrong
+    current password, so a borrowed unlocked browser cannot lock its owner out."""
+    doc = repo.find_account(account_id)
+    if doc is None or not _off_the_loop(check_password_hash, doc["passwordHash"], current):
+        raise PermissionDenied("The current password is wrong.", {"currentPassword": ["Wrong password."]})
+    _check_new_password(new, "newPassword")
+    if new == current:
+        raise InvalidInput("Choose a new password other than the current one.", {"newPassword": ["Unchanged."]})
+    signin_id = secrets.token_urlsafe(16)
+    password_hash = _off_the_loop(generate_password_hash, new, _password_method())
+    repo.set_password(account_id, password_hash, {"id": signin_id, "at": utcnow(), "remember": remember})
+    return signin_id
+
+
 def end_signin(account_id: ObjectId, signin_id: str | None) -> None:
     """Sign out one browser: its cookies stop working everywhere, replayed or not."""
     if signin_id:
@@ -87,6 +110,12 @@ def end_signin(account_id: ObjectId, signin_id: str | None) -> None:
 def end_all_signins(account_id: ObjectId) -> None:
     """Sign the account out of every browser (sign out everywhere, or after a password change)."""
     repo.remove_signins(account_id)
+
+
+def signin_remembered(account_id: ObjectId, signin_id: str | None) -> bool:
+    """Whether this sign-in asked to be kept ("Keep me signed in")."""
+    doc = repo.find_account(account_id) or {}
+    return any(s.get("id") == signin_id and s.get("remember") for s in doc.get("signins", []))
 
 
 def account_for_signin(account_id: ObjectId, signin_id: str) -> dict[str, Any] | None:

@@ -16,6 +16,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from bson import ObjectId
+from flask import current_app
+from pymongo.errors import PyMongoError
 from redis import RedisError
 
 from .. import notices, queueing
@@ -38,7 +40,7 @@ from ..vocabulary import (
     SharingMode,
     Status,
 )
-from . import webhooks
+from . import idempotency, webhooks
 
 log = logging.getLogger(__name__)
 CLAIMABLE: dict[str, Any] = {"status": {"$in": list(CLAIMABLE_STATUSES)}}
@@ -65,6 +67,11 @@ def get_session(scope: TeamScope, session_id: ObjectId) -> dict[str, Any]:
     if session is None:
         raise NotFound("No such session in this team." if not isinstance(scope, list) else "No such session.")
     return session
+
+
+def find_session(team_id: ObjectId, session_id: ObjectId) -> dict[str, Any] | None:
+    """The session in the team, or None (no permission checks: for what the caller created itself)."""
+    return repo.find_session(team_id, session_id)
 
 
 def is_ended(session: dict[str, Any]) -> bool:
@@ -206,7 +213,16 @@ def _message_event(text: str, turn_id: ObjectId, actor: Actor, *, queued: bool =
 
 
 def _enqueue(session_id: ObjectId, team_id: ObjectId, turn_id: ObjectId) -> None:
+    """Queue the turn, then look at the session once more: an end that came between the reservation and the queue
+    (a cancel, whose drop of the queued job found nothing yet) takes the job out again. Either the end's drop sees
+    the job or this look sees the end, so no queue entry outlives its session."""
     queueing.enqueue_turn(str(team_id), str(session_id), str(turn_id))
+    try:
+        current = repo.find_session(team_id, session_id, {"status": 1, "activeTurnId": 1})
+    except PyMongoError:
+        return  # a worker skips the job of an ended session, and the reaper's sweep removes it
+    if current is None or is_ended(current):
+        queueing.drop_queued_turn(str(turn_id))
 
 
 def create_session(
@@ -219,13 +235,15 @@ def create_session(
     skip_run: bool = False,
     variables: dict[str, str] | None = None,
     share: dict[str, Any] | None = None,
+    session_id: ObjectId | None = None,
 ) -> dict[str, Any]:
     """A new `started` session from the team's app; with a first message, its first turn is queued.
 
     With `skip_run` (Agentcloud's `skipRun`), or while the app needs variables the session lacks, no turn is
     queued: a first message is recorded as pending and `start_session` answers it. `share` records how a
     visitor from outside the team may reach the session (services.sharing). The session takes the app's sharing
-    mode, which lists and loaders filter by.
+    mode, which lists and loaders filter by. `session_id` is the new session's id when the caller chose it
+    beforehand (an Idempotency-Key record names it first).
 
     When the turn cannot be queued the session is removed again and Unavailable raised: an error answer
     leaves nothing behind."""
@@ -260,6 +278,8 @@ def create_session(
     }
     if share:
         doc["share"] = share
+    if session_id is not None:
+        doc["_id"] = session_id
     events = [_message_event(message, turn_id, actor)] if message and turn_id else []
     session = repo.insert_session(doc, events)
     _follow_sharing_mode(session, mode)
@@ -368,7 +388,7 @@ def send_message(
             )
             if written is None:
                 continue  # a turn started meanwhile: look again
-            _, after, (event,) = written
+            after, event = written[1], written[2][-1]
             try:
                 _enqueue(session_id, team_id, turn_id)
             except RedisError:
@@ -522,6 +542,9 @@ def claim_turn(team_id: ObjectId, session_id: ObjectId, turn_id: ObjectId, worke
         current = repo.find_session(team_id, session_id)
         if current is None or is_ended(current) or current.get("activeTurnId") != turn_id:
             return None
+        if current.get("status") == Status.RUNNING and current.get("workerId") == worker_id:
+            # This worker's own claim, whose answer was lost (MongoDB hung or the connection broke): it holds.
+            return current
         if current.get("status") not in CLAIMABLE_STATUSES or current.get("cancelledAt"):
             return None
         if current.get("interruptTurnId") == turn_id:
@@ -575,27 +598,49 @@ def record_output(
     tokens: int,
     *,
     interrupted: bool = False,
+    batch: str | None = None,
+    event_ids: list[ObjectId] | None = None,
 ) -> list[dict[str, Any]] | None:
     """Append output pieces of the running turn (two round trips however many); None when the session is no
-    longer running this turn (ended, or deleted), which tells the worker to stop."""
+    longer running this turn (ended, or deleted), which tells the worker to stop.
+
+    `batch` names this piece of output (with `event_ids`, its events' ids) so that a worker that lost the answer
+    may call again with the same: the output is then written once, whichever attempt the server applied."""
     events: list[dict[str, Any]] = [
         {"type": EventType.OUTPUT, "role": "agent", "text": text, "turnId": str(turn_id)} for text in texts
     ]
     if not events:
         return []
+    if event_ids is not None:
+        for event, event_id in zip(events, event_ids, strict=True):
+            event["_id"] = event_id
     if tokens:
         events[-1]["tokens"] = tokens
     if interrupted:
         events[-1]["interrupted"] = True
+    where: dict[str, Any] = {"activeTurnId": turn_id, "status": Status.RUNNING}
+    if batch is not None:
+        where["outputBatch"] = {"$ne": batch}
     written = _append(
         team_id,
         session_id,
         events,
-        where={"activeTurnId": turn_id, "status": Status.RUNNING},
+        where=where,
+        set_fields={"outputBatch": batch} if batch is not None else None,
         inc={"tokensUsed": tokens},
         projection={"eventSeq": 1, "tokensUsed": 1},
     )
-    return None if written is None else written[2]
+    if written is not None:
+        return written[2]
+    if batch is None:
+        return None
+    # Written already by an attempt whose answer was lost? Then make sure its events are stored, and go on.
+    current = repo.find_session(team_id, session_id, {"outputBatch": 1, "activeTurnId": 1, "status": 1})
+    if current is None or current.get("outputBatch") != batch or current.get("activeTurnId") != turn_id:
+        return None
+    if current.get("status") != Status.RUNNING:
+        return None
+    return repo.settle_batch(team_id, session_id, [e["_id"] for e in events])
 
 
 def complete_turn(
@@ -715,9 +760,74 @@ def end_turn(
     return None
 
 
-def end_turn_of_killed_job(team_id: ObjectId, session_id: ObjectId, turn_id: ObjectId, detail: str) -> bool:
-    """The process running this turn died: end the session now rather than when its heartbeat goes stale."""
-    ended = end_turn(team_id, session_id, turn_id, EndReason.WORKER_LOST, f"Worker lost: {detail}.")
+RETRY_MESSAGE = "The worker shut down before the turn finished; the turn will run again from your message."
+
+
+def requeue_interrupted_turn(
+    team_id: ObjectId, session_id: ObjectId, turn_id: ObjectId, max_retries: int, *, interrupted: bool
+) -> str | None:
+    """A worker shutting down interrupted this running turn: hand it back to the queue rather than end the session.
+
+    The session waits for a worker again (the same turn, so its job runs again from the user's message), and the
+    transcript gets a `turn_end` marked `interrupted` and `retry` (the attempt number) saying so. Each turn is
+    handed back at most `max_retries` times. Returns "requeued"; "exhausted" when it has been handed back that often
+    already (the caller ends it); None when the session no longer runs this turn (cancelled, ended, deleted: that
+    decides the end). The caller then asks RQ to queue the job again."""
+    for _ in range(RETRIES):
+        current = repo.find_session(team_id, session_id)
+        if current is None or is_ended(current) or current.get("cancelledAt"):
+            return None
+        if current.get("activeTurnId") != turn_id or current.get("status") != Status.RUNNING:
+            return None
+        retry_turn, retry_count = current.get("retryTurnId"), current.get("retryCount")
+        count = int(retry_count or 0) if retry_turn == turn_id else 0
+        if count >= max_retries:
+            return "exhausted"
+        now = utcnow()
+        event: dict[str, Any] = {
+            "type": EventType.TURN_END,
+            "turnId": str(turn_id),
+            "status": Status.WAITING,
+            "retry": count + 1,
+            "message": RETRY_MESSAGE,
+        }
+        if interrupted:
+            event["interrupted"] = True  # the turn's output stops short
+        where = {
+            "activeTurnId": turn_id,
+            "status": Status.RUNNING,
+            **NOT_CANCELLED,
+            # Optimistic: nobody else handed it back (or claimed it again) since it was read.
+            "retryTurnId": retry_turn,
+            "retryCount": retry_count,
+        }
+        fields = {
+            "status": Status.WAITING,
+            "turnQueuedAt": now,
+            "turnStartedAt": None,
+            "retryTurnId": turn_id,
+            "retryCount": count + 1,
+            **_deadline(current.get("limits") or {}, "queued", now),
+        }
+        if _append(team_id, session_id, [event], where=where, set_fields=fields) is not None:
+            log.warning("turn %s of session %s interrupted by a worker shutdown; queued again (%d)", turn_id,
+                        session_id, count + 1)  # fmt: skip
+            return "requeued"
+    return None
+
+
+def end_turn_of_killed_job(
+    team_id: ObjectId, session_id: ObjectId, turn_id: ObjectId, detail: str, *, only_if_silent: bool = False
+) -> bool:
+    """The process running this turn died: end the session now rather than when its heartbeat goes stale. With
+    `only_if_silent`, only a running turn that has missed its heartbeats (a claimable one is queued again, and a
+    heartbeating one is running elsewhere)."""
+    where = None
+    if only_if_silent:
+        config = current_app.config
+        quiet = 2 * float(config["HEARTBEAT_INTERVAL"]) + float(config["CANCEL_POLL_INTERVAL"])
+        where = {"status": Status.RUNNING, "heartbeatAt": repo.before(utcnow() - timedelta(seconds=quiet))}
+    ended = end_turn(team_id, session_id, turn_id, EndReason.WORKER_LOST, f"Worker lost: {detail}.", where=where)
     if ended is not None:
         log.warning("session %s ended: worker lost (%s)", session_id, detail)
     return ended is not None
@@ -761,8 +871,10 @@ def requeue_lost_jobs(older_than: float) -> list[str]:
     cutoff, requeued = utcnow() - timedelta(seconds=older_than), []
     for doc in repo.find_unqueued_turns(cutoff):
         turn = str(doc["activeTurnId"])
-        if doc.get("status") in CLAIMABLE_STATUSES and not queueing.turn_is_queued(turn):
-            queueing.enqueue_turn(str(doc["teamId"]), str(doc["_id"]), turn)
+        # Not waiting in the queue, and not claimed this long: lost, even if RQ still has it started (a worker
+        # claims a turn first thing, so one that took it and never did died, or lost Redis, before it could).
+        if doc.get("status") in CLAIMABLE_STATUSES and not queueing.turn_is_waiting(turn):
+            _enqueue(doc["_id"], doc["teamId"], doc["activeTurnId"])
             requeued.append(str(doc["_id"]))
         repo.touch_queued_turn(doc["teamId"], doc["_id"], doc["activeTurnId"], utcnow())
     if requeued:
@@ -770,7 +882,7 @@ def requeue_lost_jobs(older_than: float) -> list[str]:
     return requeued
 
 
-def reap_lost_turns(timeout: float, tombstone_grace: float = 60.0) -> list[str]:
+def reap_lost_turns(timeout: float, tombstone_grace: float | None = None) -> list[str]:
     """End running sessions whose worker stopped heartbeating, and purge deleted sessions' tombstones.
 
     A system-wide sweep (it spans teams by design); each end still names the session's own team and is
@@ -784,17 +896,86 @@ def reap_lost_turns(timeout: float, tombstone_grace: float = 60.0) -> list[str]:
             reaped.append(str(doc["_id"]))
     if reaped:
         log.warning("reaped %d sessions with lost workers: %s", len(reaped), ", ".join(reaped))
-    repo.purge_tombstones(utcnow() - timedelta(seconds=tombstone_grace))
+    grace = float(current_app.config["TOMBSTONE_GRACE"]) if tombstone_grace is None else tombstone_grace
+    repo.purge_tombstones(utcnow() - timedelta(seconds=grace))
     return reaped
 
 
-def sweep(heartbeat_timeout: float, requeue_after: float) -> dict[str, list[str]]:
-    """The reaper's pass: end lost turns, enforce limit deadlines, queue lost jobs again, purge tombstones."""
-    return {
+def sweep(heartbeat_timeout: float, requeue_after: float, *, since: datetime | None = None) -> dict[str, Any]:
+    """The reaper's pass: end lost turns, enforce limit deadlines, queue lost jobs again, purge tombstones, and put
+    right what a crash (or a lost answer) can leave behind: transcript writes whose events were never stored,
+    transcript events whose session is gone, Idempotency-Key records of requests that never finished, queue
+    entries of sessions that have ended. `since` bounds how far back those sweeps look (the start of the
+    caller's last complete pass, less a margin)."""
+    config = current_app.config
+    window_start = utcnow() - timedelta(seconds=float(config["REPAIR_WINDOW"]))
+    since = window_start if since is None else max(since, window_start)
+    result: dict[str, Any] = {
         "reaped": reap_lost_turns(heartbeat_timeout),
         "expired": enforce_deadlines(),
-        "requeued": requeue_lost_jobs(requeue_after),
+        "repaired": repair_transcripts(since),
+        "keys": idempotency.sweep_stale(),
+        "orphans": remove_orphan_events(since),
     }
+    try:
+        result["requeued"] = requeue_lost_jobs(requeue_after)
+    except RedisError:
+        result["requeued"] = []  # while Redis is away nothing could be queued; the next pass tries again
+    result["jobs"] = sweep_queue()
+    return result
+
+
+def repair_transcripts(since: datetime) -> int:
+    """Store the events of transcript writes whose second half never landed (writes since `since`, settled for
+    REPAIR_SETTLE), and announce them; returns how many events were stored."""
+    settled = utcnow() - timedelta(seconds=float(current_app.config["REPAIR_SETTLE"]))
+    if settled <= since:
+        return 0
+    stored = repo.materialise_pending(repo.unsettled(since, settled))
+    for session_id in {event["sessionId"] for event in stored}:
+        events = [event for event in stored if event["sessionId"] == session_id]
+        notices.publish_events(session_id, events)
+        webhooks.on_transcript({"_id": session_id, "teamId": events[0]["teamId"]}, events)
+    if stored:
+        log.warning("stored %d transcript events their writers never stored", len(stored))
+    return len(stored)
+
+
+def remove_orphan_events(since: datetime) -> int:
+    """Remove transcript events whose session is gone (not a tombstone: gone), among those reserved since `since`
+    less TOMBSTONE_GRACE; returns how many. Such an event's `_id` dates from its reservation, which came before
+    the delete, and the purge came a grace after it, so looking back a grace further finds an insert that landed
+    since the last pass. Bounded by REPAIR_WINDOW, like the other sweeps."""
+    config = current_app.config
+    window_start = utcnow() - timedelta(seconds=float(config["REPAIR_WINDOW"]))
+    reserved_since = max(since - timedelta(seconds=float(config["TOMBSTONE_GRACE"])), window_start)
+    removed = repo.remove_orphan_events(reserved_since)
+    if removed:
+        log.warning("removed %d transcript events whose sessions are gone", removed)
+    return removed
+
+
+def sweep_queue() -> int:
+    """Take out of the queue the turn jobs no session will run (it ended, was deleted, or moved on); returns how
+    many. Best effort: nothing is swept while Redis is away."""
+    try:
+        jobs = queueing.queued_turn_jobs()
+    except RedisError:
+        return 0
+    ids = [ObjectId(session_id) for _, session_id, _ in jobs if ObjectId.is_valid(session_id)]
+    states = repo.turn_states(ids)
+    dropped = 0
+    for _, session_id, turn_id in jobs:
+        state = states.get(ObjectId(session_id)) if ObjectId.is_valid(session_id) else None
+        if state is not None and not is_ended(state) and str(state.get("activeTurnId")) == turn_id:
+            continue
+        try:
+            dropped += bool(queueing.drop_queued_turn_now(turn_id))
+        except RedisError:
+            break
+    if dropped:
+        log.warning("took %d turn jobs of ended or deleted sessions out of the queue", dropped)
+    return dropped
 
 
 # --- deleting --------------------------------------------------------------------------------------------------

@@ -17,11 +17,8 @@ import base64
 import ipaddress
 import json
 import logging
-import os
-import queue
 import secrets
 import socket
-import threading
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
@@ -29,6 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import certifi
+import redis
 import urllib3
 from bson import ObjectId
 from flask import Flask, current_app
@@ -36,6 +34,7 @@ from standardwebhooks import Webhook
 
 from .. import queueing
 from ..access import Actor
+from ..background import BackgroundQueue
 from ..errors import Conflict, InvalidInput, NotFound
 from ..repositories import webhooks as repo
 from ..sealing import UnsealError, seal, unseal
@@ -45,6 +44,8 @@ from ..vocabulary import WEBHOOK_EVENTS, EventType, WebhookEvent
 log = logging.getLogger(__name__)
 MAX_ENDPOINTS = 20
 TIMEOUT = urllib3.Timeout(connect=3.0, read=5.0)
+# How old a process's list of the teams with endpoints may get when Redis cannot say whether it changed.
+TEAMS_REFRESH = 5.0
 KEEP_DELIVERIES = timedelta(days=7)
 # Which transcript event announces which webhook event.
 EVENT_FOR: dict[str, WebhookEvent] = {
@@ -155,9 +156,30 @@ def redeliver(team_id: ObjectId, endpoint_id: ObjectId, delivery_id: ObjectId) -
     delivery = repo.find_team_delivery(team_id, endpoint_id, delivery_id)
     if delivery is None:
         raise NotFound("No such delivery for this endpoint.")
-    repo.set_delivery(delivery_id, {"status": "pending", "nextAttemptAt": utcnow()})
-    queueing.enqueue_webhook_delivery(str(delivery_id))
-    return {**delivery, "status": "pending"}
+    # One more attempt than it has had, whatever the schedule says; queued now, or by the reaper when the queue
+    # is away.
+    changes = {"attemptsAllowed": int(delivery.get("attemptCount", 0)) + 1}
+    repo.set_delivery(delivery_id, {**changes, "status": "queued", "nextAttemptAt": _lease_end()})
+    status = "queued" if _queue(delivery_id) else "pending"
+    return {**delivery, **changes, "status": status}
+
+
+def _lease_end() -> datetime:
+    """Until when a queued delivery is left to its job: past that, the job is taken for lost (Redis lost it, or its
+    worker died mid-attempt) and the reaper queues the delivery again."""
+    return utcnow() + timedelta(seconds=float(current_app.config["WEBHOOK_LEASE"]))
+
+
+def _queue(delivery_id: ObjectId) -> bool:
+    """Queue the delivery's job; when the queue is away, leave the delivery `pending` and due, so the reaper's next
+    pass queues it (False)."""
+    try:
+        queueing.enqueue_webhook_delivery(str(delivery_id))
+        return True
+    except redis.RedisError as exc:
+        log.warning("webhook delivery %s not queued (%s); the reaper queues it", delivery_id, exc)
+        repo.set_delivery(delivery_id, {"status": "pending", "nextAttemptAt": utcnow()})
+        return False
 
 
 # --- what gets delivered ----------------------------------------------------------------------------------------
@@ -173,8 +195,8 @@ def _items_for_events(events: list[dict[str, Any]]) -> list[tuple[str, dict[str,
     items = []
     for event in events:
         kind = EVENT_FOR.get(event["type"])
-        if kind is None:
-            continue
+        if kind is None or (kind is WebhookEvent.TURN_COMPLETED and event.get("retry")):
+            continue  # a turn handed back by a worker's shutdown has not completed: it runs again
         data: dict[str, Any] = {"seq": event["seq"], "turnId": event.get("turnId")}
         if kind is WebhookEvent.SESSION_ENDED:
             data.update(status=str(event.get("status")), endReason=str(event.get("endReason")))
@@ -195,85 +217,80 @@ def _started_item(session: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 class _Emitter:
-    """One background thread per process turning announcements into deliveries and queued jobs."""
+    """Turns announcements into deliveries and queued jobs, on a background thread of each process."""
 
     def __init__(self) -> None:
-        self.inbox: queue.Queue[tuple[Flask, ObjectId, list[tuple[str, dict[str, Any]]]]] = queue.Queue(10_000)
-        self.teams: tuple[float, set[ObjectId]] = (0.0, set())
-        threading.Thread(target=self._run, name="webhook-emitter", daemon=True).start()
+        self.inbox: BackgroundQueue[tuple[Flask, ObjectId, list[tuple[str, dict[str, Any]]]]] = BackgroundQueue(
+            "webhook-emitter", self._record, size=10_000
+        )
+        # When the list was read, the endpoints' version it was read at, and the teams with endpoints.
+        self.teams: tuple[float, int | None, set[ObjectId]] = (float("-inf"), None, set())
 
     def put(self, app: Flask, team_id: ObjectId, items: list[tuple[str, dict[str, Any]]]) -> None:
-        try:
-            self.inbox.put_nowait((app, team_id, items))
-        except queue.Full:
+        if not self.inbox.put((app, team_id, items)):
             log.warning("webhook announcements dropped (backlog full); the reaper's sweep delivers them")
 
-    def settle(self, timeout: float) -> bool:
-        """Wait until every announcement so far is recorded (or `timeout` passes); True when it is."""
-        done = threading.Event()
-
-        def wait() -> None:
-            self.inbox.join()
-            done.set()
-
-        threading.Thread(target=wait, daemon=True).start()
-        return done.wait(timeout)
+    def forget_teams(self) -> None:
+        self.teams = (float("-inf"), None, set())
 
     def _teams(self) -> set[ObjectId]:
-        fetched_at, teams = self.teams
-        if time.monotonic() - fetched_at > 5:
+        fetched_at, known, teams = self.teams
+        version = _endpoints_version()
+        if (version is not None and version != known) or time.monotonic() - fetched_at > TEAMS_REFRESH:
             teams = set(repo.teams_with_endpoints())
-            self.teams = (time.monotonic(), teams)
+            self.teams = (time.monotonic(), version, teams)
         return teams
 
-    def _run(self) -> None:
-        while True:
-            app, team_id, items = self.inbox.get()
+    def _record(self, announcements: list[tuple[Flask, ObjectId, list[tuple[str, dict[str, Any]]]]]) -> None:
+        for app, team_id, items in announcements:
             try:
                 with app.app_context():
                     if team_id in self._teams():
                         record_deliveries(team_id, items)
             except Exception:
                 log.exception("webhook deliveries not recorded; the reaper's sweep retries them")
-            finally:
-                self.inbox.task_done()
 
 
-_emitters: dict[int, _Emitter] = {}
-_emitters_lock = threading.Lock()
-
-
-def _emitter() -> _Emitter:
-    with _emitters_lock:
-        emitter = _emitters.get(os.getpid())
-        if emitter is None:
-            emitter = _emitters[os.getpid()] = _Emitter()
-        return emitter
+_emitter = _Emitter()
 
 
 def settle(timeout: float = 10.0) -> bool:
     """Wait until this process's webhook announcements so far are recorded and queued (shutdown, tests)."""
-    emitter = _emitters.get(os.getpid())
-    return emitter is None or emitter.settle(timeout)
+    return _emitter.inbox.settle(timeout)
+
+
+def _endpoints_key() -> str:
+    return f"{current_app.config['REDIS_PREFIX']}:webhook-endpoints:version"
+
+
+def _endpoints_version() -> int | None:
+    """A counter every change of endpoints moves, so each process's emitter sees a team's first endpoint at its
+    next announcement; None when Redis cannot say (the emitter then reads the list every TEAMS_REFRESH)."""
+    try:
+        return int(queueing.get_redis().get(_endpoints_key()) or 0)
+    except (redis.RedisError, ValueError):
+        return None
 
 
 def _forget_teams() -> None:
-    """A team just gained or lost an endpoint: look again on the next announcement."""
-    emitter = _emitters.get(os.getpid())
-    if emitter is not None:
-        emitter.teams = (0.0, set())
+    """A team just gained or lost an endpoint: every process looks again on its next announcement."""
+    _emitter.forget_teams()
+    try:
+        queueing.get_redis().incr(_endpoints_key())
+    except redis.RedisError:
+        log.info("endpoint change not announced (Redis away); other processes see it within %.0f s", TEAMS_REFRESH)
 
 
 def on_transcript(session: dict[str, Any], events: list[dict[str, Any]]) -> None:
     """The session service wrote these events: announce those webhooks care about (without waiting)."""
     items = _items_for_events(events)
     if items:
-        _emitter().put(current_app._get_current_object(), events[0]["teamId"], items)  # type: ignore[attr-defined]
+        _emitter.put(current_app._get_current_object(), events[0]["teamId"], items)  # type: ignore[attr-defined]
 
 
 def on_session_started(session: dict[str, Any]) -> None:
     """A session was created: announce it (without waiting)."""
-    _emitter().put(current_app._get_current_object(), session["teamId"], [_started_item(session)])  # type: ignore[attr-defined]
+    _emitter.put(current_app._get_current_object(), session["teamId"], [_started_item(session)])  # type: ignore[attr-defined]
 
 
 def record_deliveries(team_id: ObjectId, items: list[tuple[str, dict[str, Any]]]) -> int:
@@ -290,31 +307,33 @@ def record_deliveries(team_id: ObjectId, items: list[tuple[str, dict[str, Any]]]
                     "eventKey": key,
                     "type": payload["type"],
                     "payload": payload,
-                    "status": "pending",
+                    # Queued from the start: if this process dies before its job is queued, the lease runs out
+                    # and the reaper queues it.
+                    "status": "queued",
                     "attempts": [],
                     "attemptCount": 0,
+                    "attemptsAllowed": len(retry_intervals()) + 1,
                     "createdAt": utcnow(),
-                    "nextAttemptAt": utcnow(),
+                    "nextAttemptAt": _lease_end(),
                 }
             )
             if delivery is not None:
-                queueing.enqueue_webhook_delivery(str(delivery["_id"]))
+                _queue(delivery["_id"])
                 queued += 1
     return queued
 
 
 def sweep_missed(window: timedelta = timedelta(minutes=10)) -> int:
-    """The reaper's part: queue retries whose back-off is over, and record deliveries a crashed process never
-    recorded (events and sessions since the last sweep, at most `window` back, of teams that have endpoints).
-    Deliveries already made are not made again. Returns how many were queued."""
+    """The reaper's part: queue the deliveries that are due (retries whose back-off is over, deliveries whose job
+    could not be queued, and those whose job was lost or died mid-attempt: its lease ran out), and record
+    deliveries a crashed process never recorded (events and sessions since the last sweep, at most `window` back,
+    of teams that have endpoints). Deliveries already made are not made again. Returns how many were queued."""
     teams = repo.teams_with_endpoints()
     if not teams:
         return 0
-    due = repo.due_retries(utcnow())
-    for delivery_id in due:
-        queueing.enqueue_webhook_delivery(str(delivery_id))
+    due = repo.due_deliveries(utcnow(), _lease_end())
+    recorded = sum(_queue(delivery_id) for delivery_id in due)
     floor = ObjectId.from_datetime(utcnow() - window)
-    recorded = len(due)
     events_after = max(repo.watermark("webhook-events") or floor, floor)
     events = repo.events_since(events_after, list(EVENT_FOR), teams, 1000)
     for team_id in {e["teamId"] for e in events}:
@@ -341,9 +360,18 @@ def retry_intervals() -> list[float]:
 
 def deliver(delivery_id: ObjectId) -> dict[str, Any]:
     """Attempt one delivery: sign, send to the checked address, record the answer, and schedule the next attempt
-    (with back-off) or give up when the schedule is spent. Returns the attempt."""
-    delivery = repo.find_delivery(delivery_id)
-    if delivery is None or delivery["status"] == "delivered":
+    (with back-off) or give up when the schedule is spent. Returns the attempt.
+
+    The attempt is counted before it is made: one whose job dies (its worker is killed, MongoDB fails it) counts,
+    and the reaper queues the delivery again when its lease runs out."""
+    intervals = retry_intervals()
+    delivery = repo.start_attempt(delivery_id, _lease_end())
+    if delivery is None:
+        return {"skipped": True}
+    made = int(delivery["attemptCount"])
+    allowed = int(delivery.get("attemptsAllowed") or len(intervals) + 1)
+    if made > allowed:  # the last attempts allowed died without an answer
+        repo.set_delivery(delivery_id, {"status": "failed", "nextAttemptAt": None})
         return {"skipped": True}
     endpoint = repo.find_endpoint(delivery["teamId"], delivery["endpointId"], with_secret=True)
     if endpoint is None or endpoint.get("disabled"):
@@ -374,13 +402,13 @@ def deliver(delivery_id: ObjectId) -> dict[str, Any]:
         attempt["error"] = f"{exc.__class__.__name__}: {exc}"[:500]
     attempt["durationMs"] = round((time.monotonic() - started) * 1000, 1)
     ok = 200 <= int(attempt.get("statusCode") or 0) < 300
-    intervals = retry_intervals()
-    made = int(delivery.get("attemptCount", 0)) + 1
     if ok:
-        repo.record_attempt(delivery_id, attempt, {"status": "delivered", "deliveredAt": utcnow()})
-    elif made <= len(intervals):
+        repo.record_attempt(
+            delivery_id, attempt, {"status": "delivered", "deliveredAt": utcnow(), "nextAttemptAt": None}
+        )
+    elif made < allowed:
         # The reaper's sweep queues it again once this back-off is over.
-        due = utcnow() + timedelta(seconds=intervals[made - 1])
+        due = utcnow() + timedelta(seconds=intervals[min(made, len(intervals)) - 1])
         repo.record_attempt(delivery_id, attempt, {"status": "retrying", "nextAttemptAt": due})
     else:
         repo.record_attempt(delivery_id, attempt, {"status": "failed", "nextAttemptAt": None})

@@ -100,6 +100,14 @@
         break;
       case "turn_end":
         if (event.interrupted) markInterrupted(agentReply(event.turnId || "", false));
+        if (event.retry) {
+          // Its worker shut down: the turn runs again, and its new output is a reply of its own.
+          const cut = agentReply(event.turnId || "", false);
+          if (cut) delete cut.dataset.turnId;
+          entry("note", null, event.message || "The turn will run again.");
+          status = event.status || "waiting";
+          break;
+        }
         inFlight = false;
         status = event.status || "waiting";
         break;

@@ -10,11 +10,11 @@ from flask_login import login_user, logout_user
 from ..access import Account, current_account, parse_id
 from ..errors import NotSignedIn, PermissionDenied
 from ..repositories import accounts as accounts_repo
-from ..schemas import ApiKeyCreateSchema, LoginSchema, api_key_out, team_out
+from ..schemas import ApiKeyCreateSchema, LoginSchema, PasswordChangeSchema, api_key_out, team_out
 from ..services import accounts as service
 from .identity import api_key_in_use
 from .parsing import csrf_field, load_body
-from .ratelimits import sign_in_limits
+from .ratelimits import password_change_limit, sign_in_limits
 from .responses import redirect_or_json, safe_next, wants_json
 
 bp = Blueprint("account", __name__)
@@ -103,6 +103,31 @@ def sign_out_everywhere() -> Any:
     session.clear()
     logout_user()
     return redirect_or_json(url_for("account.login"), flash_message="Signed out everywhere.", ok=True)
+
+
+@bp.post("/forms/account/password")
+@password_change_limit
+def change_password() -> Any:
+    """Change the password, given the current one (signed-in browsers only): every other browser is signed out,
+    this one stays signed in on a new sign-in."""
+    account = current_account()
+    _browser_session_required("change the password")
+    data = load_body(PasswordChangeSchema())
+    remember = service.signin_remembered(account.object_id, account.signin_id)
+    signin_id = service.change_password(
+        account.object_id, data["currentPassword"], data["newPassword"], remember=remember
+    )
+    doc = accounts_repo.find_account(account.object_id)
+    assert doc is not None
+    session.clear()  # a fresh session for the new sign-in, as at every sign-in
+    login_user(Account(doc, signin_id=signin_id), remember=remember)
+    return redirect_or_json(
+        "/account/apikeys",
+        flash_message="Password changed; every other browser is signed out.",
+        _id=account.id,
+        ok=True,
+        **csrf_field(),
+    )
 
 
 @bp.get("/account.json")

@@ -7,10 +7,11 @@ import logging
 from flask import Flask, request
 from flask.typing import ResponseReturnValue
 from flask_wtf.csrf import CSRFError
-from pymongo.errors import ConnectionFailure, PyMongoError
+from pymongo.errors import PyMongoError
 from redis.exceptions import RedisError
 from werkzeug.exceptions import HTTPException
 
+from ..db import is_unavailable, note_failure
 from ..errors import (
     Conflict,
     DomainError,
@@ -80,7 +81,9 @@ def init_app(app: Flask) -> None:
 
     @app.errorhandler(PyMongoError)
     def _database_error(exc: PyMongoError) -> ResponseReturnValue:
-        if isinstance(exc, ConnectionFailure):
+        if is_unavailable(exc):
+            # Away, hung, or too slow to answer in time: the same to the caller, who may retry.
+            note_failure(exc)
             log.warning("MongoDB unavailable on %s %s: %s", request.method, request.path, exc)
             return error_response(503, DATABASE_DOWN)
         log.exception("database error on %s %s", request.method, request.path)

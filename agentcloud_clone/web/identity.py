@@ -18,6 +18,7 @@ from flask_wtf.csrf import ValidationError as CSRFTokenInvalid
 from pymongo.errors import PyMongoError
 
 from ..access import Account, Permission, has_permission
+from ..db import note_failure
 from ..errors import NotSignedIn, Unavailable
 from ..ids import parse_object_id
 from ..services import accounts as accounts_service
@@ -43,8 +44,9 @@ def _fail_fast_when_database_is_down[F: Callable[..., Any]](loader: F) -> F:
             raise Unavailable(DATABASE_DOWN)
         try:
             return loader(*args)
-        except PyMongoError:
+        except PyMongoError as exc:
             g.auth_database_down = True
+            note_failure(exc)  # the next requests of this process fail at once, until MongoDB answers again
             raise Unavailable(DATABASE_DOWN) from None
 
     return wrapper  # type: ignore[return-value]

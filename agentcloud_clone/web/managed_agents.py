@@ -124,13 +124,20 @@ def create_session() -> Any:
         raise PermissionDenied("You are not a member of this team.")
     app = app_for(account, data["appId"], Permission.SESSION_CREATE, team_id=data["teamId"])
 
+    session_id = ObjectId()  # chosen first, so an Idempotency-Key record names its session from the start
+
     def create() -> tuple[dict[str, Any], ObjectId]:
         team = accounts_service.get_team(app["teamId"])
-        session = service.create_session(team, account.actor, app, data["name"], data["message"])
+        session = service.create_session(team, account.actor, app, data["name"], data["message"], session_id=session_id)
         return {"session": dump_session(session)}, session["_id"]
 
+    def recover(created: ObjectId) -> dict[str, Any] | None:
+        found = service.find_session(app["teamId"], created)
+        return {"session": dump_session(found)} if found else None
+
     request_hash = idempotency.fingerprint({"family": "managed", **data})
-    result = idempotency.run_once(account.object_id, request.headers.get("Idempotency-Key"), request_hash, create)
+    key = request.headers.get("Idempotency-Key")
+    result = idempotency.run_once(account.object_id, key, request_hash, create, session_id=session_id, recover=recover)
     return jsonify(result), 201
 
 

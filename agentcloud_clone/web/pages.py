@@ -210,6 +210,10 @@ def transcript(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             reply = replies.get(event.get("turnId") or "")
             if reply is not None:
                 reply["interrupted"] = True  # the turn was cut off after its last output
+        if kind == EventType.TURN_END and event.get("retry"):
+            # Its worker shut down: the turn runs again, and its new output is a reply of its own.
+            replies.pop(event.get("turnId") or "", None)
+            items.append({"kind": "note", "text": event.get("message") or "The turn will run again."})
         if kind == EventType.STATUS:
             items.append(
                 {

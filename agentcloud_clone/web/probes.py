@@ -9,12 +9,13 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify, request
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pymongo.errors import PyMongoError
 
 from .. import metrics
-from ..db import get_db
+from ..db import get_db, note_failure
 from ..errors import NotSignedIn
 from ..jobs.reaper import live_workers
-from ..queueing import get_redis
+from ..queueing import get_redis, redis_available
 from ..repositories import sessions as sessions_repo
 from .responses import error_response
 
@@ -36,6 +37,7 @@ def readyz() -> Any:
         get_db().command("ping")
         checks["mongo"] = "ok"
     except Exception as exc:  # any failure means not ready; the detail is for operators' logs
+        note_failure(exc)
         log.warning("readiness: MongoDB unavailable: %s", exc)
         checks["mongo"] = "unavailable"
     workers = None
@@ -53,6 +55,16 @@ def readyz() -> Any:
     return error_response(503, "Not ready: a dependency is unavailable.", checks=checks, workers=workers)
 
 
+def _sessions_by_status() -> dict[str, int] | None:
+    """Sessions by status, or None while MongoDB is unavailable (the scrape goes on without them)."""
+    try:
+        return sessions_repo.count_by_status()
+    except PyMongoError as exc:
+        note_failure(exc)
+        log.warning("metrics scrape without sessions by status: MongoDB unavailable (%s)", exc)
+        return None
+
+
 @bp.get("/metrics")
 def metrics_view() -> Any:
     """Prometheus text format: request latency, cancel-to-stop latency, sessions by status, poll queries.
@@ -61,6 +73,9 @@ def metrics_view() -> Any:
     token = current_app.config.get("METRICS_TOKEN")
     if token and not hmac.compare_digest(request.headers.get("Authorization", ""), f"Bearer {token}"):
         raise NotSignedIn("A metrics token is required.")
+    store = metrics.store_for(current_app.config)
+    if redis_available(current_app.config["REDIS_URL"]):
+        store.settle(0.5)  # what this process recorded just now is part of the scrape
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(metrics.RedisCollector(metrics.store_for(current_app.config), sessions_repo.count_by_status))
+    registry.register(metrics.RedisCollector(store, _sessions_by_status))
     return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)

@@ -4,13 +4,18 @@ requests are counted by, and the markers views carry. Every setting comes throug
 - Cancel: CANCEL_RATE_LIMIT per user, one budget shared by every cancel route of both API families.
 - Sign-in: only failed attempts count, per address and target account together (LOGIN_RATE_LIMIT) and per
   address over all accounts (LOGIN_ADDRESS_RATE_LIMIT), so a stranger cannot lock an owner out from
-  elsewhere, and a successful sign-in never uses up the budget.
+  elsewhere, and a successful sign-in never uses up the budget. A password change's wrong current passwords
+  count the same way (LOGIN_RATE_LIMIT per user).
 - Shared routes (`/s/<team>/...`, open to anyone holding a public app's link): SHARE_RATE_LIMIT per address for
   every request, and SHARE_START_RATE_LIMIT per address for those that start a turn.
 - Everything else: DEFAULT_RATE_LIMIT per user, or per address for anonymous callers. Probes are exempt.
 
 flask-limiter keeps its storage on the Limiter itself, so each app gets its own: two apps in one process
 (tests, or a web app beside a worker) must not share counters or settings.
+
+When Redis is unreachable the limiter counts in process memory (flask-limiter's fallback) until Redis answers
+again. Its connections are the product's guarded ones (queueing.limiter_pool): while this process knows Redis is
+away they fail without touching the network, so the switch to memory costs a request nothing, not a timeout.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from flask_limiter import Limiter
 from flask_login import current_user
 
 from ..errors import Unavailable
+from ..queueing import limiter_pool
 from . import probes
 
 LIMITER_EXTENSION = "agentcloud_limiter"
@@ -83,6 +89,16 @@ share_limit = rate_limited("SHARE_RATE_LIMIT", scope="share", key_func=address_k
 share_start_limit = rate_limited("SHARE_START_RATE_LIMIT", scope="share-start", key_func=address_key)
 
 
+def _wrong_password(response: Response) -> bool:
+    return response.status_code == 403
+
+
+# Wrong current passwords on a password change, per user: a borrowed signed-in browser cannot guess its way.
+password_change_limit = rate_limited(
+    "LOGIN_RATE_LIMIT", scope="password-change", key_func=user_key, deduct_when=_wrong_password
+)
+
+
 def sign_in_limits[F: Callable[..., Any]](view: F) -> F:
     """Failed sign-ins: per address and account together, and per address over all accounts."""
     view = rate_limited("LOGIN_RATE_LIMIT", scope="login", key_func=login_target_key, deduct_when=_failed_sign_in)(view)
@@ -93,6 +109,9 @@ def sign_in_limits[F: Callable[..., Any]](view: F) -> F:
 
 def init_app(app: Flask) -> Limiter:
     """Create the app's limiter and apply every view's `rate_limited` markers (call after the blueprints)."""
+    uri = str(app.config.get("RATELIMIT_STORAGE_URI", ""))
+    if uri.startswith(("redis://", "rediss://")):
+        app.config["RATELIMIT_STORAGE_OPTIONS"] = {"connection_pool": limiter_pool(uri)}
     limiter = Limiter(key_func=user_key, app=app)
     # Probes and scrapes are not users: no limit, and no sign-in lookups on their hot path.
     limiter.exempt(probes.bp)

@@ -76,6 +76,7 @@ def add_session(team_id: ObjectId) -> Any:
     check_echoed_ids(data, team_id)
     account = current_account()
     app = app_for(account, data["appId"], Permission.SESSION_CREATE, team_id=team_id)
+    session_id = ObjectId()  # chosen first, so an Idempotency-Key record names its session from the start
 
     def create() -> tuple[dict[str, Any], ObjectId]:
         team = accounts_service.get_team(team_id)
@@ -87,11 +88,16 @@ def add_session(team_id: ObjectId) -> Any:
             data["message"],
             skip_run=data["skipRun"],
             variables=data["variables"],
+            session_id=session_id,
         )
         return {"_id": str(session["_id"])}, session["_id"]
 
+    def recover(created: ObjectId) -> dict[str, Any] | None:
+        return {"_id": str(created)} if service.find_session(team_id, created) else None
+
     request_hash = idempotency.fingerprint({"teamId": team_id, **data})
-    result = idempotency.run_once(account.object_id, request.headers.get("Idempotency-Key"), request_hash, create)
+    key = request.headers.get("Idempotency-Key")
+    result = idempotency.run_once(account.object_id, key, request_hash, create, session_id=session_id, recover=recover)
     return redirect_or_json(f"/{team_id}/session/{result['_id']}", flash_message="Session started.", **result)
 
 

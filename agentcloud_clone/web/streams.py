@@ -20,10 +20,13 @@ from typing import Any
 
 from bson import ObjectId
 from flask import Blueprint, Response, current_app, request, stream_with_context
+from pymongo.errors import PyMongoError
 
 from ..access import Permission, current_account, require_team, session_for
+from ..db import note_failure
 from ..errors import InvalidInput, Unavailable
 from ..notices import dispatcher
+from ..queueing import redis_available
 from ..repositories import sessions as sessions_repo
 from ..schemas import event_out
 from ..services import sessions as service
@@ -67,52 +70,62 @@ def stream_response(session: dict[str, Any]) -> Response:
     if hub.open_streams >= int(current_app.config["MAX_STREAMS_PER_PROCESS"]):
         raise Unavailable("This server holds as many live streams as it can; retry shortly or poll messages.json.")
     heartbeat = float(current_app.config["SSE_HEARTBEAT"])
+    redis_url = current_app.config["REDIS_URL"]
     sid = session["_id"]
 
     def generate() -> Iterator[str]:
         notices = hub.register(str(sid))
         try:
-            yield "retry: 2000\n: connected\n\n"
-            last = after
-            while True:
-                # Catch up from MongoDB (at the start, after a gap, after a resync, on each heartbeat).
-                caught_up, closing = False, None
-                while not caught_up:
-                    page = sessions_repo.list_events(sid, after=last, limit=REPLAY_PAGE)
-                    for event in event_out.dump(page, many=True):
-                        last = event["seq"]
-                        yield _frame(event)
-                        if event["type"] == EventType.STATUS:
-                            closing = event
-                            break
-                    caught_up = closing is not None or len(page) < REPLAY_PAGE
-                if closing is not None:
-                    yield _ended_frame(sid, closing, last)
-                    return
-                current = sessions_repo.find_session(session["teamId"], sid)
-                if current is None or (service.is_ended(current) and last >= int(current.get("eventSeq", 0))):
-                    yield _ended_frame(sid, current or session, last)
-                    return
-                # Follow the notices until one does not fit (then catch up again).
-                while True:
-                    try:
-                        notice = notices.get(timeout=heartbeat)
-                    except queue.Empty:
-                        yield ": heartbeat\n\n"
-                        break
-                    events = notice.get("events") or []
-                    if notice.get("resync") or (events and events[0]["seq"] > last + 1):
-                        break
-                    for event in events:
-                        if event["seq"] <= last:
-                            continue
-                        last = event["seq"]
-                        yield _frame(event)
-                        if event["type"] == EventType.STATUS:
-                            yield _ended_frame(sid, event, last)
-                            return
+            yield from follow(notices)
+        except PyMongoError as exc:
+            # The answer has begun, so it cannot become a 503: the stream ends, and the client's reconnect (with
+            # Last-Event-ID, after the `retry` the stream began with) resumes where it left off.
+            note_failure(exc)
+            yield ": the database is unavailable; reconnect to resume\n\n"
         finally:
             hub.unregister(str(sid), notices)
+
+    def follow(notices: queue.Queue[dict[str, Any]]) -> Iterator[str]:
+        yield "retry: 2000\n: connected\n\n"
+        last = after
+        while True:
+            # Catch up from MongoDB (at the start, after a gap, after a resync, on each heartbeat).
+            caught_up, closing = False, None
+            while not caught_up:
+                page = sessions_repo.list_events(sid, after=last, limit=REPLAY_PAGE)
+                for event in event_out.dump(page, many=True):
+                    last = event["seq"]
+                    yield _frame(event)
+                    if event["type"] == EventType.STATUS:
+                        closing = event
+                        break
+                caught_up = closing is not None or len(page) < REPLAY_PAGE
+            if closing is not None:
+                yield _ended_frame(sid, closing, last)
+                return
+            current = sessions_repo.find_session(session["teamId"], sid)
+            if current is None or (service.is_ended(current) and last >= int(current.get("eventSeq", 0))):
+                yield _ended_frame(sid, current or session, last)
+                return
+            # Follow the notices until one does not fit (then catch up again).
+            while True:
+                try:
+                    # While Redis is away no notice comes: read MongoDB every second instead.
+                    notice = notices.get(timeout=heartbeat if redis_available(redis_url) else min(heartbeat, 1.0))
+                except queue.Empty:
+                    yield ": heartbeat\n\n"
+                    break
+                events = notice.get("events") or []
+                if notice.get("resync") or (events and events[0]["seq"] > last + 1):
+                    break
+                for event in events:
+                    if event["seq"] <= last:
+                        continue
+                    last = event["seq"]
+                    yield _frame(event)
+                    if event["type"] == EventType.STATUS:
+                        yield _ended_frame(sid, event, last)
+                        return
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return Response(stream_with_context(generate()), mimetype="text/event-stream", headers=headers)

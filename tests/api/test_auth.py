@@ -161,6 +161,69 @@ def test_sign_out_everywhere_revokes_other_browsers(factory, login):
     assert laptop.client.get("/account.json").status_code == 401
 
 
+def test_a_password_change_signs_out_every_other_browser_and_keeps_this_one(factory, login, client):
+    user = factory.user("member")
+    laptop, phone = login(user), login(user)
+    remembered = login(user, remember=True)
+    captured = {c.key: c.value for c in remembered.client._cookies.values()}
+    changed = laptop.json(
+        "POST", "/forms/account/password", {"currentPassword": user.password, "newPassword": "a new passphrase"}
+    )
+    assert changed.status_code == 200 and changed.get_json()["ok"] is True, changed.get_json()
+    assert laptop.client.get("/account.json").status_code == 200  # this browser, on a new sign-in
+    assert phone.client.get("/account.json").status_code == 401
+    assert remembered.client.get("/account.json").status_code == 401
+    for name, value in captured.items():  # a cookie captured before the change, replayed in a fresh browser
+        client.set_cookie(name, value)
+    assert client.get("/account.json").status_code == 401
+    old = client.post("/forms/account/login", json={"email": user.email, "password": user.password})
+    assert old.status_code == 401
+    new = client.post("/forms/account/login", json={"email": user.email, "password": "a new passphrase"})
+    assert new.status_code == 200
+
+
+def test_a_password_change_needs_the_current_password_a_browser_and_a_real_change(factory, login, api_key_client):
+    user = factory.user("member", api_key=True)
+    me = login(user)
+    path = "/forms/account/password"
+    wrong = me.json("POST", path, {"currentPassword": "not it", "newPassword": "a new passphrase"})
+    assert wrong.status_code == 403 and wrong.get_json()["errors"] == {"currentPassword": ["Wrong password."]}
+    short = me.json("POST", path, {"currentPassword": user.password, "newPassword": "short"})
+    assert short.status_code == 400 and "newPassword" in short.get_json()["errors"]
+    same = me.json("POST", path, {"currentPassword": user.password, "newPassword": user.password})
+    assert same.status_code == 400 and "newPassword" in same.get_json()["errors"]
+    assert me.json("POST", path, {"currentPassword": user.password}).status_code == 400
+    by_key = api_key_client(user)("POST", path, {"currentPassword": user.password, "newPassword": "a new passphrase"})
+    assert by_key.status_code == 403 and "browser" in by_key.get_json()["message"]
+    no_token = me.client.post(path, data={"currentPassword": user.password, "newPassword": "a new passphrase"})
+    assert no_token.status_code == 403  # a cookie form post without the CSRF token
+    assert me.client.get("/account.json").status_code == 200  # nothing above changed or signed anything out
+
+
+def test_the_account_page_changes_the_password_by_form(factory, login):
+    user = factory.user("member")
+    me = login(user)
+    page = me.client.get("/account/apikeys")
+    assert b'action="/forms/account/password"' in page.data and b'action="/forms/account/signout-all"' in page.data
+    posted = me.form("/forms/account/password", {"currentPassword": user.password, "newPassword": "a new passphrase"})
+    assert posted.status_code == 302 and posted.headers["Location"].endswith("/account/apikeys")
+    assert b"Password changed" in me.client.get("/account/apikeys").data
+    wrong = me.form("/forms/account/password", {"currentPassword": user.password, "newPassword": "another one!"})
+    assert wrong.status_code == 403  # the old password is the current one no more
+
+
+def test_wrong_current_passwords_are_rate_limited(factory, login, app):
+    user = factory.user("member")
+    me = login(user)
+    limit = int(str(app.config["LOGIN_RATE_LIMIT"]).split()[0])
+    answers = [
+        me.json("POST", "/forms/account/password", {"currentPassword": "guess", "newPassword": "a new passphrase"})
+        for _ in range(limit + 1)
+    ]
+    assert [a.status_code for a in answers[:limit]] == [403] * limit
+    assert answers[-1].status_code == 429 and answers[-1].headers["Retry-After"]
+
+
 def test_sign_out_on_one_browser_keeps_the_others(factory, login):
     user = factory.user("member")
     laptop, phone = login(user), login(user)

@@ -23,6 +23,13 @@ QUERY_SHAPES = [
     ("accounts", ["teams.teamId"], []),  # a team's members
     ("idempotency_keys", ["accountId", "key"], []),
     ("idempotency_keys", ["sessionId"], []),  # records removed with their session
+    ("idempotency_keys", [], ["pendingSince"]),  # the reaper's sweep of requests that never finished
+    ("sessions", [], ["deadline"]),  # the reaper's limits (queue TTL, turn duration, idle timeout)
+    ("sessions", [], ["turnQueuedAt"]),  # the reaper's requeue of turns whose job was lost
+    ("sessions", [], ["lastUpdatedDate"]),  # the reaper's repair of writes cut off between their halves
+    ("webhook_endpoints", ["teamId"], ["_id"]),  # webhooks.json
+    ("webhook_deliveries", ["endpointId"], ["_id"]),  # deliveries.json
+    ("webhook_deliveries", ["status"], ["nextAttemptAt"]),  # the reaper's due retries
 ]
 
 

@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 from bson import ObjectId
 
 from agentcloud_clone.db import get_db
+from agentcloud_clone.services import sessions as sessions_service
+from agentcloud_clone.vocabulary import EndReason
 
 
 def _start(me, app_id: str, message: str | None = "hi") -> str:
@@ -65,9 +67,14 @@ def test_cancel_of_other_users_team_session_is_404(factory, login):
 def test_cancel_ended_or_never_running_session_is_ok(factory, login, app):
     me = login(factory.user("member"))
     sid = _start(me, factory.app_record(me.user.team_id), None)
-    with app.app_context():
-        get_db().sessions.update_one({"_id": ObjectId(sid)}, {"$set": {"status": "terminated"}})
+    with app.app_context():  # the session runs out of its queue time: the service ends it, no worker involved
+        ended = sessions_service.end_turn(
+            ObjectId(me.user.team_id), ObjectId(sid), None, EndReason.EXPIRED, "Waited too long for a worker."
+        )
+    assert ended is not None and ended["status"] == "terminated"
     assert me.json("POST", "/api/managed-agents/cancel", {"sessionId": sid}).get_json() == {"ok": True}
+    shown = me.client.get(f"/{me.user.team_id}/session/{sid}.json").get_json()["session"]
+    assert shown["endReason"] == "expired" and "cancellation" not in shown  # the late cancel changed nothing
 
 
 def test_viewer_cannot_cancel(factory, login):

@@ -76,6 +76,14 @@ def world(app: Any, factory: Any, login: Any) -> dict[str, Any]:
     return {"user": user, "me": me, "app_id": app_id, "actor": factory.actor(user)}
 
 
+def _as_another_process() -> None:
+    """Forget which writes this process saw stored, as a process other than the last writer knows nothing."""
+    from agentcloud_clone.repositories import sessions as repo
+
+    with repo._confirmed_lock:
+        repo._confirmed.clear()
+
+
 def _running_session(app: Any, factory: Any, world: dict[str, Any]) -> dict[str, Any]:
     session = factory.session(world["user"], world["app_id"], "hello")
     with app.app_context():
@@ -128,6 +136,23 @@ def test_one_output_flush_takes_two_round_trips_however_many_pieces(app, factory
             )
         )
     assert len(commands) <= 2, commands
+
+
+def test_a_write_after_another_process_s_write_costs_no_extra_round_trip(app, factory, world, counter):
+    """The previous write's events are inserted again (they may never have been) and refused as duplicates of
+    themselves: the refusal says so, so nothing more is read."""
+    session = _running_session(app, factory, world)
+    with app.app_context():
+        _as_another_process()
+        flush = counter.count(
+            lambda: service.record_output(session["teamId"], session["_id"], session["activeTurnId"], ["a"], tokens=1)
+        )
+        assert len(flush) <= 2, flush
+        _as_another_process()
+        cancel = counter.count(
+            lambda: service.cancel_session(session["teamId"], session["_id"], world["actor"], CancelSource.API)
+        )
+        assert len(cancel) <= 3, cancel
 
 
 def test_heartbeat_and_watcher_poll_take_one_query_for_many_sessions(app, factory, world, counter):

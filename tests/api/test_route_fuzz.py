@@ -268,6 +268,8 @@ class Fuzz:
     def webhook(self) -> dict[str, str]:
         """A webhook endpoint of the team with one delivery recorded (call within an app context)."""
         team_id = self.team_doc["_id"]
+        for old in webhooks.repo.list_endpoints(team_id):  # a team holds at most MAX_ENDPOINTS of them
+            webhooks.repo.delete_endpoint(team_id, old["_id"])
         endpoint, _ = webhooks.create_endpoint(team_id, "http://127.0.0.1:9/hook", [], self.factory.actor(self.owner))
         webhooks.record_deliveries(team_id, [(f"fuzz:{uuid.uuid4().hex}", {"type": "session.started", "data": {}})])
         delivery = webhooks.repo.list_deliveries(team_id, endpoint["_id"])[0]

@@ -73,6 +73,10 @@ class Route:
 
 ROUTES: dict[str, Route] = {
     "account.sign_out_everywhere": Route(browser_only=True),
+    # A wrong current password: the route fuzz sends this body as the cookie caller, who must stay signed in.
+    "account.change_password": Route(
+        body={"currentPassword": "not the password", "newPassword": "matrix passphrase"}, browser_only=True
+    ),
     "account.account_json": Route(),
     "account.api_keys_json": Route(),
     "account.add_api_key": Route(body={"name": "matrix"}, browser_only=True),

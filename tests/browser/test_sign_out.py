@@ -9,7 +9,7 @@ import time
 import pytest
 from playwright.sync_api import expect
 
-from .conftest import check_page
+from .ui import check_page
 
 pytestmark = pytest.mark.browser
 

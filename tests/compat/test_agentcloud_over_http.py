@@ -92,3 +92,30 @@ def test_agentcloud_ui_requests_over_http(stack):
     team_route = visitor_browser.get(f"{stack.url}/{team}/session/{shared_sid}.json", timeout=10)
     assert team_route.status_code == 401 and set(team_route.json()) == {"message", "code"}
     assert visitor.session(sid).status == 404
+
+
+def test_agentcloud_shaped_mistakes_get_the_same_answers_through_gunicorn(stack):
+    """The refusals the in-process suite pins, here through the served app: each a `{message, code}` JSON answer."""
+    ui, browser = _signed_in(stack)
+    config = {"steps": 2, "stepDelay": 0}
+    app_id = _add_app(stack, browser, ui.csrf, {"name": "compat", "config": config})["_id"]
+    other_app = _add_app(stack, browser, ui.csrf, {"name": "other", "config": config})["_id"]
+    sid = ui.add_session(app_id, skipRun=True, message="mine").body["_id"]
+    other = ui.add_session(app_id, skipRun=True, message="other").body["_id"]
+    foreign = ui.messages(other).body["messages"][0]["_id"]
+
+    refusals = {
+        "both app ids, different": (ui.add_session(app_id, appId=other_app), 400),
+        "another team's slug in the body": (ui.add_session(app_id, resourceSlug="f" * 24), 400),
+        "another session's messageId": (ui.messages(sid, foreign), 404),
+        "a malformed messageId": (ui.messages(sid, "not-an-id"), 400),
+        "before=nul": (ui.sessions("nul"), 400),
+        "a cancel naming another session": (ui.cancel(sid, sessionId=other), 400),
+        "a variable that is not text": (ui.edit(sid, {"name": 7}), 400),
+    }
+    for what, (reply, status) in refusals.items():
+        assert reply.status == status and reply.body["code"] == status and reply.body["message"], (what, reply)
+    assert [ui.session(s).body["session"].get("cancelledAt") for s in (sid, other)] == [None, None]
+    ui.csrf = "not-the-token"
+    forged = ui.add_session(app_id)
+    assert forged.status == 403 and "_csrf" in forged.body["message"]

@@ -14,9 +14,7 @@ import yaml
 from bson import ObjectId
 from openapi_schema_validator import OAS31Validator
 
-from .conftest import HTTP_METHODS, spec_operations
-
-pytestmark = pytest.mark.contract
+from .specs import HTTP_METHODS, spec_operations
 
 AGENTCLOUD = Path(__file__).parent / "agentcloud"
 # Agentcloud describes its ids in words: "length of 24 characters fitting the following regex; [a-f0-9]{24}".
@@ -164,3 +162,42 @@ def test_the_cancel_agentcloud_describes_is_answered_with_the_statuses_it_lists(
         assert set(response.get_json()) == {"message", "code"} and response.get_json()["code"] == status
     for status in (302, 200, 400, 403):
         assert _documented(spec, "cancelSessionApi", status)
+
+
+# What Agentcloud's own client sends beside our spelling (README, "Coming from Agentcloud"), by operation.
+AGENTCLOUD_BODY_FIELDS = {
+    ("POST", "/{resourceSlug}/forms/session/add"): ["id", "skipRun", "resourceSlug", "_csrf"],
+    ("POST", "/{resourceSlug}/session/{sessionId}/send-message"): ["messageText", "_csrf"],
+    ("POST", "/{resourceSlug}/forms/session/{sessionId}/cancel"): ["sessionId", "resourceSlug", "_csrf"],
+    ("POST", "/{resourceSlug}/forms/session/{sessionId}/edit"): ["_csrf"],
+}
+AGENTCLOUD_QUERY_PARAMETERS = {
+    ("GET", "/{resourceSlug}/session/{sessionId}/messages.json"): "messageId",
+    ("GET", "/{resourceSlug}/sessions.json"): "before",
+}
+
+
+def _resolved(spec: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in node:
+        target: Any = spec
+        for part in node["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        node = target
+    return node
+
+
+def test_every_alias_agentcloud_s_client_sends_is_in_the_spec_and_says_so(spec: dict[str, Any]) -> None:
+    operations = spec_operations(spec)
+    for key, fields in AGENTCLOUD_BODY_FIELDS.items():
+        body = operations[key]["requestBody"]["content"]["application/json"]["schema"]
+        properties = _resolved(spec, body)["properties"]
+        for name in fields:
+            assert name in properties, (key, name)
+            described = properties[name].get("description") or _resolved(spec, properties[name]).get("description")
+            assert "Agentcloud" in (described or ""), (key, name, described)
+    for key, name in AGENTCLOUD_QUERY_PARAMETERS.items():
+        parameters = [_resolved(spec, p) for p in operations[key]["parameters"]]
+        (parameter,) = [p for p in parameters if p["name"] == name and p["in"] == "query"]
+        assert "Agentcloud" in parameter["description"] and "compatibility" in parameter["description"], key
+        if name == "before":  # Agentcloud's first page asks for `before=null`
+            assert re.fullmatch(parameter["schema"]["pattern"], "null"), parameter

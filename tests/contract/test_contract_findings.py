@@ -7,9 +7,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import spec_operations
-
-pytestmark = pytest.mark.contract
+from .specs import spec_operations
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ stack (gunicorn's gevent workers, a worker process) with webhooks delivered to a
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +19,7 @@ from devtools.stack import Stack
 from tests.fakes.receiver import Receiver
 from tests.support import wait_until
 
-from .conftest import spec_operations
+from .specs import spec_operations
 
 pytestmark = pytest.mark.contract
 
@@ -192,9 +191,6 @@ def test_webhook_deliveries_match_the_spec_s_webhooks(stack, spec):
     created = stack.api("POST", f"/{team}/forms/webhook/add", {"url": receiver.url, "eventTypes": []})
     assert created.status_code == 201
     hook = created.json()
-    # Each process looks up which teams have endpoints at most every 5 s (services/webhooks.py); a team's first
-    # endpoint is not known to the worker before then, and what it wrote meanwhile is left to the reaper's sweep.
-    time.sleep(5.5)
     try:
         sid = one_turn_session(stack, end_after_turn=False)
         wait_until(lambda: turn_done(stack, sid))

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import spec_operations
+from .specs import spec_operations
 
 pytestmark = pytest.mark.contract
 

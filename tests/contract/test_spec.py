@@ -7,7 +7,6 @@ import re
 import tomllib
 from typing import Any
 
-import pytest
 import yaml
 from flask import Flask
 from flask.testing import FlaskClient
@@ -19,9 +18,7 @@ from agentcloud_clone.vocabulary import WEBHOOK_EVENTS
 from agentcloud_clone.web.docs import SPEC_PATH
 from devtools import contract
 
-from .conftest import spec_operations
-
-pytestmark = pytest.mark.contract
+from .specs import spec_operations
 
 OBJECT_ID_PATTERN = "^[a-f0-9]{24}$"
 # Pages for people, not the API: server-rendered HTML, static files, the sign-in form and these docs.

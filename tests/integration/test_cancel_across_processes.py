@@ -182,3 +182,37 @@ def test_many_turns_in_one_thread_mode_process_and_a_cancel_stops_only_its_own(m
             assert not any(e.get("interrupted") for e in outputs)
     finally:
         stack.stop()
+
+
+def test_kill_9_of_a_thread_mode_worker_ends_all_of_its_turns_worker_lost(mongo_server, redis_server):
+    """Thread mode: one process runs three turns; `kill -9` of it ends all three `worker_lost` (the survivor's
+    reaper), each transcript kept as written, gap-free, with one closing event."""
+    stack = Stack(
+        mongo_server.url,
+        redis_server.url,
+        CANCEL_POLL_INTERVAL=POLL,
+        HEARTBEAT_INTERVAL=0.2,
+        HEARTBEAT_TIMEOUT=2,
+        REAPER_INTERVAL=0.5,
+        WORKER_MODE="thread",
+    )
+    try:
+        stack.start(webs=1, workers=1)
+        app_id = _slow_app(stack)
+        sids = [start_running(stack, app_id) for _ in range(3)]
+        victim = stack.workers[0]
+        assert {_session_doc_worker(stack, sid) for sid in sids} == {_session_doc_worker(stack, sids[0])}
+        stack.start_worker()  # the survivor, whose reaper notices the loss
+        stack.kill(victim)
+        before = {sid: events_of(stack, sid) for sid in sids}  # nothing more is written once it is dead
+        for sid in sids:
+            wait_until(lambda sid=sid: session_of(stack, sid)["status"] == "error", 60, "the reaper")
+        for sid in sids:
+            session, events = session_of(stack, sid), events_of(stack, sid)
+            assert session["endReason"] == "worker_lost" and session["endedAt"]
+            assert events[: len(before[sid])] == before[sid]
+            assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+            assert [e["type"] for e in events].count("status") == 1 and events[-1]["type"] == "status"
+            assert "Worker lost" in events[-1]["message"]
+    finally:
+        stack.stop()

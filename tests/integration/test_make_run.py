@@ -69,14 +69,26 @@ class MakeRun:
         self.logs = ROOT / "test-artifacts" / "integration" / "make_run" / f"{name}-{self.tag}"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.process: subprocess.Popen[bytes] | None = None
+        self.via_make = False
         self.banner: dict[str, str] = {}
 
-    def start(self) -> MakeRun:
+    def start(self, *, via_make: bool = False) -> MakeRun:
+        """Start the launcher, or `make run` itself in a process group of its own, as a terminal runs it."""
+        command = ["make", "--no-print-directory", "run"] if via_make else [sys.executable, "-m", "devtools.run"]
         with open(self.logs / "stdout.log", "wb") as out, open(self.logs / "stderr.log", "wb") as err:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "devtools.run"], cwd=ROOT, env=self.env, stdout=out, stderr=err
+                command, cwd=ROOT, env=self.env, stdout=out, stderr=err, start_new_session=via_make
             )
+        self.via_make = via_make
         return self
+
+    def ctrl_c(self) -> None:
+        """What Ctrl-C does: SIGINT to the terminal's foreground process group (make and all it started)."""
+        assert self.process is not None
+        if self.via_make:
+            os.killpg(self.process.pid, signal.SIGINT)
+        else:
+            self.process.send_signal(signal.SIGINT)
 
     @property
     def url(self) -> str:
@@ -184,13 +196,14 @@ def assert_everything_stopped(run: MakeRun) -> None:
 
 
 def test_quick_start_end_to_end_then_ctrl_c_stops_everything(make_run: Callable[..., MakeRun]) -> None:
-    """The README's quick start: make run, sign in with the printed login, a key from the CLI (which finds make
-    run's servers by itself), start → cancel → cancel again → delete; then Ctrl-C."""
-    run = make_run().start()
+    """The README's quick start: make run, sign in with the printed login, the seed's curl examples (a cookie
+    and Origin cancel, then its idempotent repeat), a key from the CLI (which finds make run's servers by
+    itself), start → cancel → cancel again → delete; then Ctrl-C."""
+    run = make_run().start(via_make=True)
     banner = run.wait_for_banner()
     assert banner["url"] == f"http://127.0.0.1:{run.ports['PORT']}/"
     record = json.loads((run.var_dir / "run.json").read_text())
-    assert record["pid"] == run.process.pid and record["url"] == banner["url"]
+    assert record["url"] == banner["url"] and record["pid"] in run.processes()
 
     with requests.Session() as browser:
         browser.trust_env = False
@@ -199,6 +212,17 @@ def test_quick_start_end_to_end_then_ctrl_c_stops_everything(make_run: Callable[
         )
         assert login.status_code == 200 and login.json()["csrf"], login.text
         assert browser.get(run.url + "account.json", timeout=15).json()["account"]["email"] == banner["email"]
+        cookie = "; ".join(f"{c.name}={c.value}" for c in browser.cookies)
+    cancelled = run.start_session()
+    curl = [
+        "curl", "-sS", "-X", "POST", run.url + "api/managed-agents/cancel",
+        "-H", "Content-Type: application/json",
+        "-H", f"Origin: {run.url.rstrip('/')}",
+        "-H", f"Cookie: {cookie}",
+        "-d", json.dumps({"sessionId": cancelled}),
+    ]  # fmt: skip
+    answers = [json.loads(subprocess.run(curl, capture_output=True, check=True, timeout=60).stdout) for _ in "12"]
+    assert answers == [{"ok": True}, {"ok": True, "alreadyCancelled": True}], answers
 
     cli_env = {k: v for k, v in os.environ.items() if k not in ("MONGO_URI", "REDIS_URL")}
     cli_env["VAR_DIR"] = str(run.var_dir)
@@ -231,9 +255,11 @@ def test_quick_start_end_to_end_then_ctrl_c_stops_everything(make_run: Callable[
     assert run.api("GET", f"{team}/session/{sid}.json", key).status_code == 404
 
     children = run.processes()
-    assert len(children) >= 5, children  # store, redis-server, a worker, gunicorn's master and its workers
-    run.process.send_signal(signal.SIGINT)
-    assert run.wait_for_exit() == 0, run.own_lines()
+    assert len(children) >= 6, children  # the launcher, store, redis-server, a worker, gunicorn and its workers
+    run.ctrl_c()
+    # make reports the interrupt (and exits as interrupted) once the launcher has stopped everything
+    assert run.wait_for_exit() == -signal.SIGINT, run.stderr()
+    assert not [line for line in run.own_lines() if "could not stop" in line], run.own_lines()
     assert_everything_stopped(run)
     assert not any(line for line in run.own_lines() if "restarting" in line), run.own_lines()
 

@@ -3,6 +3,8 @@ and a turn past that limit ends the session `error` with a clear message instead
 
 from __future__ import annotations
 
+import pytest
+
 from agentcloud_clone.jobs.turns import MAX_EVENT_CHARS
 
 DEFAULT_MAX_OUTPUT = 2_000_000
@@ -29,6 +31,9 @@ def test_a_turn_past_its_output_limit_ends_error_with_bounded_events(harness, ap
     assert outputs[-1].get("interrupted") is True
 
 
+# On a real MongoDB-wire server too: a write that recorded the whole piece on the session at once would pass
+# MongoDB's 16 MB document limit (mongomock has none).
+@pytest.mark.parametrize("mongo_uri_template", ["mongomock", "mongo-wire"], indirect=True)
 def test_one_huge_piece_is_split_into_bounded_events(harness, app):
     app.config["TURN_MAX_OUTPUT_CHARS"] = 100_000_000
     session = harness.start(runner="python", callable="tests.workers.runners:one_huge_piece")

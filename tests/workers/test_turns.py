@@ -276,6 +276,7 @@ def test_cancel_to_stop_and_poll_queries_are_counted(harness, app):
     harness.cancel(session)
     harness.finish(thread)
     store = metrics.store_for(app.config)
+    assert store.settle()  # observations are sent in the background
     buckets = store.client.hgetall(store.key("cancel_to_stop_seconds"))
     assert int(buckets[b"{}|+Inf"]) == 1
     assert int(store.client.hget(store.key("cancel_poll_queries_total"), "{}")) >= 1
@@ -387,3 +388,57 @@ def test_the_reaper_loop_runs_one_pass_per_interval_across_processes(app, harnes
     harness.closing(session)
     with app.app_context():
         assert get_db().sessions.count_documents({"_id": session["_id"]}) == 1
+
+
+def test_the_watcher_sends_one_query_per_interval_for_five_turns_in_one_process(harness, app, monkeypatch):
+    """Five turns in one process share its watcher: each poll interval costs one MongoDB query, not five."""
+    import mongomock
+
+    from agentcloud_clone.jobs.watcher import watcher_for
+
+    queries: list[str] = []
+    original = mongomock.collection.Collection.find
+
+    def counting(self, *args, **kwargs):
+        if threading.current_thread().name.startswith("cancel-watcher"):
+            queries.append(self.name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(mongomock.collection.Collection, "find", counting)
+    sessions = [harness.start(steps=1000, stepDelay=0.02) for _ in range(5)]
+    threads = [harness.run_in_thread(session)[0] for session in sessions]
+    for session in sessions:
+        harness.wait_running(session)
+    watcher = watcher_for(app)
+    polls_before, queries_before = watcher.polls, len(queries)
+    harness.wait_for(lambda: watcher.polls >= polls_before + 5, "a few poll intervals")
+    polls, sent = watcher.polls - polls_before, len(queries) - queries_before
+    for session in sessions:
+        harness.cancel(session)
+    for thread in threads:
+        harness.finish(thread)
+    # One query a poll (give or take the poll in flight while counting); one per turn would be five a poll.
+    assert polls >= 5 and abs(sent - polls) <= 1, (polls, sent)
+    assert set(queries) == {"sessions"}
+
+
+def test_a_turn_handed_back_after_a_shutdown_shows_a_note_and_its_rerun_as_a_reply_of_its_own():
+    from agentcloud_clone.web.pages import transcript
+
+    turn = "t1"
+    items = transcript(
+        [
+            {"type": "message", "text": "go", "turnId": turn},
+            {"type": "output", "text": "part", "turnId": turn},
+            {"type": "turn_end", "turnId": turn, "retry": 1, "interrupted": True, "message": "will run again"},
+            {"type": "output", "text": "whole", "turnId": turn},
+            {"type": "turn_end", "turnId": turn},
+        ]
+    )
+    assert [(i["kind"], i["text"]) for i in items] == [
+        ("user", "go"),
+        ("agent", "part"),
+        ("note", "will run again"),
+        ("agent", "whole"),
+    ]
+    assert items[1]["interrupted"] and not items[3]["interrupted"]

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
+import redis
 from rq import Queue
 from standardwebhooks import Webhook
 
+from agentcloud_clone import queueing
+from agentcloud_clone.config import Config
+from agentcloud_clone.db import get_db
 from agentcloud_clone.queueing import get_redis
 from agentcloud_clone.services import webhooks
 from tests.fakes.receiver import Receiver
 from tests.workers.harness import FAST, RUNNER_MODULES
+
+UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"
 
 
 @pytest.fixture
@@ -22,7 +29,7 @@ def app_settings() -> dict[str, Any]:
         **FAST,
         "PYTHON_RUNNER_MODULES": RUNNER_MODULES,
         "WEBHOOK_ALLOW_PRIVATE": True,  # the receiver is on loopback
-        "WEBHOOK_RETRY_INTERVALS": ["0", "0", "0"],  # retry at once: the back-off itself is RQ's scheduler's
+        "WEBHOOK_RETRY_INTERVALS": ["0", "0", "0"],  # retry at once (the reaper's sweep queues retries when due)
     }
 
 
@@ -157,3 +164,151 @@ def test_a_destination_is_checked_again_when_sending(app, harness, factory, logi
     harness.start(message=None)
     _drain(app)
     assert receiver.received == []
+
+
+def _deliveries(app: Any) -> list[dict[str, Any]]:
+    with app.app_context():
+        return list(get_db().webhook_deliveries.find().sort("_id", 1))
+
+
+def _queue_away(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Webhook jobs go to a Redis that is not there (refused connections), as while redis-server is down."""
+
+    def unreachable() -> Queue:
+        return Queue("turns.webhooks", connection=redis.Redis.from_url(UNREACHABLE_REDIS, socket_timeout=0.5))
+
+    monkeypatch.setattr(queueing, "webhook_queue", unreachable)
+
+
+def _later(monkeypatch: pytest.MonkeyPatch, minutes: float = 5) -> None:
+    """The webhook service's clock moves on (past any lease just given), without waiting for it."""
+    real = webhooks.utcnow
+    monkeypatch.setattr(webhooks, "utcnow", lambda: real() + timedelta(minutes=minutes))
+
+
+def _ids(receiver: Receiver) -> set[str]:
+    return {r["headers"]["webhook-id"] for r in receiver.received}
+
+
+def test_the_default_retry_schedule_spans_at_least_a_day_and_backs_off():
+    intervals = [float(v) for v in Config({"SECRET_KEY": "x"}).values["WEBHOOK_RETRY_INTERVALS"]]
+    assert sum(intervals) >= 24 * 3600
+    assert intervals == sorted(intervals) and intervals[0] < intervals[-1]
+
+
+def test_a_delivery_whose_job_could_not_be_queued_while_redis_was_down_is_sent_by_the_reaper(
+    app, harness, factory, login, receiver, monkeypatch
+):
+    admin = login(factory.user("admin", {"_id": harness.user.team_oid}))
+    _register(admin, receiver.url, ["session.started"])
+    with monkeypatch.context() as patch:
+        _queue_away(patch)
+        harness.start(message=None)
+        with app.app_context():
+            assert webhooks.settle(20)
+            (delivery,) = _deliveries(app)
+            assert delivery["status"] == "pending" and receiver.received == []
+            assert webhooks.sweep_missed() == 0  # the queue is still away: it stays pending, and due
+        assert _deliveries(app)[0]["status"] == "pending"
+    _drain(app)  # Redis is back: the reaper's next pass queues it
+    assert [r["status"] for r in receiver.received] == [200]
+    assert _ids(receiver) == {str(delivery["_id"])}
+    assert _deliveries(app)[0]["status"] == "delivered"
+
+
+def test_a_delivery_whose_job_was_lost_is_queued_again_once_its_lease_runs_out(
+    app, harness, factory, login, receiver, monkeypatch
+):
+    admin = login(factory.user("admin", {"_id": harness.user.team_oid}))
+    _register(admin, receiver.url, ["session.started"])
+    harness.start(message=None)
+    with app.app_context():
+        assert webhooks.settle(20)
+        queue = Queue(app.config["WEBHOOK_QUEUE"], connection=get_redis())
+        assert len(queue.get_job_ids()) == 1
+        assert webhooks.sweep_missed() == 0  # its job is queued and its lease is not over: nothing to do
+        queue.empty()  # the job is lost (Redis restarted without its data)
+        (delivery,) = _deliveries(app)
+        assert delivery["status"] == "queued"
+        _later(monkeypatch)  # WEBHOOK_LEASE (2 min) later
+        assert webhooks.sweep_missed() == 1
+    _drain(app)
+    assert [r["status"] for r in receiver.received] == [200]
+    assert _ids(receiver) == {str(delivery["_id"])}
+    (done,) = _deliveries(app)
+    assert done["status"] == "delivered" and done["attemptCount"] == 1
+
+
+class WorkerKilled(BaseException):
+    """Stands for a worker killed (or failed by MongoDB) in the middle of an attempt."""
+
+
+def test_an_attempt_whose_job_died_counts_and_the_delivery_is_retried_with_the_same_id(
+    app, harness, factory, login, receiver, monkeypatch
+):
+    admin = login(factory.user("admin", {"_id": harness.user.team_oid}))
+    _register(admin, receiver.url, ["session.started"])
+    real_post = webhooks._post
+    with monkeypatch.context() as patch:
+
+        def killed(*args: Any) -> int:
+            real_post(*args)  # the receiver got it; the worker died before recording the answer
+            raise WorkerKilled
+
+        patch.setattr(webhooks, "_post", killed)
+        harness.start(message=None)
+        with app.app_context():
+            assert webhooks.settle(20)
+            queue = Queue(app.config["WEBHOOK_QUEUE"], connection=get_redis())
+            (job,) = queue.get_jobs()
+            queue.remove(job)  # a worker took it
+            with pytest.raises(WorkerKilled):
+                job.perform()
+    (delivery,) = _deliveries(app)
+    assert delivery["status"] == "sending" and delivery["attemptCount"] == 1
+    with app.app_context():
+        assert webhooks.sweep_missed() == 0  # leased to the dead job for now
+        _later(monkeypatch)
+        assert webhooks.sweep_missed() == 1
+    _drain(app)
+    assert len(receiver.received) == 2 and _ids(receiver) == {str(delivery["_id"])}  # the receiver deduplicates
+    (done,) = _deliveries(app)
+    assert done["status"] == "delivered" and done["attemptCount"] == 2
+
+
+def test_a_redelivery_asked_for_while_redis_is_down_is_sent_by_the_reaper(
+    app, harness, factory, login, receiver, monkeypatch
+):
+    admin = login(factory.user("admin", {"_id": harness.user.team_oid}))
+    hook = _register(admin, receiver.url, ["session.started"])
+    harness.start(message=None)
+    _drain(app)
+    (delivery,) = _deliveries(app)
+    path = f"/{admin.user.team_id}/forms/webhook/{hook['_id']}/delivery/{delivery['_id']}/redeliver"
+    with monkeypatch.context() as patch:
+        _queue_away(patch)
+        again = admin.json("POST", path)
+        assert again.status_code == 202 and again.get_json()["delivery"]["status"] == "pending"
+    _drain(app)
+    assert len(receiver.received) == 2 and _ids(receiver) == {str(delivery["_id"])}
+    assert _deliveries(app)[0]["status"] == "delivered"
+
+
+def test_a_turn_handed_back_by_a_shutdown_announces_no_completion(app, harness, factory, login, receiver):
+    from agentcloud_clone.services import sessions as sessions_service
+
+    admin = login(factory.user("admin", {"_id": harness.user.team_oid}))
+    _register(admin, receiver.url, ["turn.completed"])
+    session = harness.start(steps=2, stepDelay=0)
+    with app.app_context():
+        claimed = sessions_service.claim_turn(session["teamId"], session["_id"], session["activeTurnId"], "test:1")
+        assert claimed
+        outcome = sessions_service.requeue_interrupted_turn(
+            session["teamId"], session["_id"], session["activeTurnId"], 2, interrupted=True
+        )
+    assert outcome == "requeued"
+    _drain(app)
+    assert receiver.received == []  # the turn runs again; its completion is announced then
+    harness.run(session)
+    _drain(app)
+    assert [json.loads(r["body"])["type"] for r in receiver.received] == ["turn.completed"]

@@ -1,0 +1,38 @@
+"""Every process sees a team's first webhook endpoint at its next announcement, not after its list's refresh."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from agentcloud_clone.repositories import webhooks as repo
+from agentcloud_clone.services import webhooks
+from tests.workers.harness import FAST, RUNNER_MODULES
+
+
+@pytest.fixture
+def app_settings() -> dict[str, Any]:
+    return {**FAST, "PYTHON_RUNNER_MODULES": RUNNER_MODULES, "WEBHOOK_ALLOW_PRIVATE": True}
+
+
+def _deliveries(app, team_id) -> list[dict[str, Any]]:
+    with app.app_context():
+        assert webhooks.settle(20)
+        return list(repo.get_db().webhook_deliveries.find({"teamId": team_id}))
+
+
+def test_a_process_that_read_the_endpoints_before_a_change_sees_it_at_once(app, harness, factory, login):
+    admin = login(factory.user("admin", {"_id": harness.user.team_oid}))
+    harness.start(steps=1, stepDelay=0)  # this process's emitter reads which teams have endpoints: none
+    assert _deliveries(app, harness.user.team_oid) == []
+    with app.app_context():
+        before = webhooks._endpoints_version()
+    added = admin.json("POST", f"/{admin.user.team_id}/forms/webhook/add", {"url": "http://127.0.0.1:9/"})
+    assert added.status_code == 201, added.get_json()
+    # As in another process, which read the list just now (before the change) and was not told directly.
+    webhooks._emitter.teams = (time.monotonic(), before, set())
+    session = harness.start(steps=1, stepDelay=0)
+    started = [d for d in _deliveries(app, harness.user.team_oid) if d["type"] == "session.started"]
+    assert [d["payload"]["data"]["sessionId"] for d in started] == [str(session["_id"])]
