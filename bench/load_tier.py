@@ -161,6 +161,7 @@ def run_layout(servers: Servers, layout: str, *, turns: int, seconds: float) -> 
         "turns": turns,
         # Turns that ended on their own (an error) before the cancel, left out of the cancel-all.
         "turns_failed": {"not_running": len(failed), "why": sorted(set(failed.values()))[:3]},
+        "setup_503s": client.unavailable,
         "workers_start_s": workers_start_s,
         "window": window,
         "baseline": baseline,

@@ -95,9 +95,7 @@ def _output_complete(client: Client, team: str, sids: list[str]) -> dict[str, An
     """Every session ended its turn `waiting` with the reply's words, in order, as its output."""
 
     def check(sid: str) -> tuple[bool, str]:
-        answer = client.call("GET", f"/{team}/session/{sid}/messages.json?limit=1000")
-        if answer.status != 200:
-            return False, f"messages.json answered {answer.status}"
+        answer = client.setup("GET", f"/{team}/session/{sid}/messages.json?limit=1000")
         events = answer.body.get("messages") or []
         text = "".join(e.get("text", "") for e in events if e.get("type") == "output")
         if answer.body.get("status") != "waiting":
@@ -181,9 +179,7 @@ def _cancel_phase(stack: Stack, client: Client, store: Store, roots: list[int], 
     """Phase 2 or 3: N long turns, all running, then one cancel of all of them."""
     team = stack.demo["teamId"]
     receiver = Receiver()
-    hook = client.call("POST", f"/{team}/forms/webhook/add", {"url": receiver.url, "eventTypes": ["session.ended"]})
-    if hook.status != 201:
-        raise BenchError(f"webhook add answered {hook.status}: {hook.body or hook.error}")
+    receiver.register(client, team)
     app_id = _app(stack, "long", LONG_TURN)
     claimed = store.wait_claimed(start_sessions(client, team, app_id, turns), timeout=180)
     sids = claimed.running  # a turn that failed before the cancel is counted, and not cancelled
@@ -243,6 +239,7 @@ def run_mode(servers: Servers, mode: str, *, turns: int, processes: int, interva
                 result["pubsub" if pubsub else "polling"] = _cancel_phase(stack, client, store, roots, turns, target)
             finally:
                 store.close()
+                result["setup_503s"] = result.get("setup_503s", 0) + client.unavailable
     return result
 
 

@@ -239,6 +239,7 @@ def _load_tier_lines(part: dict[str, Any]) -> list[str]:
                 if layout.get("session_read_p99_vs_baseline")
                 else ""
             )
+            + _refused(reads=layout["session_read"], ui_polls=layout["ui_poll"], cancels=layout["cancel_request"])
         )
         lines += _profile_line(layout["window"].get("store_profile"), "same load")
     lines.append(
@@ -256,7 +257,9 @@ def _load_tier_lines(part: dict[str, Any]) -> list[str]:
             f"{c.get('closing_notices_missing', '-'):>14}"
             + (f" ({c['not_ended']} never ended)" if c["not_ended"] else "")
             + _failed(layout.get("turns_failed"), "before the cancel, left out of it")
+            + _refused(cancels=c["request"])
         )
+        lines += _setup_line(layout)
     return lines
 
 
@@ -265,6 +268,18 @@ def _failed(figures: dict[str, Any] | None, when: str) -> str:
     if not figures or not figures.get("not_running"):
         return ""
     return f"  ({figures['not_running']} turns FAILED {when}: {(figures.get('why') or ['?'])[0][:160]})"
+
+
+def _refused(**summaries: dict[str, Any] | None) -> str:
+    """A note for a row whose requests did not all succeed (a 503 while the store was too slow, say)."""
+    failed = [f"{n} {name}" for name, s in summaries.items() if s and (n := s.get("errors"))]
+    return f"  (requests that failed: {', '.join(failed)})" if failed else ""
+
+
+def _setup_line(part: dict[str, Any]) -> list[str]:
+    """How often the product answered 503 to the requests a part needed to set up (each sent again)."""
+    count = part.get("setup_503s") or 0
+    return [f"   (setting up, the product answered 503 {count} times: sent again a second later)"] if count else []
 
 
 def _layout_name(layout: dict[str, Any]) -> str:
@@ -301,6 +316,7 @@ def _many_turns_lines(part: dict[str, Any]) -> list[str]:
             f"{m['output']['complete']:>5}/{m['output']['checked']:<4}{_pair(m['session_read']):>22}"
             f"{m['all_running_after_s']:>9.1f} s / {m['all_ended_after_s']:.1f} s"
             + _failed(m.get("turns_failed"), "before all ran")
+            + _refused(reads=m["session_read"])
         )
     lines.append(
         f"   {'cancel all':<22}{'turns':>6}{'to end p50/p99':>22}{'max':>9}{'stamp→end p99':>15}{'answer p99':>12}"
@@ -320,8 +336,11 @@ def _many_turns_lines(part: dict[str, Any]) -> list[str]:
                 f"{c['store_commands']['per_s']:>14.0f}  ≤ {ms(c['target_p99_s']):<8}{yes(c['target_met']):<4}"
                 f"{c.get('closing_notices_missing', '-'):>13}{_webhook_cell(c.get('webhook_session_ended')):>32}"
                 + _failed(c.get("turns_failed"), "before the cancel, left out of it")
+                + _refused(cancels=c["request"])
             )
             lines += _profile_line(c.get("store_profile_before"), f"{c['sessions']} turns running, before the cancel")
+    for mode in modes.values():
+        lines += _setup_line(mode)
     return lines
 
 
@@ -370,6 +389,7 @@ def _streams_lines(part: dict[str, Any]) -> list[str]:
         + f"; they arrived p50 {_seconds(busy['p50'])} after their sessions ended (once the cancel-all freed slots)",
         f"   streams on the cancelled sessions that got session.ended: {part['streams_ended']['on_cancelled_sessions']}"
         f"/{part['streams_ended']['of']}",
+        *_setup_line(part),
         *(
             [_failed(part.get("turns_failed"), "before the streams opened, left out").strip()]
             if part.get("turns_failed", {}).get("not_running")

@@ -60,6 +60,10 @@ class Receiver(FakeReceiver):
         self.received = _Stamped()
         self.start()
 
+    def register(self, client: Client, team: str) -> None:
+        """This receiver as the team's webhook endpoint for `session.ended`."""
+        client.setup("POST", f"/{team}/forms/webhook/add", {"url": self.url, "eventTypes": ["session.ended"]}, 201)
+
     def ended(self) -> dict[str, float]:
         """Session → first arrival of its `session.ended`."""
         with self.lock:
@@ -131,11 +135,7 @@ def run(
             notices = NoticeWatcher(stack, keep_events=True).__enter__()
             web_root = stack.webs[0][0].pid
             try:
-                hook = client.call(
-                    "POST", f"/{team}/forms/webhook/add", {"url": receiver.url, "eventTypes": ["session.ended"]}
-                )
-                if hook.status != 201:
-                    raise BenchError(f"webhook add answered {hook.status}: {hook.body or hook.error}")
+                receiver.register(client, team)
                 app_id = stack.cli("apps", "create", team, "--name", "stream", "--config", json.dumps(STREAMING_TURN))[
                     "appId"
                 ]
@@ -252,6 +252,7 @@ def run(
                 notices.__exit__()
                 fleet.close()
                 store.close()
+                result["setup_503s"] = client.unavailable
                 del workers
     finally:
         receiver.stop()

@@ -155,6 +155,9 @@ class Client:
     def __init__(self, base_url: str, api_key: str, timeout: float = 60) -> None:
         self.base_url, self.api_key, self.timeout = base_url, api_key, timeout
         self._local = threading.local()
+        # 503s that `setup` waited out (the product failing fast while its store was too slow to answer)
+        self.unavailable = 0
+        self._lock = threading.Lock()
 
     def http(self) -> requests.Session:
         http = getattr(self._local, "http", None)
@@ -177,6 +180,22 @@ class Client:
             data = {}
         return Answer(response.status_code, data if isinstance(data, dict) else {}, sent, seconds)
 
+    def setup(self, method: str, path: str, body: Any = None, expect: int = 200, wait: float = 120) -> Answer:
+        """A request a part needs in order to take its figures, not one it measures: a 503 is sent again after
+        a second, as the product's answer asks, for up to `wait` s (each counted in `unavailable`);
+        BenchError for any other answer than `expect`."""
+        deadline = time.monotonic() + wait
+        while True:
+            answer = self.call(method, path, body)
+            if answer.status != 503 or time.monotonic() >= deadline:
+                break
+            with self._lock:
+                self.unavailable += 1
+            time.sleep(1.0)
+        if answer.status != expect:
+            raise BenchError(f"{method} {path} answered {answer.status}: {answer.body or answer.error}")
+        return answer
+
 
 def start_sessions(
     client: Client, team: str, app_id: str, count: int, message: str | None = "go", skip_run: bool = False
@@ -190,10 +209,7 @@ def start_sessions(
         body["skipRun"] = True
 
     def add(_: int) -> str:
-        answer = client.call("POST", f"/{team}/forms/session/add", body)
-        if answer.status != 200:
-            raise BenchError(f"session add answered {answer.status}: {answer.body or answer.error}")
-        return str(answer.body["_id"])
+        return str(client.setup("POST", f"/{team}/forms/session/add", body).body["_id"])
 
     from concurrent.futures import ThreadPoolExecutor
 
@@ -207,9 +223,7 @@ def start_turns(client: Client, team: str, sids: Sequence[str], parallel: int = 
     from concurrent.futures import ThreadPoolExecutor
 
     def start(sid: str) -> None:
-        answer = client.call("POST", f"/{team}/forms/session/{sid}/start", {})
-        if answer.status != 200:
-            raise BenchError(f"session start answered {answer.status}: {answer.body or answer.error}")
+        client.setup("POST", f"/{team}/forms/session/{sid}/start", {})
 
     began = time.monotonic()
     with ThreadPoolExecutor(parallel) as pool:
