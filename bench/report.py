@@ -277,9 +277,12 @@ def _refused(**summaries: dict[str, Any] | None) -> str:
 
 
 def _setup_line(part: dict[str, Any]) -> list[str]:
-    """How often the product answered 503 to the requests a part needed to set up (each sent again)."""
+    """How often the product refused the requests a part needed to set up (each sent again)."""
     count = part.get("setup_503s") or 0
-    return [f"   (setting up, the product answered 503 {count} times: sent again a second later)"] if count else []
+    if not count:
+        return []
+    why = "503, or 409 while a first attempt was still in progress"
+    return [f"   (setting up, the product refused {count} requests ({why}): each sent again a second later)"]
 
 
 def _layout_name(layout: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,7 +156,8 @@ class Client:
     def __init__(self, base_url: str, api_key: str, timeout: float = 60) -> None:
         self.base_url, self.api_key, self.timeout = base_url, api_key, timeout
         self._local = threading.local()
-        # 503s that `setup` waited out (the product failing fast while its store was too slow to answer)
+        # Answers `setup` waited out: 503s (the product failing fast while its store was too slow to answer),
+        # and 409s of a retry whose first attempt was still in progress
         self.unavailable = 0
         self._lock = threading.Lock()
 
@@ -166,11 +168,13 @@ class Client:
             http.headers["Authorization"] = f"Bearer {self.api_key}"
         return http
 
-    def call(self, method: str, path: str, body: Any = None) -> Answer:
+    def call(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> Answer:
         sent = time.time()
         started = time.perf_counter()
         try:
-            response = self.http().request(method, self.base_url + path, json=body, timeout=self.timeout)
+            response = self.http().request(
+                method, self.base_url + path, json=body, headers=headers, timeout=self.timeout
+            )
         except requests.RequestException as exc:
             return Answer(None, {}, sent, time.perf_counter() - started, f"{exc.__class__.__name__}: {exc}")
         seconds = time.perf_counter() - started
@@ -180,18 +184,35 @@ class Client:
             data = {}
         return Answer(response.status_code, data if isinstance(data, dict) else {}, sent, seconds)
 
-    def setup(self, method: str, path: str, body: Any = None, expect: int = 200, wait: float = 120) -> Answer:
+    def setup(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        expect: int = 200,
+        *,
+        idempotent: bool = False,
+        done_if_conflict: bool = False,
+        wait: float = 120,
+    ) -> Answer:
         """A request a part needs in order to take its figures, not one it measures: a 503 is sent again after
-        a second, as the product's answer asks, for up to `wait` s (each counted in `unavailable`);
-        BenchError for any other answer than `expect`."""
-        deadline = time.monotonic() + wait
+        a second, as the product's answer asks, for up to `wait` s (each counted in `unavailable`). A 503 can
+        come after the write took (a reply that missed its deadline): with `idempotent` every attempt carries
+        the same Idempotency-Key (and a 409, the first attempt still in progress, is waited out too), and with
+        `done_if_conflict` a 409 after a 503 counts as done. BenchError for any other answer than `expect`."""
+        headers = {"Idempotency-Key": f"bench-{uuid.uuid4().hex}"} if idempotent else None
+        again = {503, 409} if idempotent else {503}
+        deadline, refused = time.monotonic() + wait, False
         while True:
-            answer = self.call(method, path, body)
-            if answer.status != 503 or time.monotonic() >= deadline:
+            answer = self.call(method, path, body, headers)
+            if answer.status not in again or time.monotonic() >= deadline:
                 break
+            refused = True
             with self._lock:
                 self.unavailable += 1
             time.sleep(1.0)
+        if refused and done_if_conflict and answer.status == 409:
+            return answer
         if answer.status != expect:
             raise BenchError(f"{method} {path} answered {answer.status}: {answer.body or answer.error}")
         return answer
@@ -209,7 +230,7 @@ def start_sessions(
         body["skipRun"] = True
 
     def add(_: int) -> str:
-        return str(client.setup("POST", f"/{team}/forms/session/add", body).body["_id"])
+        return str(client.setup("POST", f"/{team}/forms/session/add", body, idempotent=True).body["_id"])
 
     from concurrent.futures import ThreadPoolExecutor
 
@@ -223,7 +244,7 @@ def start_turns(client: Client, team: str, sids: Sequence[str], parallel: int = 
     from concurrent.futures import ThreadPoolExecutor
 
     def start(sid: str) -> None:
-        client.setup("POST", f"/{team}/forms/session/{sid}/start", {})
+        client.setup("POST", f"/{team}/forms/session/{sid}/start", {}, done_if_conflict=True)
 
     began = time.monotonic()
     with ThreadPoolExecutor(parallel) as pool:
