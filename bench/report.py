@@ -319,6 +319,7 @@ def _many_turns_lines(part: dict[str, Any]) -> list[str]:
             f"{m['output']['complete']:>5}/{m['output']['checked']:<4}{_pair(m['session_read']):>22}"
             f"{m['all_running_after_s']:>9.1f} s / {m['all_ended_after_s']:.1f} s"
             + _failed(m.get("turns_failed"), "before all ran")
+            + (f"  ({early} had finished before all ran)" if (early := m.get("finished_before_all_ran")) else "")
             + _refused(reads=m["session_read"])
         )
     lines.append(
@@ -363,6 +364,11 @@ def _streams_lines(part: dict[str, Any]) -> list[str]:
         f"8. Streams and webhooks (issue #15): 1 web instance (2 gevent workers), {part['turns']} running turns "
         f"(a word every {part['turn']['stepDelay']:g} s), {part['seconds']:g} s per measurement",
         f"   store: {part.get('store', '?')}; {_capacity(part.get('store_capacity'))}",
+        *(
+            [f"   {f['streams']} of {f['of']} streams FAILED to open ({', '.join(f['errors'])}); the figures: the rest"]
+            if (f := part.get("failed_to_open") or {}).get("streams")
+            else []
+        ),
         f"   delivery, worker's createdAt → received here, {d['streams']} streams on the running turns: "
         f"p50 {ms(d['p50'])}, p99 {ms(d['p99'])}, max {ms(d['max'])} ({d['n']} events, {d['frames_per_s']:.0f}/s); "
         f"target p99 ≤ {ms(d['target_p99_s'])}: {yes(d['target_met'])}; store {d['store_commands']['per_s']:.0f} "
