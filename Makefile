@@ -48,7 +48,7 @@ worker: install
 TEST_JOBS ?= 2
 test: install lint
 	$(BIN)/python -m pytest -q -n $(TEST_JOBS) -m "not integration and not browser and not contract" $(PYTEST_ARGS)
-	$(BIN)/python -m pytest -q -m "integration or browser or contract" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=15 -m "integration or browser or contract" $(PYTEST_ARGS)
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not integration and not browser and not contract" $(PYTEST_ARGS)

@@ -27,7 +27,7 @@ from .repositories import apps as apps_repo
 from .sealing import reseal_all
 from .services import accounts as accounts_service
 from .services import apps as apps_service
-from .vocabulary import RUNNER_NAMES
+from .vocabulary import RUNNER_NAMES, Runner
 from .web.errors import status_for
 
 users_cli = AppGroup("users", help="Manage user accounts.")
@@ -130,6 +130,20 @@ def teams_remove_member(team_id: str, email: str) -> None:
     _emit({"accountId": str(account["_id"]), "teamId": team_id, "removed": True})
 
 
+@teams_cli.command("set-turn-slots")
+@click.argument("team_id")
+@click.argument("slots", type=click.IntRange(1, 10_000), required=False)
+@click.option("--default", "use_default", is_flag=True, help="Go back to TEAM_MAX_ACTIVE_TURNS.")
+@_reports_errors
+def teams_set_turn_slots(team_id: str, slots: int | None, use_default: bool) -> None:
+    """How many of the team's turns may hold the workers at once (fair scheduling); an operator's setting that
+    team admins cannot change. Takes effect within 30 s in every process."""
+    if (slots is None) == (not use_default):
+        raise InvalidInput("Give the number of slots, or --default.")
+    team = accounts_service.set_team_turn_slots(_team(team_id)["_id"], None if use_default else slots)
+    _emit({"teamId": team_id, "maxActiveTurns": team.get("maxActiveTurns")})
+
+
 @teams_cli.command("members")
 @click.argument("team_id")
 @_reports_errors
@@ -155,7 +169,7 @@ def apikeys_create(email: str, name: str) -> None:
 @apps_cli.command("create")
 @click.argument("team_id")
 @click.option("--name", required=True)
-@click.option("--runner", type=click.Choice(RUNNER_NAMES), default="scripted", show_default=True)
+@click.option("--runner", type=click.Choice(RUNNER_NAMES), default=Runner.SCRIPTED.value, show_default=True)
 @click.option("--config", "config_json", default="{}", help="Runner settings as a JSON object.")
 @_reports_errors
 def apps_create(team_id: str, name: str, runner: str, config_json: str) -> None:
@@ -186,7 +200,7 @@ def seed_demo() -> dict[str, str | None]:
         existing[0]
         if existing
         else apps_service.create_app_record(
-            team, "Scripted demo agent", "scripted", {"steps": 20, "stepDelay": 0.3}, None
+            team, "Scripted demo agent", Runner.SCRIPTED, {"steps": 20, "stepDelay": 0.3}, None
         )
     )
     record, key = accounts_service.create_api_key(parse_id(ids["accountId"], "account"), "demo key")

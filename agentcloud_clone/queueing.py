@@ -212,20 +212,20 @@ def turn_job_id(turn_id: str) -> str:
     return f"turn-{turn_id}"
 
 
-def team_slots(team_id: str) -> RateLimit:
-    """The team's share of the workers: at most TEAM_MAX_ACTIVE_TURNS of its turns queued or running at once
-    (RQ's own concurrency limit: the others wait, oldest first, and are queued as slots free)."""
+def team_slots(team_id: str, slots: int) -> RateLimit:
+    """The team's share of the workers: at most `slots` of its turns queued or running at once (RQ's own
+    concurrency limit: the others wait, oldest first, and are queued as slots free)."""
     key = f"{current_app.config['REDIS_PREFIX']}:team:{team_id}"
-    return RateLimit(key=key, concurrency=int(current_app.config["TEAM_MAX_ACTIVE_TURNS"]))
+    return RateLimit(key=key, concurrency=slots)
 
 
-def enqueue_turn(team_id: str, session_id: str, turn_id: str) -> str:
+def enqueue_turn(team_id: str, session_id: str, turn_id: str, slots: int) -> str:
     """Queue one turn of a session; raises RedisError when the queue is unreachable.
 
     Fair across teams: a team's turns take at most its slots, and the turn of a team with none in use goes to
     the front of the queue, so another team's backlog delays it by no more than a worker's next free moment."""
-    slots = team_slots(team_id)
-    idle_team = RateLimitRegistry(slots.key, connection=get_redis()).get_allowed_job_count() == 0
+    limit = team_slots(team_id, slots)
+    idle_team = RateLimitRegistry(limit.key, connection=get_redis()).get_allowed_job_count() == 0
     job = turn_queue().enqueue(
         TURN_JOB,
         team_id,
@@ -236,7 +236,7 @@ def enqueue_turn(team_id: str, session_id: str, turn_id: str) -> str:
         result_ttl=3600,
         failure_ttl=86400,
         description=f"session {session_id} turn {turn_id}",
-        rate_limit=slots,
+        rate_limit=limit,
         at_front=idle_team,
     )
     return str(job.id)

@@ -22,6 +22,7 @@ from .vocabulary import (
     SHARING_MODES,
     STATUSES,
     OnBusy,
+    Runner,
     SharingMode,
     Status,
 )
@@ -288,7 +289,7 @@ class SharingConfigField(JsonObjectField):
 
 class AppCreateSchema(Strict):
     name = fields.String(required=True, validate=validate.Length(min=1, max=200))
-    runner = fields.String(load_default="scripted", validate=validate.OneOf(RUNNER_NAMES))
+    runner = fields.String(load_default=Runner.SCRIPTED.value, validate=validate.OneOf(RUNNER_NAMES))
     config = JsonObjectField(load_default=dict)
     limits = LimitsField(load_default=dict)
     sharingConfig = SharingConfigField(load_default=None)
@@ -544,9 +545,9 @@ class PythonRunnerConfig(Strict):
 
 
 RUNNER_CONFIG_SCHEMAS: dict[str, type[Schema]] = {
-    "scripted": ScriptedRunnerConfig,
-    "openai": OpenAIRunnerConfig,
-    "python": PythonRunnerConfig,
+    Runner.SCRIPTED: ScriptedRunnerConfig,
+    Runner.OPENAI: OpenAIRunnerConfig,
+    Runner.PYTHON: PythonRunnerConfig,
 }
 
 

@@ -111,6 +111,17 @@ class WebhookEvent(StrEnum):
 WEBHOOK_EVENTS: tuple[str, ...] = tuple(e.value for e in WebhookEvent)
 
 
+class OperationStatus(StrEnum):
+    """Where a bulk cancel stands."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+
+
+OPERATION_STATUSES: tuple[str, ...] = tuple(s.value for s in OperationStatus)
+
+
 class Runner(StrEnum):
     """The agent runners an app can name."""
 

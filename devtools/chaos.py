@@ -70,6 +70,9 @@ SETTINGS: dict[str, Any] = {
 }
 # Once the faults stop, a cancelled session ends within this: its worker sees the stamp within a poll, or the
 # worker is gone and the reaper ends it after HEARTBEAT_TIMEOUT (plus a pass, plus a loaded machine's slack).
+# Settling after the faults: done when nothing is left to do; stuck when nothing moves for STALL_AFTER.
+STALL_AFTER = 60.0
+SETTLE_CAP = 1200.0
 CANCEL_BOUND = SETTINGS["HEARTBEAT_TIMEOUT"] + 3 * SETTINGS["REAPER_INTERVAL"] + 10
 APPS = {
     "short": {"steps": 10, "stepDelay": 0.05},
@@ -589,15 +592,21 @@ class Chaos:
         return found
 
     def _settle(self, faults_end: float) -> dict[str, Any]:
-        deadline = time.monotonic() + 120
+        """Wait until nothing is left to do. A long run leaves a backlog of turns that takes as long as it takes
+        (one team's turns hold at most TEAM_MAX_ACTIVE_TURNS slots): settling fails only when nothing moves for
+        STALL_AFTER seconds, or after SETTLE_CAP in all."""
+        deadline = time.monotonic() + SETTLE_CAP
         while time.monotonic() < deadline and not all(t.alive() for t in self.targets):
             time.sleep(0.2)
         db = self._db()
         pending: dict[str, int] = {}
-        reported = time.monotonic()
-        while time.monotonic() < deadline:
+        reported = moved = time.monotonic()
+        while time.monotonic() < min(deadline, moved + STALL_AFTER):
             with contextlib.suppress(pymongo.errors.PyMongoError):
-                pending = self._pending(db)
+                now = self._pending(db)
+                if now != pending:
+                    moved = time.monotonic()
+                pending = now
                 if not any(pending.values()):
                     break
             if time.monotonic() - reported > 10:
@@ -623,7 +632,10 @@ class Chaos:
         db = self._db()
         violations: list[str] = []
         if settled["still_pending"]:
-            violations.append(f"the product did not settle within 120 s: {settled['still_pending']}")
+            violations.append(
+                f"the product did not settle (nothing moved for {STALL_AFTER:g} s, or {SETTLE_CAP:g} s in all):"
+                f" {settled['still_pending']}"
+            )
         sessions = {doc["_id"]: doc for doc in db.sessions.find({}, {"pendingEvents": 0})}
         events: dict[Any, list[dict[str, Any]]] = collections.defaultdict(list)
         for event in db.session_events.find({}, {"sessionId": 1, "seq": 1, "type": 1, "status": 1}).sort("seq", 1):

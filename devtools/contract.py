@@ -122,7 +122,7 @@ VALID_REQUEST_STATUSES = ["2xx", "3xx", "401", "403", "404", "409", "422", "429"
 INVALID_REQUEST_STATUSES = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429", "5xx"]
 # Operations only a browser session may call (an API key is a 403). The run has none, so each of its requests is
 # refused before its input is read: a JSON 401, or for a form post the 302 to the sign-in page a browser gets.
-BROWSER_ONLY = ["createApiKey", "revokeApiKey", "signOutEverywhere"]
+BROWSER_ONLY = ["createApiKey", "revokeApiKey", "signOutEverywhere", "changePassword"]
 MISSING_HEADER_STATUSES = ["400", "401", "403", "406", "415", "422"]  # a missing X-CSRFToken, say
 
 

@@ -98,3 +98,15 @@ def test_members_can_be_listed_removed_and_change_role(runner, app):
     assert _json(runner.invoke(args=["teams", "remove-member", team["teamId"], "m@example.com"]))["removed"] is True
     last_owner = runner.invoke(args=["teams", "remove-member", team["teamId"], "own@example.com"])
     assert last_owner.exit_code == 1 and json.loads(last_owner.stderr)["code"] == 409
+
+
+def test_an_operator_sets_a_teams_turn_slots_and_goes_back_to_the_default(runner, app):
+    created = runner.invoke(args=["users", "create", "slots@example.com", "--password", "longenough", "--team", "S"])
+    team = _json(created)
+    set_ = _json(runner.invoke(args=["teams", "set-turn-slots", team["teamId"], "3"]))
+    assert set_ == {"teamId": team["teamId"], "maxActiveTurns": 3}
+    back = _json(runner.invoke(args=["teams", "set-turn-slots", team["teamId"], "--default"]))
+    assert back == {"teamId": team["teamId"], "maxActiveTurns": None}
+    neither = runner.invoke(args=["teams", "set-turn-slots", team["teamId"]])
+    assert neither.exit_code != 0 and "--default" in neither.output
+    assert runner.invoke(args=["teams", "set-turn-slots", team["teamId"], "0"]).exit_code != 0

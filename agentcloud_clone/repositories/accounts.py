@@ -97,6 +97,18 @@ def update_team(team_id: ObjectId, changes: dict[str, Any]) -> dict[str, Any] | 
     return get_db().teams.find_one_and_update({"_id": team_id}, {"$set": changes}, return_document=ReturnDocument.AFTER)
 
 
+def find_team_fields(team_id: ObjectId, projection: dict[str, Any]) -> dict[str, Any] | None:
+    """These fields of the team, if there is one."""
+    return get_db().teams.find_one({"_id": team_id}, projection)
+
+
+def unset_team_fields(team_id: ObjectId, fields: list[str]) -> dict[str, Any] | None:
+    """Remove these fields from the team; the team after, or None when there is no such team."""
+    return get_db().teams.find_one_and_update(
+        {"_id": team_id}, {"$unset": {name: "" for name in fields}}, return_document=ReturnDocument.AFTER
+    )
+
+
 def find_teams(team_ids: list[ObjectId]) -> list[dict[str, Any]]:
     """The teams with these ids, by name."""
     return list(get_db().teams.find({"_id": {"$in": team_ids}}).sort("name", 1))

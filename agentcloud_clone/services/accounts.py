@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -124,6 +125,35 @@ def account_for_signin(account_id: ObjectId, signin_id: str) -> dict[str, Any] |
     if doc is None or not any(s.get("id") == signin_id for s in doc.get("signins", [])):
         return None
     return doc
+
+
+# The teams' own turn slots, as this process last read them: (read at, slots or None for the default).
+_turn_slots: dict[ObjectId, tuple[float, int | None]] = {}
+TURN_SLOTS_KEPT_FOR = 30.0
+
+
+def team_turn_slots(team_id: ObjectId) -> int:
+    """How many of a team's turns may hold the workers at once: the team's own `maxActiveTurns`, set by an
+    operator, else TEAM_MAX_ACTIVE_TURNS. Read at most every TURN_SLOTS_KEPT_FOR seconds per process."""
+    now = time.monotonic()
+    read_at, slots = _turn_slots.get(team_id, (float("-inf"), None))
+    if now - read_at > TURN_SLOTS_KEPT_FOR:
+        team = repo.find_team_fields(team_id, {"maxActiveTurns": 1}) or {}
+        slots = team.get("maxActiveTurns")
+        _turn_slots[team_id] = (now, slots)
+    return int(slots) if slots else int(current_app.config["TEAM_MAX_ACTIVE_TURNS"])
+
+
+def set_team_turn_slots(team_id: ObjectId, slots: int | None) -> dict[str, Any]:
+    """The operator's setting of a team's turn slots (None: the deployment's default); not a team admin's."""
+    if slots is not None and not 1 <= slots <= 10_000:
+        raise InvalidInput("A team's turn slots are 1 to 10,000.")
+    get_team(team_id)
+    changes = {"maxActiveTurns": slots} if slots is not None else {}
+    team = repo.update_team(team_id, changes) if changes else repo.unset_team_fields(team_id, ["maxActiveTurns"])
+    _turn_slots.pop(team_id, None)
+    assert team is not None
+    return team
 
 
 def get_team(team_id: ObjectId) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from ..errors import NotFound, Unavailable
 from ..repositories import operations as repo
 from ..repositories import sessions as sessions_repo
 from ..timeutil import utcnow
-from ..vocabulary import CancelSource
+from ..vocabulary import CancelSource, OperationStatus
 from . import sessions
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def start_bulk_cancel(team_id: ObjectId, actor: Actor, criteria: dict[str, Any],
         {
             "teamId": team_id,
             "kind": "bulk_cancel",
-            "status": "queued",
+            "status": OperationStatus.QUEUED,
             "criteria": criteria,
             "reason": reason,
             "by": actor.as_doc(),
@@ -89,9 +89,9 @@ def _targets(team_id: ObjectId, criteria: dict[str, Any]) -> Iterator[list[Objec
 def apply_bulk_cancel(team_id: ObjectId, operation_id: ObjectId) -> dict[str, Any]:
     """Cancel every matching session, one atomic cancel each, recording progress after every batch."""
     operation = get_operation(team_id, operation_id)
-    if operation["status"] == "done":
+    if operation["status"] == OperationStatus.DONE:
         return operation
-    repo.update_operation(team_id, operation_id, {"$set": {"status": "running"}})
+    repo.update_operation(team_id, operation_id, {"$set": {"status": OperationStatus.RUNNING}})
     actor = Actor.from_doc(operation["by"])
     processed = cancelled = already = 0
     for batch in _targets(team_id, operation["criteria"]):
@@ -115,7 +115,7 @@ def apply_bulk_cancel(team_id: ObjectId, operation_id: ObjectId) -> dict[str, An
         if processed >= MAX_SESSIONS:
             break
     done = repo.update_operation(
-        team_id, operation_id, {"$set": {"status": "done", "finishedAt": utcnow(), "total": processed}}
+        team_id, operation_id, {"$set": {"status": OperationStatus.DONE, "finishedAt": utcnow(), "total": processed}}
     )
     log.info("bulk cancel %s done: %d cancelled, %d already ended", operation_id, cancelled, already)
     return done or operation

@@ -40,7 +40,7 @@ from ..vocabulary import (
     SharingMode,
     Status,
 )
-from . import idempotency, webhooks
+from . import accounts, idempotency, webhooks
 
 log = logging.getLogger(__name__)
 CLAIMABLE: dict[str, Any] = {"status": {"$in": list(CLAIMABLE_STATUSES)}}
@@ -216,7 +216,7 @@ def _enqueue(session_id: ObjectId, team_id: ObjectId, turn_id: ObjectId) -> None
     """Queue the turn, then look at the session once more: an end that came between the reservation and the queue
     (a cancel, whose drop of the queued job found nothing yet) takes the job out again. Either the end's drop sees
     the job or this look sees the end, so no queue entry outlives its session."""
-    queueing.enqueue_turn(str(team_id), str(session_id), str(turn_id))
+    queueing.enqueue_turn(str(team_id), str(session_id), str(turn_id), accounts.team_turn_slots(team_id))
     try:
         current = repo.find_session(team_id, session_id, {"status": 1, "activeTurnId": 1})
     except PyMongoError:

@@ -39,7 +39,7 @@ from ..errors import Conflict, InvalidInput, NotFound
 from ..repositories import webhooks as repo
 from ..sealing import UnsealError, seal, unseal
 from ..timeutil import utcnow
-from ..vocabulary import WEBHOOK_EVENTS, EventType, WebhookEvent
+from ..vocabulary import WEBHOOK_EVENTS, EventType, Status, WebhookEvent
 
 log = logging.getLogger(__name__)
 MAX_ENDPOINTS = 20
@@ -211,7 +211,7 @@ def _items_for_events(events: list[dict[str, Any]]) -> list[tuple[str, dict[str,
 
 def _started_item(session: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     payload = _payload(
-        WebhookEvent.SESSION_STARTED, session["teamId"], session["_id"], session["startDate"], status="started"
+        WebhookEvent.SESSION_STARTED, session["teamId"], session["_id"], session["startDate"], status=Status.STARTED
     )
     return f"{session['_id']}:started", payload
 

@@ -44,3 +44,27 @@ def test_a_cancelled_queued_turn_gives_its_slot_to_the_next(factory, app, api_ke
     assert call("POST", f"/{user.team_id}/forms/session/{sessions[0]['_id']}/cancel").status_code == 200
     assert settle_outbox()  # the queued job is dropped off the request path
     assert _queued_turns(app)[-1] == turn_job_id(str(sessions[2]["activeTurnId"]))
+
+
+def test_an_operator_gives_one_team_more_or_fewer_slots_than_the_default(factory, app):
+    from agentcloud_clone.services import accounts
+
+    small, big = factory.user("member"), factory.user("member")
+    with app.app_context():
+        accounts.set_team_turn_slots(small.team_oid, 1)
+        accounts.set_team_turn_slots(big.team_oid, 3)
+    small_app, big_app = factory.app_record(small.team_id), factory.app_record(big.team_id)
+    small_turns = [factory.session(small, small_app, f"s{n}")["activeTurnId"] for n in range(3)]
+    big_turns = [factory.session(big, big_app, f"b{n}")["activeTurnId"] for n in range(4)]
+    queued = set(_queued_turns(app))
+    assert [turn_job_id(str(t)) in queued for t in small_turns] == [True, False, False]
+    assert [turn_job_id(str(t)) in queued for t in big_turns] == [True, True, True, False]  # the default is 2 here
+    with app.app_context():
+        accounts.set_team_turn_slots(small.team_oid, None)
+        assert accounts.team_turn_slots(small.team_oid) == app.config["TEAM_MAX_ACTIVE_TURNS"] == 2
+
+
+def test_a_team_admin_cannot_give_their_own_team_more_slots(factory, login):
+    admin = login(factory.user("admin"))
+    edited = admin.json("POST", f"/{admin.user.team_id}/forms/team/edit", {"maxActiveTurns": 100})
+    assert edited.status_code == 400 and "maxActiveTurns" in edited.get_json()["errors"]

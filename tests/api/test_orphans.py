@@ -201,7 +201,7 @@ def test_a_write_that_stalls_past_the_purge_of_its_session_removes_what_it_wrote
     with app.app_context():
         service.delete_session(session["teamId"], session["_id"])
         # The reaper purges the tombstone once it is older than the grace.
-        wait_until(lambda: repo.purge_tombstones(utcnow() - timedelta(seconds=0.2)), 5, "the purge")
+        wait_until(lambda: repo.purge_tombstones(utcnow() - timedelta(seconds=0.2)), 30, "the purge")
         assert get_db().sessions.find_one({"_id": session["_id"]}) is None
     resume.set()
     writer.join(10)
@@ -275,7 +275,7 @@ def test_a_turn_queued_just_after_its_session_ended_is_taken_out_again(app, fact
     with app.app_context():
         assert get_db().sessions.find_one({"_id": session["_id"]})["status"] == "terminated"
         queue = Queue(app.config["TURN_QUEUE"], connection=get_redis())
-        wait_until(lambda: queue.get_job_ids() == [], 5, "the job to be taken out")
+        wait_until(lambda: queue.get_job_ids() == [], 30, "the job to be taken out")
 
 
 def test_the_reaper_takes_queue_entries_of_ended_sessions_out(app, factory, world):
@@ -286,7 +286,7 @@ def test_the_reaper_takes_queue_entries_of_ended_sessions_out(app, factory, worl
     with app.app_context():
         service.cancel_session(session["teamId"], session["_id"], world["actor"], CancelSource.API)
         # A drop that never happened (Redis was away): the job of the ended session is still queued.
-        queueing.enqueue_turn(str(session["teamId"]), str(session["_id"]), str(ObjectId()))
+        queueing.enqueue_turn(str(session["teamId"]), str(session["_id"]), str(ObjectId()), 8)
         assert service.sweep_queue() == 1
         queue = Queue(app.config["TURN_QUEUE"], connection=get_redis())
         assert queue.get_job_ids() == [f"turn-{live['activeTurnId']}"]

@@ -47,7 +47,7 @@ def test_keep_me_signed_in_then_sign_out_signs_out_and_captured_cookies_are_refu
     assert _signed_in(pages, [by_name["remember_token"]])
     assert _signed_in(pages, [by_name["session"]])
 
-    page.get_by_role("button", name="Sign out").click()
+    page.get_by_role("button", name="Sign out", exact=True).click()
     expect(page).to_have_url(re.compile(r"/login"))
     page.reload()
     expect(page.get_by_role("heading", name="Sign in", level=1)).to_be_visible()

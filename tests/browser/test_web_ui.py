@@ -70,8 +70,8 @@ def test_sign_in_start_a_session_watch_it_stream_cancel_it_and_delete_it(pages, 
     cancel = _hold_cancel(page)
     # The badge says so at once: the cancel is held on its way, so the server has not even heard of it yet.
     expect(page.locator("#session-status")).to_have_text("cancelling")
-    expect(page.get_by_role("button", name="Cancel session")).to_be_disabled()
     cancel.continue_()
+    page.unroute(CANCEL_POST)
     expect(page.locator("#session-status")).to_have_text("terminated", timeout=30_000)
     # Still on the session page, which now shows how the session ended; the banner about its start is gone.
     assert page.url.endswith(f"/session/{sid}")
@@ -118,7 +118,6 @@ def _hold_cancel(page: Page) -> Route:
     while not held and time.monotonic() < deadline:
         page.wait_for_timeout(50)  # lets Playwright call the route handler
     assert held, "the page did not post the cancel"
-    page.unroute(CANCEL_POST)
     return held[0]
 
 
@@ -295,7 +294,7 @@ def test_every_form_works_without_javascript(pages, stack):
     expect(page.get_by_role("status").filter(has_text="API key revoked.")).to_be_visible()
     assert requests.get(f"{stack.url}/account.json", headers=headers, timeout=10).status_code == 401
 
-    page.get_by_role("button", name="Sign out").click()
+    page.get_by_role("button", name="Sign out", exact=True).click()
     expect(page).to_have_url(re.compile("/login$"))
     page.goto(f"/{team}/sessions")
     expect(page).to_have_url(re.compile(r"/login\?next="))
@@ -319,6 +318,30 @@ def test_after_a_turn_finishes_the_next_message_starts_another(pages, stack):
     expect(page.locator("#transcript .entry-agent .text").last).to_have_text(re.compile("Turn 2"))
     expect(page.locator("#session-status")).not_to_have_text(re.compile("terminated|error"))
     stack.api("POST", f"/{team}/forms/session/{sid}/cancel")
+
+
+def test_an_interrupting_message_and_a_cancel_with_a_reason_show_on_the_page(pages, stack, slow_app):
+    page = pages.new()
+    sign_in(page, stack.demo["email"], stack.demo["password"])
+    sid = _start_session(page, slow_app, "Interrupted, then cancelled")
+    expect(page.locator("#transcript .entry-agent .text")).to_have_text(re.compile(r"\S"))
+    page.get_by_label("Your message").fill("Stop counting; just say hello.")
+    page.get_by_label("If the agent is still answering").select_option("interrupt")
+    page.get_by_role("button", name="Send").click()
+    # The answer in flight stops, keeping what it said, and the new message is answered next.
+    expect(page.locator("#transcript .entry-user")).to_have_count(2)
+    expect(page.locator("#transcript .entry-agent").first.locator(".interrupted")).to_be_visible()
+    expect(page.locator("#transcript .entry-agent")).to_have_count(2)
+    page.get_by_label("Reason (optional)").fill("enough for today")
+    page.get_by_role("button", name="Cancel session").click()
+    expect(
+        page.locator("#transcript .entry-note").filter(has_text="Cancel requested: enough for today")
+    ).to_be_visible()
+    expect(page.locator("#session-status")).to_have_text("terminated", timeout=30_000)
+    page.reload()
+    expect(page.locator("#session-end-reason")).to_have_text("cancelled: enough for today")
+    shown = stack.api("GET", f"/{stack.demo['teamId']}/session/{sid}.json").json()["session"]
+    assert shown["cancellation"]["reason"] == "enough for today" and shown["cancellation"]["source"] == "ui"
 
 
 def test_the_sessions_list_pages_with_the_before_cursor(pages, stack):

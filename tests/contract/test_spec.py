@@ -14,7 +14,7 @@ from openapi_spec_validator import validate
 
 from agentcloud_clone import examples
 from agentcloud_clone.services.apps import load_runner_callable
-from agentcloud_clone.vocabulary import WEBHOOK_EVENTS
+from agentcloud_clone.vocabulary import END_REASONS, OPERATION_STATUSES, STATUSES, WEBHOOK_EVENTS
 from agentcloud_clone.web.docs import SPEC_PATH
 from devtools import contract
 
@@ -186,6 +186,16 @@ def test_the_spec_s_webhooks_are_the_events_the_service_sends(spec: dict[str, An
         assert {_resolve(spec, p)["name"] for p in item["post"]["parameters"]} == headers
 
 
+def test_the_spec_s_vocabularies_are_the_service_s(spec: dict[str, Any]) -> None:
+    def enum(name: str) -> set[str]:
+        return set(_resolve(spec, {"$ref": f"#/components/schemas/{name}"})["enum"])
+
+    assert enum("SessionStatus") == set(STATUSES)
+    assert enum("EndReason") == set(END_REASONS)
+    operation = _resolve(spec, {"$ref": "#/components/schemas/Operation"})
+    assert set(operation["properties"]["status"]["enum"]) == set(OPERATION_STATUSES)
+
+
 def test_the_python_runner_callables_listed_are_those_the_default_installation_accepts(spec: dict[str, Any]) -> None:
     listed = _resolve(spec, {"$ref": "#/components/schemas/PythonRunnerConfig"})["properties"]["callable"]["enum"]
     public = [
@@ -196,6 +206,15 @@ def test_the_python_runner_callables_listed_are_those_the_default_installation_a
     assert sorted(listed) == sorted(public)
     for target in listed:
         assert callable(load_runner_callable(target, [examples.__name__]))
+
+
+def test_the_contract_run_knows_every_browser_only_operation(spec: dict[str, Any]) -> None:
+    browser_only = {
+        operation["operationId"]
+        for operation in spec_operations(spec).values()
+        if "Needs a browser session" in " ".join((operation.get("description") or "").split())
+    }
+    assert browser_only == set(contract.BROWSER_ONLY)
 
 
 def test_the_contract_run_reads_every_live_stream_on_an_ended_session(spec: dict[str, Any]) -> None:

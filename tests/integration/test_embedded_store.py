@@ -6,7 +6,6 @@ Acknowledged writes survive a `kill -9`; unique indexes, `_id` included, are sti
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,9 +13,10 @@ from typing import Any
 import pymongo
 import pytest
 from bson import Int64, ObjectId
-from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
+from agentcloud_clone.db import database_name
+from agentcloud_clone.services import sessions as sessions_service
 from devtools.servers import ManagedProcess, start_mongo
 
 pytestmark = pytest.mark.integration
@@ -37,54 +37,49 @@ def create_product_indexes(db: Any) -> None:
     db.session_events.create_index([("sessionId", 1), ("seq", 1)], unique=True, name="session_seq")
 
 
-def append_event(db: Any, team: ObjectId, session_id: ObjectId) -> int:
-    """The product's event append (repositories/sessions.py): take the next seq, then store the event."""
-    session = db.sessions.find_one_and_update(
-        {"_id": session_id, "teamId": team},
-        {"$inc": {"eventSeq": 1, "tokensUsed": 1}, "$set": {"lastUpdatedDate": time.time()}},
-        projection={"eventSeq": 1},
-        return_document=ReturnDocument.AFTER,
-    )
-    seq = int(session["eventSeq"])
-    db.session_events.insert_one({"sessionId": session_id, "teamId": team, "seq": seq, "type": "output"})
-    return seq
-
-
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[ManagedProcess]:
     with start_mongo(data_dir=str(tmp_path)) as server:
         yield server
 
 
-def test_acknowledged_writes_survive_kill_9_and_a_restart(store: ManagedProcess) -> None:
-    client = client_for(store)
-    db = client.agentcloud
-    create_product_indexes(db)
-    team = ObjectId()
-    sessions = db.sessions.insert_many(
-        [{"teamId": team, "status": "running", "eventSeq": 0, "tokensUsed": 0} for _ in range(3)]
-    ).inserted_ids
-    db.sessions.update_many({"_id": {"$in": sessions}}, {"$set": {"heartbeatAt": "before the crash"}})
-    client.close()
+@pytest.fixture
+def mongo_uri_template(store: ManagedProcess) -> str:
+    """The product's app (the `app` and `factory` fixtures) writes to this test's store."""
+    return store.url.rstrip("/") + "/{db}"
 
-    # A writer appends events until the store dies under it; only what it was told succeeded is counted.
+
+def test_acknowledged_writes_survive_kill_9_and_a_restart(store: ManagedProcess, app: Any, factory: Any) -> None:
+    user = factory.user("member")
+    app_id = factory.app_record(user.team_id)
+    sessions = [factory.session(user, app_id, f"turn {n}") for n in range(3)]
+    with app.app_context():
+        for session in sessions:
+            assert sessions_service.claim_turn(session["teamId"], session["_id"], session["activeTurnId"], "w:1")
+        database = database_name(app.config["MONGO_URI"])
+
+    # A worker's output flushes, through the product's write path, until the store dies under them; only what
+    # the product was told was stored is counted.
     acknowledged: list[tuple[ObjectId, int]] = []
     failure: list[BaseException] = []
     enough = threading.Event()
 
     def write_until_the_store_dies() -> None:
-        writer = client_for(store, serverSelectionTimeoutMS=2000, socketTimeoutMS=5000)
         try:
-            for n in range(100_000):
-                session_id = sessions[n % len(sessions)]
-                acknowledged.append((session_id, append_event(writer.agentcloud, team, session_id)))
-                if len(acknowledged) >= 150:
-                    enough.set()
+            with app.app_context():
+                for n in range(100_000):
+                    session = sessions[n % len(sessions)]
+                    stored = sessions_service.record_output(
+                        session["teamId"], session["_id"], session["activeTurnId"], [f"piece {n}"], 1
+                    )
+                    assert stored, "the session stopped running this turn"
+                    acknowledged.extend((session["_id"], event["seq"]) for event in stored)
+                    if len(acknowledged) >= 150:
+                        enough.set()
         except BaseException as exc:  # reported by the test, not lost in the thread
             failure.append(exc)
         finally:
             enough.set()
-            writer.close()
 
     thread = threading.Thread(target=write_until_the_store_dies, name="writer")
     thread.start()
@@ -97,18 +92,19 @@ def test_acknowledged_writes_survive_kill_9_and_a_restart(store: ManagedProcess)
 
     store.start()
     client = client_for(store)
-    db = client.agentcloud
-    stored = {(doc["sessionId"], doc["seq"]) for doc in db.session_events.find({}, {"sessionId": 1, "seq": 1})}
+    db = client[database]
+    stored = {(doc["sessionId"], doc["seq"]) for doc in db.session_events.find({"type": "output"})}
     assert set(acknowledged) <= stored
-    # At most the one write in flight at the kill got in without its acknowledgement.
+    # At most the write in flight at the kill got in without its acknowledgement (its events are then the
+    # session's pending ones, which the next write or the reaper stores).
     assert len(stored) - len(acknowledged) <= 1
-    for session in db.sessions.find({"_id": {"$in": sessions}}):
+    for session in db.sessions.find({"_id": {"$in": [s["_id"] for s in sessions]}}):
         appended = [seq for sid, seq in acknowledged if sid == session["_id"]]
-        assert session["eventSeq"] >= max(appended) and session["heartbeatAt"] == "before the crash"
+        assert session["eventSeq"] >= max(appended) and session["status"] == "running"
     # The unique index came back with the data.
     session_id, seq = acknowledged[0]
     with pytest.raises(DuplicateKeyError):
-        db.session_events.insert_one({"sessionId": session_id, "teamId": team, "seq": seq})
+        db.session_events.insert_one({"sessionId": session_id, "seq": seq})
     client.close()
 
 

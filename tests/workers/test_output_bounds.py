@@ -53,3 +53,21 @@ def test_one_huge_piece_past_the_limit_ends_error_keeping_the_limit(harness):
     outputs = _outputs(harness, session)
     assert all(len(e["text"]) <= MAX_EVENT_CHARS for e in outputs)
     assert sum(len(e["text"]) for e in outputs) == DEFAULT_MAX_OUTPUT
+
+
+def test_an_output_write_mongodb_refuses_ends_the_turn_error_saying_why(harness, monkeypatch):
+    from pymongo.errors import WriteError
+
+    from agentcloud_clone.services import sessions as sessions_service
+
+    session = harness.start(steps=3, stepDelay=0)
+
+    def refused(*_: object, **__: object) -> None:
+        raise WriteError("document too large", code=10334)
+
+    monkeypatch.setattr(sessions_service, "record_output", refused)
+    assert harness.run(session)["outcome"] == "error"
+    doc = harness.doc(session)
+    assert (doc["status"], doc["endReason"]) == ("error", "error") and not doc.get("activeTurnId")
+    closing = harness.closing(session)
+    assert "The transcript could not be written: WriteError" in closing["message"]
