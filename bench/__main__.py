@@ -35,16 +35,18 @@ ON_DISK = {"cancel_latency": False, "api": False, "storm": False, "poll_cost": F
            "load_tier": True, "many_turns": True, "streams": True}  # fmt: skip
 
 
-def _run_part(on_disk: bool | None, run: Callable[[Servers | None], dict[str, Any]]) -> dict[str, Any]:
-    """`run` on servers of its own (none for None), stopped afterwards; on `make run`'s store, what the store
-    does flat out while still idle comes with the figures."""
+def _run_part(
+    on_disk: bool | None, run: Callable[[Servers | None], dict[str, Any]], settings: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """`run` on servers of its own (none for None), stopped afterwards, its stacks given `settings`; on
+    `make run`'s store, what the store does flat out while still idle comes with the figures."""
     if on_disk is None:
         return run(None)
-    with part_servers(on_disk) as servers:
+    with part_servers(on_disk, settings) as servers:
         if not on_disk:
             return run(servers)
         capacity = store_capacity(servers.mongo_url, seconds=1.0)
-        return {**run(servers), "store": servers.store, "store_capacity": capacity}
+        return {**run(servers), "store": servers.store, "store_capacity": capacity, "stack_settings": servers.settings}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,6 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--many-turns", type=int, default=200, help="concurrent turns in many_turns (thread mode)")
     parser.add_argument("--fork-turns", type=int, default=40, help="concurrent turns in many_turns (fork mode)")
     parser.add_argument("--streams", type=int, default=1000, help="live streams the streams part holds open")
+    parser.add_argument(
+        "--mongo-timeout",
+        type=float,
+        help="MONGO_TIMEOUT for the stacks of load_tier, many_turns and streams (default: the product's, 1 s)",
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes for development (figures not comparable)")
     parser.add_argument(
         "--store-events",
@@ -99,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             only=only,
         )
 
+    load_settings = {"MONGO_TIMEOUT": f"{args.mongo_timeout:g}"} if args.mongo_timeout else {}
     # Each takes the part's own servers (see ON_DISK).
     runs: dict[str, Callable[[Any], dict[str, Any]]] = {
         "cancel_latency": lambda s: cancel_latency.run(
@@ -132,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         part_started = time.monotonic()
         results["load_average"][name] = os.getloadavg()
         try:
-            results["parts"][name] = _run_part(ON_DISK[name], runs[name])
+            results["parts"][name] = _run_part(ON_DISK[name], runs[name], load_settings if ON_DISK[name] else None)
         except Exception as exc:
             traceback.print_exc()
             results["errors"][name] = f"{exc.__class__.__name__}: {exc}"

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,16 +29,22 @@ class BenchError(RuntimeError):
 
 @dataclass
 class Servers:
-    """One part's own servers: where they answer, the store's process id and what kind of store it is."""
+    """One part's own servers: where they answer, the store's process id and what kind of store it is, and the
+    settings every stack of the part gets on them (`--mongo-timeout`, say)."""
 
     mongo_url: str
     mongo_pid: int | None
     redis_url: str
     store: str
+    settings: dict[str, str] = field(default_factory=dict)
+
+    def stack(self, **settings: Any) -> contextlib.AbstractContextManager[Stack]:
+        """A started stack on these servers with one web instance and no workers (the part starts its own)."""
+        return running_stack(self.mongo_url, self.redis_url, webs=1, workers=0, **{**self.settings, **settings})
 
 
 @contextlib.contextmanager
-def part_servers(on_disk: bool) -> Iterator[Servers]:
+def part_servers(on_disk: bool, settings: dict[str, str] | None = None) -> Iterator[Servers]:
     """A redis-server and a MongoDB-wire server (devtools.servers, as `make run` starts them) of one part's own,
     on free loopback ports: on disk in a temp dir of their own (`make run`'s store: the corrected SQLite engine),
     or in memory; both stopped, and the dir removed, however the part ends."""
@@ -46,7 +52,7 @@ def part_servers(on_disk: bool) -> Iterator[Servers]:
     try:
         with start_redis() as redis_server, start_mongo(data_dir=directory) as mongo_server:
             store = "embedded (make run's: corrected SQLite engine, on disk)" if on_disk else "embedded, in memory"
-            yield Servers(mongo_server.url, mongo_server.pid, redis_server.url, store)
+            yield Servers(mongo_server.url, mongo_server.pid, redis_server.url, store, dict(settings or {}))
     finally:
         if directory is not None:
             shutil.rmtree(directory, ignore_errors=True)

@@ -22,7 +22,7 @@ import random
 import time
 from typing import Any
 
-from .harness import BenchError, Servers, cpu_seconds, running_stack
+from .harness import BenchError, Servers, cpu_seconds
 from .workload import (
     NO_LIMITS,
     Client,
@@ -80,7 +80,7 @@ def run_layout(servers: Servers, layout: str, *, turns: int, seconds: float) -> 
     concurrency = None if mode == "fork" else -(-turns // processes)
     settings = {**NO_LIMITS, "CANCEL_PUBSUB": "true", "CANCEL_POLL_INTERVAL": 1.0}
     mongo_pid = servers.mongo_pid
-    with running_stack(servers.mongo_url, servers.redis_url, webs=1, workers=0, **settings) as stack:
+    with servers.stack(**settings) as stack:
         started = time.monotonic()
         workers = start_workers(stack, processes, mode, concurrency)
         workers_start_s = time.monotonic() - started
@@ -175,6 +175,14 @@ def run_layout(servers: Servers, layout: str, *, turns: int, seconds: float) -> 
     }
 
 
+def _layout_or_error(servers: Servers, layout: str, *, turns: int, seconds: float) -> dict[str, Any]:
+    """`run_layout`, or why it could not be measured (the next layout still runs)."""
+    try:
+        return run_layout(servers, layout, turns=turns, seconds=seconds)
+    except BenchError as exc:
+        return {"layout": layout, "error": str(exc)}
+
+
 def run(
     servers: Servers, *, turns: int = 20, seconds: float = 10.0, layouts: tuple[str, ...] = DEFAULT_LAYOUTS
 ) -> dict[str, Any]:
@@ -184,5 +192,5 @@ def run(
         "seconds": seconds,
         "turn": STREAMING_TURN,
         "look_at_s": LOOK_AT,
-        "layouts": {name: run_layout(servers, name, turns=turns, seconds=seconds) for name in layouts},
+        "layouts": {name: _layout_or_error(servers, name, turns=turns, seconds=seconds) for name in layouts},
     }

@@ -25,12 +25,13 @@ from __future__ import annotations
 import json
 import random
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from devtools.stack import Stack
 
-from .harness import Servers, cpu_seconds, running_stack, wait_for
+from .harness import BenchError, Servers, cpu_seconds, wait_for
 from .streams import Receiver, webhook_latency
 from .workload import (
     NO_LIMITS,
@@ -206,6 +207,14 @@ def _cancel_phase(stack: Stack, client: Client, store: Store, roots: list[int], 
     }
 
 
+def _phase(result: dict[str, Any], name: str, take: Callable[..., dict[str, Any]], *args: Any) -> None:
+    """`result[name] = take(*args)`, or why it could not be taken under `result["errors"][name]`."""
+    try:
+        result[name] = take(*args)
+    except BenchError as exc:
+        result.setdefault("errors", {})[name] = str(exc)
+
+
 def run_mode(servers: Servers, mode: str, *, turns: int, processes: int, interval: float) -> dict[str, Any]:
     """One worker mode: memory and completeness, then cancel-all with pub/sub, then without (a fresh stack)."""
     concurrency = -(-turns // processes) if mode == "thread" else None
@@ -223,19 +232,22 @@ def run_mode(servers: Servers, mode: str, *, turns: int, processes: int, interva
             "OUTPUT_FLUSH_INTERVAL": FLUSH_INTERVAL,
             "WEBHOOK_ALLOW_PRIVATE": "true",
         }
-        with running_stack(servers.mongo_url, servers.redis_url, webs=1, workers=0, **settings) as stack:
+        with servers.stack(**settings) as stack:
             started = time.monotonic()
             workers = start_workers(stack, processes, mode, concurrency, timeout=300)
             result.setdefault("workers_start_s", time.monotonic() - started)
             client, store = Client(stack.url, stack.demo["apiKey"]), Store(stack)
             roots = [w.pid for w in workers]
+            # A phase the product could not be brought to (say, its store refusing sessions for minutes) is
+            # recorded with why, and the next one still runs.
             try:
                 if pubsub:
-                    result["memory"] = _memory_phase(stack, client, store, roots, turns, servers.mongo_pid)
+                    _phase(result, "memory", _memory_phase, stack, client, store, roots, turns, servers.mongo_pid)
                     target = CANCEL_TARGET_PUBSUB
                 else:
                     target = interval + POLLING_MARGIN
-                result["pubsub" if pubsub else "polling"] = _cancel_phase(stack, client, store, roots, turns, target)
+                name = "pubsub" if pubsub else "polling"
+                _phase(result, name, _cancel_phase, stack, client, store, roots, turns, target)
             finally:
                 store.close()
                 result["setup_503s"] = result.get("setup_503s", 0) + client.unavailable

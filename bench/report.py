@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .load import wrk_version
+from .load_tier import CANCEL_ALL_TARGET_P99, READ_TARGET_P99
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -163,6 +164,14 @@ def _fresh_ratio_lines(part: dict[str, Any], where: str) -> list[str]:
     ]
 
 
+def _store_line(part: dict[str, Any]) -> str:
+    """A load part's store, what it does flat out, and the MONGO_TIMEOUT its stacks had."""
+    timeout = (part.get("stack_settings") or {}).get("MONGO_TIMEOUT")
+    return f"   store: {part.get('store', '?')}; {_capacity(part.get('store_capacity'))}; MONGO_TIMEOUT " + (
+        f"{timeout} s (--mongo-timeout)" if timeout else "the product's default (1 s)"
+    )
+
+
 def _capacity(capacity: dict[str, Any] | None) -> str:
     """The store flat out, for a part's heading."""
     if not capacity:
@@ -210,13 +219,15 @@ def _cpu(cpu: dict[str, Any], *names: str) -> str:
 
 
 def _load_tier_lines(part: dict[str, Any]) -> list[str]:
-    layouts = part["layouts"]
-    first = next(iter(layouts.values()))
+    layouts = {name: layout for name, layout in part["layouts"].items() if "error" not in layout}
+    missing = [f"   {name}: could not be measured: {layout['error']}" for name, layout in part["layouts"].items()
+               if "error" in layout]  # fmt: skip
+    first = {"session_read": {"target_p99_s": READ_TARGET_P99}, "cancel_all": {"target_p99_s": CANCEL_ALL_TARGET_P99}}
     lines = [
         f"6. Load tier (issue #10): {part['turns']} running turns (a word every {part['turn']['stepDelay']:g} s), "
         f"a UI-like reader per session (messages.json?after every 500 ms), session reads 5/s, fresh cancels 2/s, "
         f"for {part['seconds']:g} s; then a cancel of all {part['turns']} at once (pub/sub on)",
-        f"   store: {part.get('store', '?')}; {_capacity(part.get('store_capacity'))}",
+        _store_line(part),
         f"   {'layout':<22}{'session read p50/p99':>22}{'UI poll p50/p99':>20}{'cancel p50/p99':>20}"
         f"{'store RT p50/p99':>20}{'healthz p99':>12}{'store trips/s':>13}{'CPU web/workers/mongo':>23}  read ≤ "
         f"{ms(first['session_read']['target_p99_s'])}",
@@ -260,7 +271,7 @@ def _load_tier_lines(part: dict[str, Any]) -> list[str]:
             + _refused(cancels=c["request"])
         )
         lines += _setup_line(layout)
-    return lines
+    return lines + missing
 
 
 def _failed(figures: dict[str, Any] | None, when: str) -> str:
@@ -304,7 +315,7 @@ def _many_turns_lines(part: dict[str, Any]) -> list[str]:
         f"({finite['steps'] * finite['stepDelay']:g} s), output written every {part['output_flush_interval_s']:g} s; "
         f"then long turns cancelled all at once, with pub/sub and without (CANCEL_POLL_INTERVAL "
         f"{part['poll_interval_s']:g} s)",
-        f"   store: {part.get('store', '?')}; {_capacity(part.get('store_capacity'))}",
+        _store_line(part),
         f"   {'mode':<22}{'turns':>6}{'idle PSS':>10}{'running':>10}{'per turn':>10}  ≤ 5 MiB"
         f"{'all PSS ÷ turns':>17}{'complete':>10}{'session read p50/p99':>22}{'all ran / all ended':>21}",
     ]
@@ -345,6 +356,8 @@ def _many_turns_lines(part: dict[str, Any]) -> list[str]:
             lines += _profile_line(c.get("store_profile_before"), f"{c['sessions']} turns running, before the cancel")
     for mode in modes.values():
         lines += _setup_line(mode)
+        for phase, error in (mode.get("errors") or {}).items():
+            lines.append(f"   {_layout_name(mode)}, {phase}: could not be measured: {error}")
     return lines
 
 
@@ -363,7 +376,7 @@ def _streams_lines(part: dict[str, Any]) -> list[str]:
     lines = [
         f"8. Streams and webhooks (issue #15): 1 web instance (2 gevent workers), {part['turns']} running turns "
         f"(a word every {part['turn']['stepDelay']:g} s), {part['seconds']:g} s per measurement",
-        f"   store: {part.get('store', '?')}; {_capacity(part.get('store_capacity'))}",
+        _store_line(part),
         *(
             [f"   {f['streams']} of {f['of']} streams FAILED to open ({', '.join(f['errors'])}); the figures: the rest"]
             if (f := part.get("failed_to_open") or {}).get("streams")

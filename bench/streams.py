@@ -24,7 +24,7 @@ from typing import Any
 
 from tests.fakes.receiver import Receiver as FakeReceiver
 
-from .harness import BenchError, Servers, cpu_seconds, running_stack
+from .harness import BenchError, Servers, cpu_seconds
 from .sse import StreamFleet
 from .stats import summarize
 from .workload import (
@@ -127,7 +127,7 @@ def run(
     result: dict[str, Any] = {"turns": turns, "seconds": seconds, "turn": STREAMING_TURN}
     try:
         mongo_pid = servers.mongo_pid
-        with running_stack(servers.mongo_url, servers.redis_url, webs=1, workers=0, **settings) as stack:
+        with servers.stack(**settings) as stack:
             workers = start_workers(stack, 1, "thread", turns)
             team, key = stack.demo["teamId"], stack.demo["apiKey"]
             client, store = Client(stack.url, key), Store(stack)

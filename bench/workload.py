@@ -193,7 +193,7 @@ class Client:
         *,
         idempotent: bool = False,
         done_if_conflict: bool = False,
-        wait: float = 120,
+        wait: float = 60,
     ) -> Answer:
         """A request a part needs in order to take its figures, not one it measures: a 503 is sent again after
         a second, as the product's answer asks, for up to `wait` s (each counted in `unavailable`). A 503 can
