@@ -168,7 +168,7 @@ def _store_line(part: dict[str, Any]) -> str:
     """A load part's store, what it does flat out, and the MONGO_TIMEOUT its stacks had."""
     timeout = (part.get("stack_settings") or {}).get("MONGO_TIMEOUT")
     return f"   store: {part.get('store', '?')}; {_capacity(part.get('store_capacity'))}; MONGO_TIMEOUT " + (
-        f"{timeout} s (--mongo-timeout)" if timeout else "the product's default (1 s)"
+        f"{timeout} s (--mongo-timeout; the product's default is 1 s)" if timeout else "the product's default (1 s)"
     )
 
 
