@@ -73,9 +73,12 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Every benchmark part on servers of its own, about 15 minutes on 2 cores (docs/PERFORMANCE.md); e.g.
+# `make bench BENCH_ARGS="--parts load_tier"` for one part, `BENCH_ARGS=--quick` for a small smoke run.
+BENCH_ARGS ?=
 bench: install
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq wrk >/dev/null; }
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var test-artifacts bench/results .pytest_cache .ruff_cache

@@ -6,8 +6,8 @@ cycle), cancel it over HTTP and wait for it to end. Latency comes from the trans
 the `cancel` event's `createdAt` to the session's `endedAt` (both written by the product, millisecond
 resolution), so how often this driver looks does not affect it. The event is written just after the stamp,
 so a worker can notice the stamp first; `stamp_to_end` is measured from `cancelledAt` too, and the
-interrupted output's `createdAt` splits it into noticing (poll or notice, runner stopped) and finishing
-(the last writes, session ended).
+interrupted output's `createdAt` (or the closing event's, when nothing was left to write) splits it into
+noticing (poll or notice, runner stopped) and finishing (the last writes, session ended).
 """
 
 from __future__ import annotations
@@ -55,10 +55,12 @@ def _one_sample(stack: Stack, app_id: str, interval: float, pubsub: bool, rng: r
         raise BenchError(f"session {sid} ended {ended['status']}, not terminated")
     transcript = events(stack, sid)
     cancel_event = next((e for e in transcript if e["type"] == "cancel"), None)
-    last_output = next((e for e in reversed(transcript) if e["type"] == "output" and e.get("interrupted")), None)
-    if cancel_event is None or last_output is None:
-        raise BenchError(f"session {sid} lacks its cancel event or its interrupted output")
-    stamped, stopped = parse_time(ended["cancelledAt"]), parse_time(last_output["createdAt"])
+    # The cut-off output, or the closing event when nothing was left to write (the transcript is append-only).
+    cut_off = next((e for e in reversed(transcript) if e["type"] == "output" and e.get("interrupted")), None)
+    cut_off = cut_off or next((e for e in reversed(transcript) if e.get("interrupted")), None)
+    if cancel_event is None or cut_off is None:
+        raise BenchError(f"session {sid} lacks its cancel event or an event marked interrupted")
+    stamped, stopped = parse_time(ended["cancelledAt"]), parse_time(cut_off["createdAt"])
     ended_at = parse_time(ended["endedAt"])
     return {
         "event_to_end": (ended_at - parse_time(cancel_event["createdAt"])).total_seconds(),

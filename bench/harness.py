@@ -5,14 +5,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from devtools.servers import start_mongo, start_redis
 from devtools.stack import Stack
 
 # A scripted turn that streams for longer than any benchmark waits (the app schema caps `steps` at 10,000).
@@ -21,6 +25,37 @@ LONG_TURN = {"steps": 10_000, "stepDelay": 0.05}
 
 class BenchError(RuntimeError):
     """The product did not do what a benchmark needs (so the figure cannot be taken)."""
+
+
+@dataclass
+class Servers:
+    """One part's own servers: where they answer, the store's process id and what kind of store it is, and the
+    settings every stack of the part gets on them (`--mongo-timeout`, say)."""
+
+    mongo_url: str
+    mongo_pid: int | None
+    redis_url: str
+    store: str
+    settings: dict[str, str] = field(default_factory=dict)
+
+    def stack(self, **settings: Any) -> contextlib.AbstractContextManager[Stack]:
+        """A started stack on these servers with one web instance and no workers (the part starts its own)."""
+        return running_stack(self.mongo_url, self.redis_url, webs=1, workers=0, **{**self.settings, **settings})
+
+
+@contextlib.contextmanager
+def part_servers(on_disk: bool, settings: dict[str, str] | None = None) -> Iterator[Servers]:
+    """A redis-server and a MongoDB-wire server (devtools.servers, as `make run` starts them) of one part's own,
+    on free loopback ports: on disk in a temp dir of their own (`make run`'s store: the corrected SQLite engine),
+    or in memory; both stopped, and the dir removed, however the part ends."""
+    directory = tempfile.mkdtemp(prefix="bench-store-") if on_disk else None
+    try:
+        with start_redis() as redis_server, start_mongo(data_dir=directory) as mongo_server:
+            store = "embedded (make run's: corrected SQLite engine, on disk)" if on_disk else "embedded, in memory"
+            yield Servers(mongo_server.url, mongo_server.pid, redis_server.url, store, dict(settings or {}))
+    finally:
+        if directory is not None:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -86,7 +121,8 @@ def wait_running(stack: Stack, sid: str, timeout: float = 30) -> dict[str, Any]:
     )
 
 
-def _stat_fields(pid: int) -> list[str] | None:
+def stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (None if the process is gone)."""
     try:
         # Fields after the command name, which may itself contain spaces and parentheses.
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -101,11 +137,11 @@ def cpu_seconds(pid: int | None, children: bool = False) -> float:
     pids = [pid]
     if children:
         for entry in Path("/proc").iterdir():
-            if entry.name.isdigit() and (fields := _stat_fields(int(entry.name))) and int(fields[1]) == pid:
+            if entry.name.isdigit() and (fields := stat_fields(int(entry.name))) and int(fields[1]) == pid:
                 pids.append(int(entry.name))
     total = 0
     for each in pids:
-        fields = _stat_fields(each)
+        fields = stat_fields(each)
         if fields:
             total += int(fields[11]) + int(fields[12])
     return total / os.sysconf("SC_CLK_TCK")

@@ -17,6 +17,7 @@ import pymongo
 from bson import ObjectId
 from pymongo import monitoring
 
+from agentcloud_clone import create_app
 from agentcloud_clone.jobs.watcher import CancelWatcher
 
 from .stats import summarize
@@ -70,7 +71,19 @@ def _measure(
         .sessions.insert_many([{"teamId": team, "status": "running", "name": f"bench {i}"} for i in range(n)])
         .inserted_ids
     )
-    watcher = CancelWatcher(uri, redis_url, interval, HEARTBEAT_INTERVAL, pubsub=False)
+    app = create_app(
+        {
+            "MONGO_URI": uri,
+            "REDIS_URL": redis_url,
+            "REDIS_PREFIX": f"bench-poll-{uuid.uuid4().hex[:10]}",
+            "CANCEL_POLL_INTERVAL": interval,
+            "HEARTBEAT_INTERVAL": HEARTBEAT_INTERVAL,
+            "CANCEL_PUBSUB": False,
+            "SECRET_KEY": "bench",
+            "LOG_LEVEL": "WARNING",
+        }
+    )
+    watcher = CancelWatcher(app)
     try:
         for sid in ids:
             watcher.register(team, sid)
@@ -91,6 +104,8 @@ def _measure(
         polls = watcher.polls - polls_before
     finally:
         watcher.stop()
+        for thread in watcher._threads:  # a poll still in flight finishes before its database goes
+            thread.join(30)
         seeder.drop_database(seeder.get_default_database().name)
         seeder.close()
     counts = dict(listener.counts)
