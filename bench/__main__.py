@@ -69,6 +69,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="MONGO_TIMEOUT (s) for the stacks of load_tier, many_turns and streams, or 'product' for the product's "
         "default (1 s, at which make run's store, slowed by these loads, is taken for down: see docs/PERFORMANCE.md)",
     )
+    parser.add_argument(
+        "--load-store",
+        choices=("disk", "memory"),
+        default="disk",
+        help="the store of load_tier, many_turns and streams: make run's on-disk engine (the default) or the "
+        "in-memory engine the tests use, to tell the product's own cost from the on-disk engine's",
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes for development (figures not comparable)")
     parser.add_argument(
         "--store-events",
@@ -141,7 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         part_started = time.monotonic()
         results["load_average"][name] = os.getloadavg()
         try:
-            results["parts"][name] = _run_part(ON_DISK[name], runs[name], load_settings if ON_DISK[name] else None)
+            load_part = ON_DISK[name] is True
+            on_disk = (args.load_store == "disk") if load_part else ON_DISK[name]
+            results["parts"][name] = _run_part(on_disk, runs[name], load_settings if load_part else None)
         except Exception as exc:
             traceback.print_exc()
             results["errors"][name] = f"{exc.__class__.__name__}: {exc}"

@@ -48,6 +48,13 @@ can, so that those operations touch only the documents they concern; the answers
 6. "One scalar type in every document" (which lets the engine sort in SQL, over an index) also recognises
    ObjectIds: sorted by their stored 24 lowercase hex digits they are in ObjectId order.
 
+7. The shared connection. The engine's writers and its one-document reads use one SQLite connection under the
+   engine's lock, and its other reads bind connections of their own; but an explained find (the profiler explains
+   every read it records) plans it, resolves its hint and lists its indexes in the thread pool on that shared
+   connection without the lock. Beside a write that interleaves two statements on one connection: a plan read
+   the write's rows ("another row available"), a write on `sessions` was refused for another collection's
+   `(sessionId, seq)` index, or "bad parameter or other API misuse". Those steps now take the lock.
+
 Nothing else changes: the same SQL writes, the same transactions, the same errors (DuplicateKeyError with the
 same message and key), and the same file format, so a data directory moves freely between this engine and the
 stock one. tests/test_embedded_store_engine.py runs the same operations on both engines and compares them.
@@ -510,6 +517,28 @@ def _cached_only_if_current(name: str, kind: str) -> Callable[..., Any]:
 
 for _kind, (_name, _extra) in _FEATURES.items():
     setattr(EmbeddedSQLiteEngine, _name, _cached_only_if_current(_name, _kind))
+
+
+def _under_engine_lock(name: str) -> Callable[..., Any]:
+    """The engine's method `name`, holding the engine's (re-entrant) lock when it would use the shared connection:
+    not in a read that bound a connection of its own to this thread (see 7.)."""
+    method = getattr(SQLiteEngine, name)
+
+    @functools.wraps(method)
+    def locked(self: EmbeddedSQLiteEngine, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self._thread_local, "connection", None) is not None:
+            return method(self, *args, **kwargs)
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
+# What an explain runs in the thread pool outside the lock (a text search's explain loads the indexes itself); each
+# is short: metadata, a plan, EXPLAIN QUERY PLAN.
+_EXPLAIN_STEPS = ("_plan_find_semantics_sync", "_resolve_hint_index", "_explain_query_plan_sync", "_list_indexes_sync")
+for _name in (*_EXPLAIN_STEPS, "_load_indexes"):
+    setattr(EmbeddedSQLiteEngine, _name, _under_engine_lock(_name))
 
 
 def _top_level_value(document: Document, field: str) -> tuple[bool, object]:

@@ -10,6 +10,7 @@ lookups in filters.
 from __future__ import annotations
 
 import datetime
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -363,3 +364,47 @@ def test_no_product_operation_scans_the_collection(tmp_path: Path) -> None:
         small_steps, small_decoded = small[name]
         assert steps <= 2 * small_steps + 20, f"{name}: {steps:.0f}k SQLite steps vs {small_steps:.0f}k"
         assert decoded <= small_decoded + 5, f"{name}: {decoded:.0f} documents decoded vs {small_decoded:.0f}"
+
+
+class LockWatchingEngine(EmbeddedSQLiteEngine):
+    """The launcher's engine, noting every use of its shared connection by a thread that does not hold its lock
+    (the engine's own readers bind connections of their own, thread by thread)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.unlocked_uses: list[str] = []
+
+    def _require_connection(self, context: Any = None) -> Any:
+        conn = super()._require_connection(context)
+        bound = getattr(self._thread_local, "connection", None)
+        if conn is self._connection and bound is None and not self._lock._is_owned():
+            self.unlocked_uses.append(threading.current_thread().name)
+        return conn
+
+
+def test_every_operation_uses_the_shared_connection_under_the_engine_lock(tmp_path: Path) -> None:
+    # mongoeco explains a find (as its profiler does for every read) in its thread pool, on the connection its
+    # writers share and without their lock; under
+    # load a plan's SQL then ran on that connection beside a write and read the write's rows ("another row
+    # available", a `sessions` write refused for the `(sessionId, seq)` index of another collection). Counted
+    # use, not a race to provoke: without the correction every explained read (and so every read while the
+    # profiler is on) is a use outside the lock.
+    engine = LockWatchingEngine(str(tmp_path / "store.sqlite3"))
+    client = MongoClient(engine)
+    try:
+        db = client.db
+        db.sessions.create_index([("teamId", 1), ("_id", -1)])
+        db.events.create_index([("sessionId", 1), ("seq", 1)], unique=True)
+        team = ObjectId()
+        sessions = db.sessions.insert_many([{"teamId": team, "status": "running", "eventSeq": 0} for _ in range(20)])
+        ids = sessions.inserted_ids
+        operations = product_operations(db, team, ids)
+        db.command({"profile": 2})  # what an operator turns on to see where the time goes (bench/workload.py)
+        for n in range(1, 4):
+            for operation in operations.values():
+                operation(n)
+            db.events.find({"sessionId": ids[0], "seq": {"$gt": n}}).sort("seq", 1).explain()
+            db.sessions.find({"teamId": team}).sort("_id", -1).hint([("teamId", 1), ("_id", -1)]).explain()
+    finally:
+        client.close()
+    assert engine.unlocked_uses == []
