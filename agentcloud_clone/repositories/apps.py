@@ -12,29 +12,10 @@ from ..db import get_db
 from ..timeutil import utcnow
 
 
-def insert_app(
-    team: dict[str, Any],
-    name: str,
-    runner: str,
-    config: dict[str, Any],
-    created_by: ObjectId | None,
-    limits: dict[str, Any] | None = None,
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Store a new app in the team (`extra`: its sharing settings and the variables it needs)."""
+def insert_app(team: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    """Store a new app in the team: `fields` are its own (name, runner, config, limits, sharing...), validated."""
     now = utcnow()
-    doc = {
-        **(extra or {}),
-        "orgId": team["orgId"],
-        "teamId": team["_id"],
-        "name": name,
-        "runner": runner,
-        "config": config,
-        "limits": limits or {},
-        "createdBy": created_by,
-        "createdAt": now,
-        "updatedAt": now,
-    }
+    doc = {**fields, "orgId": team["orgId"], "teamId": team["_id"], "createdAt": now, "updatedAt": now}
     doc["_id"] = get_db().apps.insert_one(doc).inserted_id
     return doc
 

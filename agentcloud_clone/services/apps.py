@@ -98,11 +98,19 @@ def create_app_record(
     caller's schema). An app shared by link (public, whitelist) gets one: the returned app carries its
     `shareId` this once; only its hash is stored."""
     sharing_config = sharing_config or {"mode": SharingMode.TEAM, "whitelist": []}
-    extra: dict[str, Any] = {"sharingConfig": sharing_config, "requiredVariables": list(required_variables or [])}
+    fields: dict[str, Any] = {
+        "name": name,
+        "runner": runner,
+        "config": _sealed(_checked_config(runner, config)),
+        "limits": limits or {},
+        "createdBy": created_by,
+        "sharingConfig": sharing_config,
+        "requiredVariables": list(required_variables or []),
+    }
     share_id = None
     if sharing_config["mode"] in LINK_MODES:
-        extra["shareLink"], share_id = sharing.new_share_link()
-    app = repo.insert_app(team, name, runner, _sealed(_checked_config(runner, config)), created_by, limits, extra)
+        fields["shareLink"], share_id = sharing.new_share_link()
+    app = repo.insert_app(team, fields)
     return {**app, "shareId": share_id} if share_id else app
 
 

@@ -15,6 +15,7 @@ from ..services import apps as service
 from ..services import sharing
 from .parsing import csrf_field, load_body
 from .responses import redirect_or_json
+from .routing import delete_with_form_twin
 
 bp = Blueprint("apps", __name__)
 
@@ -93,21 +94,15 @@ def renew_share_link(team_id: ObjectId, appId: str) -> Any:
     )
 
 
+@delete_with_form_twin(
+    bp,
+    "/<resourceSlug>/forms/app/<item:appId>",
+    "/<resourceSlug>/forms/app/<appId>/delete",
+    Permission.APP_MANAGE,
+    endpoint="delete_app",
+    summary="Remove an app no live session depends on.",
+)
 def _delete(team_id: ObjectId, appId: str) -> Any:
     aid = parse_id(appId, "app")
     service.delete_app(team_id, aid)
     return redirect_or_json(f"/{team_id}/apps", flash_message="App deleted.", _id=str(aid), ok=True)
-
-
-@bp.delete("/<resourceSlug>/forms/app/<item:appId>")
-@require_team(Permission.APP_MANAGE)
-def delete_app(team_id: ObjectId, appId: str) -> Any:
-    """Remove an app no live session depends on."""
-    return _delete(team_id, appId)
-
-
-@bp.post("/<resourceSlug>/forms/app/<appId>/delete")
-@require_team(Permission.APP_MANAGE)
-def delete_app_form(team_id: ObjectId, appId: str) -> Any:
-    """The HTML-form twin of the DELETE route."""
-    return _delete(team_id, appId)

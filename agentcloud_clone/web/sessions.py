@@ -32,6 +32,7 @@ from .identity import api_key_in_use
 from .parsing import csrf_field, load_args, load_body
 from .ratelimits import bulk_cancel_limit, cancel_limit
 from .responses import redirect_or_json, safe_next
+from .routing import delete_with_form_twin
 
 bp = Blueprint("sessions", __name__)
 SID = "<sessionId>"
@@ -234,24 +235,18 @@ def operation_json(team_id: ObjectId, operationId: str) -> Any:
     return jsonify(operation=operation_out.dump(operation))
 
 
+@delete_with_form_twin(
+    bp,
+    "/<resourceSlug>/forms/session/<session_item:sessionId>",
+    f"/<resourceSlug>/forms/session/{SID}/delete",
+    Permission.SESSION_DELETE,
+    endpoint="delete_session",
+    summary="Remove an ended session and its transcript.",
+)
 def _delete(team_id: ObjectId, sessionId: str) -> Any:
     sid = parse_id(sessionId, "session")
     service.delete_session(Visible(team_id, current_account().object_id), sid)
     return redirect_or_json(f"/{team_id}/sessions", flash_message="Session deleted.", _id=str(sid), ok=True)
-
-
-@bp.delete("/<resourceSlug>/forms/session/<session_item:sessionId>")
-@require_team(Permission.SESSION_DELETE)
-def delete_session(team_id: ObjectId, sessionId: str) -> Any:
-    """Remove an ended session and its transcript."""
-    return _delete(team_id, sessionId)
-
-
-@bp.post(f"/<resourceSlug>/forms/session/{SID}/delete")
-@require_team(Permission.SESSION_DELETE)
-def delete_session_form(team_id: ObjectId, sessionId: str) -> Any:
-    """The HTML-form twin of the DELETE route."""
-    return _delete(team_id, sessionId)
 
 
 @bp.post(f"/<resourceSlug>/forms/session/{SID}/edit")

@@ -13,6 +13,7 @@ from ..schemas import Strict, TeamEditSchema, member_out, team_out
 from ..services import accounts as service
 from .parsing import csrf_field, load_body
 from .responses import redirect_or_json
+from .routing import delete_with_form_twin
 
 bp = Blueprint("teams", __name__)
 
@@ -72,21 +73,15 @@ def edit_member(team_id: ObjectId, accountId: str) -> Any:
     return redirect_or_json(f"/{team_id}/members", flash_message="Role changed.", _id=accountId, role=role)
 
 
+@delete_with_form_twin(
+    bp,
+    "/<resourceSlug>/forms/member/<item:accountId>",
+    "/<resourceSlug>/forms/member/<accountId>/delete",
+    Permission.TEAM_MANAGE,
+    endpoint="remove_member",
+    summary="Take a member off the team; their next request no longer reaches it.",
+)
 def _remove(team_id: ObjectId, accountId: str) -> Any:
     account = service.member(team_id, parse_id(accountId, "account"))
     service.remove_member(team_id, account, granted_by=_granted_by(team_id))
     return redirect_or_json(f"/{team_id}/members", flash_message="Member removed.", _id=accountId, ok=True)
-
-
-@bp.delete("/<resourceSlug>/forms/member/<item:accountId>")
-@require_team(Permission.TEAM_MANAGE)
-def remove_member(team_id: ObjectId, accountId: str) -> Any:
-    """Take a member off the team; their next request no longer reaches it."""
-    return _remove(team_id, accountId)
-
-
-@bp.post("/<resourceSlug>/forms/member/<accountId>/delete")
-@require_team(Permission.TEAM_MANAGE)
-def remove_member_form(team_id: ObjectId, accountId: str) -> Any:
-    """The HTML-form twin of the DELETE route."""
-    return _remove(team_id, accountId)

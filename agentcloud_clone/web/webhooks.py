@@ -15,6 +15,7 @@ from ..services import webhooks as service
 from ..vocabulary import WEBHOOK_EVENTS
 from .parsing import csrf_field, load_body
 from .responses import redirect_or_json
+from .routing import delete_with_form_twin
 
 bp = Blueprint("webhooks", __name__)
 
@@ -48,23 +49,17 @@ def rotate_secret(team_id: ObjectId, webhookId: str) -> Any:
     return jsonify(_id=webhookId, webhook=endpoint_out.dump(endpoint), secret=secret)
 
 
+@delete_with_form_twin(
+    bp,
+    "/<resourceSlug>/forms/webhook/<item:webhookId>",
+    "/<resourceSlug>/forms/webhook/<webhookId>/delete",
+    Permission.TEAM_MANAGE,
+    endpoint="delete_endpoint",
+    summary="Remove an endpoint and its delivery records.",
+)
 def _delete(team_id: ObjectId, webhookId: str) -> Any:
     service.delete_endpoint(team_id, parse_id(webhookId, "webhook"))
     return redirect_or_json(f"/{team_id}/members", flash_message="Webhook removed.", _id=webhookId, ok=True)
-
-
-@bp.delete("/<resourceSlug>/forms/webhook/<item:webhookId>")
-@require_team(Permission.TEAM_MANAGE)
-def delete_endpoint(team_id: ObjectId, webhookId: str) -> Any:
-    """Remove an endpoint and its delivery records."""
-    return _delete(team_id, webhookId)
-
-
-@bp.post("/<resourceSlug>/forms/webhook/<webhookId>/delete")
-@require_team(Permission.TEAM_MANAGE)
-def delete_endpoint_form(team_id: ObjectId, webhookId: str) -> Any:
-    """The HTML-form twin of the DELETE route."""
-    return _delete(team_id, webhookId)
 
 
 @bp.get("/<resourceSlug>/webhook/<webhookId>/deliveries.json")
