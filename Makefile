@@ -73,7 +73,7 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# Every benchmark part on servers of its own, about 15 minutes on 2 cores (docs/PERFORMANCE.md); e.g.
+# Every benchmark part on servers of its own, about 25 minutes on 2 cores (docs/PERFORMANCE.md); e.g.
 # `make bench BENCH_ARGS="--parts load_tier"` for one part, `BENCH_ARGS=--quick` for a small smoke run.
 BENCH_ARGS ?=
 bench: install

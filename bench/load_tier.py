@@ -56,7 +56,7 @@ LAYOUTS = {
     "thread-2": ("thread", 2, None),  # TURN_CONCURRENCY = turns / 2
 }
 # What `make bench` runs: one process per turn (issue #10's layout) and make run's default; thread-2 adds
-# little beside them and would take `make bench` past its 15 minutes.
+# little beside them and would make `make bench` longer still.
 DEFAULT_LAYOUTS = ("fork", "thread-1")
 
 
