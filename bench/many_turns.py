@@ -100,7 +100,9 @@ def _output_complete(client: Client, team: str, sids: list[str]) -> dict[str, An
         events = answer.body.get("messages") or []
         text = "".join(e.get("text", "") for e in events if e.get("type") == "output")
         if answer.body.get("status") != "waiting":
-            return False, f"status {answer.body.get('status')}"
+            closing = next((e for e in reversed(events) if e.get("type") == "status"), {})
+            why = f"{closing.get('endReason')}: {str(closing.get('message'))[:300]}" if closing else "no closing event"
+            return False, f"status {answer.body.get('status')} ({why})"
         if text != WORDS:
             return False, f"output {text!r}"
         if not any(e.get("type") == "turn_end" and not e.get("interrupted") for e in events):
