@@ -8,7 +8,7 @@ from typing import Any
 
 from bson import ObjectId
 from pymongo import ReturnDocument
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import BulkWriteError
 
 from ..db import get_db
 from ..timeutil import utcnow
@@ -62,13 +62,26 @@ def delete_endpoint(team_id: ObjectId, endpoint_id: ObjectId) -> bool:
     return True
 
 
-def insert_delivery(doc: dict[str, Any]) -> dict[str, Any] | None:
-    """Store a delivery once per (endpoint, event); None when that event already has one."""
-    try:
-        doc["_id"] = get_db().webhook_deliveries.insert_one(doc).inserted_id
-    except DuplicateKeyError:
-        return None
-    return doc
+DUPLICATE_KEY = 11000
+DELIVERIES_PER_WRITE = 500  # thin payloads: a write stays far below MongoDB's 16 MB
+
+
+def insert_deliveries(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Store deliveries once per (endpoint, event), in one write per DELIVERIES_PER_WRITE: those stored, in order
+    (an event that already has its delivery is left out)."""
+    stored: list[dict[str, Any]] = []
+    for start in range(0, len(docs), DELIVERIES_PER_WRITE):
+        chunk = docs[start : start + DELIVERIES_PER_WRITE]
+        refused: set[int] = set()
+        try:
+            get_db().webhook_deliveries.insert_many(chunk, ordered=False)  # sets each document's `_id`
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors", [])
+            if any(error.get("code") != DUPLICATE_KEY for error in errors) or exc.details.get("writeConcernErrors"):
+                raise
+            refused = {error["index"] for error in errors}
+        stored += [doc for index, doc in enumerate(chunk) if index not in refused]
+    return stored
 
 
 def find_delivery(delivery_id: ObjectId) -> dict[str, Any] | None:

@@ -216,12 +216,16 @@ def _started_item(session: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return f"{session['_id']}:started", payload
 
 
+# Announcements the emitter records together (what piled up while it recorded the last ones).
+ANNOUNCEMENTS_PER_BATCH = 200
+
+
 class _Emitter:
     """Turns announcements into deliveries and queued jobs, on a background thread of each process."""
 
     def __init__(self) -> None:
         self.inbox: BackgroundQueue[tuple[Flask, ObjectId, list[tuple[str, dict[str, Any]]]]] = BackgroundQueue(
-            "webhook-emitter", self._record, size=10_000
+            "webhook-emitter", self._record, size=10_000, batch=ANNOUNCEMENTS_PER_BATCH
         )
         # When the list was read, the endpoints' version it was read at, and the teams with endpoints.
         self.teams: tuple[float, int | None, set[ObjectId]] = (float("-inf"), None, set())
@@ -242,7 +246,12 @@ class _Emitter:
         return teams
 
     def _record(self, announcements: list[tuple[Flask, ObjectId, list[tuple[str, dict[str, Any]]]]]) -> None:
+        # What waited while the last batch was recorded goes together: one endpoints read and one write a team,
+        # however many sessions ended at once (a cancel of all of them, say).
+        by_team: dict[tuple[int, ObjectId], tuple[Flask, ObjectId, list[tuple[str, dict[str, Any]]]]] = {}
         for app, team_id, items in announcements:
+            by_team.setdefault((id(app), team_id), (app, team_id, []))[2].extend(items)
+        for app, team_id, items in by_team.values():
             try:
                 with app.app_context():
                     if team_id in self._teams():
@@ -295,12 +304,12 @@ def on_session_started(session: dict[str, Any]) -> None:
 
 def record_deliveries(team_id: ObjectId, items: list[tuple[str, dict[str, Any]]]) -> int:
     """One delivery per endpoint subscribed to each item's type (once: keyed by endpoint and event), queued."""
-    queued = 0
+    deliveries = []
     for endpoint in repo.endpoints_with_secrets(team_id):
         for key, payload in items:
             if payload["type"] not in endpoint.get("eventTypes", WEBHOOK_EVENTS):
                 continue
-            delivery = repo.insert_delivery(
+            deliveries.append(
                 {
                     "teamId": team_id,
                     "endpointId": endpoint["_id"],
@@ -317,10 +326,10 @@ def record_deliveries(team_id: ObjectId, items: list[tuple[str, dict[str, Any]]]
                     "nextAttemptAt": _lease_end(),
                 }
             )
-            if delivery is not None:
-                _queue(delivery["_id"])
-                queued += 1
-    return queued
+    stored = repo.insert_deliveries(deliveries) if deliveries else []
+    for delivery in stored:
+        _queue(delivery["_id"])
+    return len(stored)
 
 
 def sweep_missed(window: timedelta = timedelta(minutes=10)) -> int:

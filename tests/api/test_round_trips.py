@@ -164,3 +164,26 @@ def test_heartbeat_and_watcher_poll_take_one_query_for_many_sessions(app, factor
     with app.app_context():
         assert len(counter.count(lambda: repo.heartbeat(teams, utcnow()))) == 1
         assert len(counter.count(lambda: repo.watch_states(teams))) == 1
+
+
+def test_webhook_deliveries_of_many_ended_sessions_take_one_read_and_one_write(app, factory, world, counter):
+    import time
+
+    from agentcloud_clone.repositories import webhooks as webhooks_repo
+    from agentcloud_clone.services import webhooks
+
+    team = world["user"].team_oid
+    items = [(f"session.ended:{n}", {"type": "session.ended", "data": {"n": n}}) for n in range(20)]
+    with app.app_context():
+        for url in ("https://one.example/hook", "https://two.example/hook"):
+            webhooks_repo.insert_endpoint({"teamId": team, "url": url, "eventTypes": ["session.ended"], "secret": "x"})
+        # Two announcements that waited together (a cancel of all sessions): one read of the team's endpoints,
+        # one write of the 40 deliveries.
+        emitter = webhooks._Emitter()
+        emitter.teams = (time.monotonic(), webhooks._endpoints_version(), {team})
+        announcements = [(app, team, items[:10]), (app, team, items[10:])]
+        assert counter.count(lambda: emitter._record(announcements)) == ["find", "insert"]
+        assert webhooks_repo.get_db().webhook_deliveries.count_documents({"teamId": team}) == 40
+        # Announced again (a sweep after a crash, say): every event has its delivery already, none is added.
+        assert webhooks.record_deliveries(team, items) == 0
+        assert webhooks_repo.get_db().webhook_deliveries.count_documents({"teamId": team}) == 40
