@@ -49,6 +49,22 @@ def _proc(pid: int, name: str) -> bytes:
         return b""
 
 
+@contextlib.contextmanager
+def _sigint_default() -> Iterator[None]:
+    """Children start with Ctrl-C's default action, as a terminal's foreground job does, even when this run
+    inherited SIGINT ignored (a job started in the background by a shell without job control): a handler,
+    unlike an ignored signal, is reset to the default by exec, and make ignores SIGINT for good if it started
+    with it ignored (it would then exit 0 after the launcher, not as interrupted)."""
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if ignored:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class MakeRun:
     """One `python -m devtools.run` on free ports with its own VAR_DIR, its output in files, every process it
     starts findable by a tag in their environment."""
@@ -75,7 +91,8 @@ class MakeRun:
     def start(self, *, via_make: bool = False) -> MakeRun:
         """Start the launcher, or `make run` itself in a process group of its own, as a terminal runs it."""
         command = ["make", "--no-print-directory", "run"] if via_make else [sys.executable, "-m", "devtools.run"]
-        with open(self.logs / "stdout.log", "wb") as out, open(self.logs / "stderr.log", "wb") as err:
+        logs = self.logs
+        with open(logs / "stdout.log", "wb") as out, open(logs / "stderr.log", "wb") as err, _sigint_default():
             self.process = subprocess.Popen(
                 command, cwd=ROOT, env=self.env, stdout=out, stderr=err, start_new_session=via_make
             )
