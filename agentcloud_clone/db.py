@@ -63,6 +63,8 @@ MONGO_TIMEOUT = 1.0
 LIVENESS_TIMEOUT = 0.5
 # Operations that may legitimately take long (index builds, the reaper's sweep, bulk jobs) run under this deadline.
 LONG_OPERATION = 30.0
+# How long a long operation first waits to reach MongoDB at all: one that is not there fails in seconds.
+REACH_TIMEOUT = 5.0
 
 
 class DatabaseUnavailableError(ServerSelectionTimeoutError):
@@ -215,6 +217,10 @@ def ensure_indexes_once(app: Flask, deadline: float | None = LONG_OPERATION) -> 
     if deadline is None:
         ensure_indexes(database)
     else:
+        # The whole deadline is for building indexes on a live server, not for looking for an absent one (the
+        # CLI would wait half a minute to say MongoDB is unreachable).
+        with pymongo.timeout(min(deadline, REACH_TIMEOUT)):
+            database.command("ping")
         with pymongo.timeout(deadline):
             ensure_indexes(database)
     app.extensions[INDEXES_READY] = True

@@ -563,7 +563,8 @@ class Chaos:
         return client[uri.rsplit("/", 1)[1]]
 
     def _pending(self, db: Any) -> dict[str, int]:
-        """What the product has still to do: turns running or queued, tombstones to purge, cancels to finish."""
+        """What the product has still to do: turns running or queued, tombstones to purge, cancels to finish,
+        transcript writes to repair."""
         live = {"status": {"$nin": list(ENDED)}, "deletedAt": {"$exists": False}}
         busy = db.sessions.count_documents({**live, "$or": [{"status": "running"}, {"activeTurnId": {"$ne": None}}]})
         stamped = db.sessions.count_documents({**live, "cancelledAt": {"$exists": True}})
@@ -571,7 +572,18 @@ class Chaos:
             "busy": busy,
             "cancelling": stamped,
             "tombstones": db.sessions.count_documents({"deletedAt": {"$exists": True}}),
+            "unwritten": self._unwritten(db),
         }
+
+    @staticmethod
+    def _unwritten(db: Any) -> int:
+        """Sessions with fewer transcript events stored than `seq`s reserved: writes whose writer died between
+        its two writes, which the reaper's repair stores (or stands in for) once they have settled."""
+        stored = {row["_id"]: row["n"] for row in db.session_events.aggregate(
+            [{"$group": {"_id": "$sessionId", "n": {"$sum": 1}}}]
+        )}  # fmt: skip
+        live = db.sessions.find({"deletedAt": {"$exists": False}}, {"eventSeq": 1})
+        return sum(1 for doc in live if stored.get(doc["_id"], 0) < int(doc.get("eventSeq") or 0))
 
     def _busy_sample(self, db: Any) -> list[dict[str, Any]]:
         """A few sessions still busy, with their turn's job as RQ has it (what a slow settle is waiting for)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from bson import ObjectId
@@ -110,3 +111,22 @@ def test_an_operator_sets_a_teams_turn_slots_and_goes_back_to_the_default(runner
     neither = runner.invoke(args=["teams", "set-turn-slots", team["teamId"]])
     assert neither.exit_code != 0 and "--default" in neither.output
     assert runner.invoke(args=["teams", "set-turn-slots", team["teamId"], "0"]).exit_code != 0
+
+
+def test_a_command_looks_for_an_absent_mongodb_for_seconds_not_the_long_deadline(make_app, monkeypatch):
+    # Counted in the error, not timed: the index build's 30 s deadline used to be the wait for a server that is
+    # not there; reaching it now has REACH_TIMEOUT of its own (shortened here).
+    from pymongo.errors import ServerSelectionTimeoutError
+
+    from agentcloud_clone import db
+    from devtools.servers import free_port
+
+    monkeypatch.setattr(db, "REACH_TIMEOUT", 0.3)
+    app = make_app(MONGO_URI=f"mongodb://127.0.0.1:{free_port()}/absent", MONGO_TIMEOUT=10.0)
+    with pytest.raises(ServerSelectionTimeoutError) as failure:
+        db.ensure_indexes_once(app)
+    # pymongo names the time it gave server selection: what was left of the deadline in force
+    given = re.search(r"Timeout: ([0-9.]+)s", str(failure.value))
+    assert given is not None and float(given.group(1)) <= 0.3, str(failure.value)
+    result = app.test_cli_runner().invoke(args=["apikeys", "create", "demo@example.com"])
+    assert result.exit_code == 1 and json.loads(result.stderr)["code"] == 503
