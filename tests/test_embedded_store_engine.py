@@ -384,11 +384,10 @@ class LockWatchingEngine(EmbeddedSQLiteEngine):
 
 def test_every_operation_uses_the_shared_connection_under_the_engine_lock(tmp_path: Path) -> None:
     # mongoeco explains a find (as its profiler does for every read) in its thread pool, on the connection its
-    # writers share and without their lock; under
-    # load a plan's SQL then ran on that connection beside a write and read the write's rows ("another row
-    # available", a `sessions` write refused for the `(sessionId, seq)` index of another collection). Counted
-    # use, not a race to provoke: without the correction every explained read (and so every read while the
-    # profiler is on) is a use outside the lock.
+    # writers share and without their lock; under load a plan's SQL then ran on that connection beside a write
+    # and read the write's rows ("another row available", a `sessions` write refused for the `(sessionId, seq)`
+    # index of another collection). Counted use, not a race to provoke: without the correction every explained
+    # read (and so every read while the profiler is on) is a use outside the lock.
     engine = LockWatchingEngine(str(tmp_path / "store.sqlite3"))
     client = MongoClient(engine)
     try:

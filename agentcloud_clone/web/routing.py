@@ -18,19 +18,16 @@ def delete_with_form_twin[F: Callable[..., Any]](
     cannot send DELETE. Both need `permission` in the team."""
 
     def register(handler: F) -> F:
-        def delete_view(team_id: Any, **ids: str) -> Any:
-            return handler(team_id, **ids)
+        def add(name: str, path: str, method: str, doc: str) -> None:
+            def view(team_id: Any, **ids: str) -> Any:
+                return handler(team_id, **ids)
 
-        def form_view(team_id: Any, **ids: str) -> Any:
-            return handler(team_id, **ids)
-
-        delete_view.__doc__, form_view.__doc__ = summary, "The HTML-form twin of the DELETE route."
-        for name, view, path, method in (
-            (endpoint, delete_view, rule, "DELETE"),
-            (f"{endpoint}_form", form_view, form_rule, "POST"),
-        ):
             view.__name__ = view.__qualname__ = name
+            view.__doc__ = doc
             bp.add_url_rule(path, name, require_team(permission)(view), methods=[method])
+
+        add(endpoint, rule, "DELETE", summary)
+        add(f"{endpoint}_form", form_rule, "POST", "The HTML-form twin of the DELETE route.")
         return handler
 
     return register
