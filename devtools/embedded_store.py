@@ -54,14 +54,22 @@ can, so that those operations touch only the documents they concern; the answers
    connection without the lock. Beside a write that interleaves two statements on one connection: a plan read
    the write's rows ("another row available"), a write on `sessions` was refused for another collection's
    `(sessionId, seq)` index, or "bad parameter or other API misuse". Those steps now take the lock.
+8. Change delivery. The engine declares a transactional outbox for change streams, so after every write it took
+   a lease row, started a heartbeat thread, read the outbox and checkpointed its consumer: about a third of the
+   server's time per write. The wire server refuses `$changeStream` ("Unsupported aggregation stage"), so no
+   client of it can ever read that delivery; the engine now declares none, as mongoeco's memory engine does,
+   and an in-process `watch()` is served from the client's change hub after each write (not durably). The
+   outbox rows a write records are pruned as before (no consumer holds them back).
 
-Nothing else changes: the same SQL writes, the same transactions, the same errors (DuplicateKeyError with the
-same message and key), and the same file format, so a data directory moves freely between this engine and the
-stock one. tests/test_embedded_store_engine.py runs the same operations on both engines and compares them.
+Nothing else changes: the same writes of documents and indexes, the same transactions, the same errors
+(DuplicateKeyError with the same message and key), and the same file format, so a data directory moves freely
+between this engine and the stock one. tests/test_embedded_store_engine.py runs the same operations on both
+engines and compares them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import sqlite3
@@ -135,6 +143,9 @@ _MAX_ID_LIST = 10_000
 
 class EmbeddedSQLiteEngine(SQLiteEngine):
     """mongoeco's SQLiteEngine without the per-operation scans of the whole collection (see the module's notes)."""
+
+    # 8. No change delivery after each write: nothing over the wire can consume it.
+    capabilities = dataclasses.replace(SQLiteEngine.capabilities, change_delivery="none")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

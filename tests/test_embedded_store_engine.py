@@ -407,3 +407,44 @@ def test_every_operation_uses_the_shared_connection_under_the_engine_lock(tmp_pa
     finally:
         client.close()
     assert engine.unlocked_uses == []
+
+
+class StatementCountingEngine(EmbeddedSQLiteEngine):
+    """The launcher's engine, noting the tables each SQL statement on its connections names."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.statements: list[str] = []
+
+    def _create_sqlite_connection(self) -> Any:
+        conn = super()._create_sqlite_connection()
+        conn.set_trace_callback(self.statements.append)
+        return conn
+
+
+def test_a_write_does_no_change_stream_delivery_and_watch_still_sees_it(tmp_path: Path) -> None:
+    # The stock engine follows every write with an outbox delivery (a lease on `change_outbox_consumers`, a
+    # heartbeat thread, a read of the outbox, a checkpoint): about a third of a write's time, for change streams
+    # that the wire server refuses to open. Counted statements, not time. (The outbox rows a write records stay,
+    # pruned at once as before.)
+    engine = StatementCountingEngine(str(tmp_path / "store.sqlite3"))
+    client = MongoClient(engine)
+    try:
+        db = client.db
+        db.events.create_index([("sessionId", 1), ("seq", 1)], unique=True)
+        session = db.sessions.insert_one({"eventSeq": 0}).inserted_id
+        stream = db.sessions.watch()
+        engine.statements.clear()
+        for _ in range(5):
+            seq = db.sessions.find_one_and_update({"_id": session}, {"$inc": {"eventSeq": 1}}, return_document=True)
+            db.events.insert_one({"sessionId": session, "seq": seq["eventSeq"]})
+        # The delivery's statements: the consumer's lease, the read of the outbox, the consumer's checkpoint.
+        delivery = [
+            s for s in engine.statements if "lease_" in s or "SET checkpoint" in s or "SELECT sequence, kind" in s
+        ]
+        assert delivery == [], delivery[:3]
+        seen = [stream.try_next() for _ in range(5)]
+        stream.close()
+        assert [(c["operationType"], c["documentKey"]["_id"]) for c in seen] == [("update", session)] * 5
+    finally:
+        client.close()
