@@ -132,6 +132,9 @@ class Config:
             "TURN_TIMEOUT": _env_int("TURN_TIMEOUT", 600, 1, 7 * 24 * 3600),
             "TURN_MAX_OUTPUT_CHARS": _env_int("TURN_MAX_OUTPUT_CHARS", 2_000_000, 1000, 100_000_000),
             "OUTPUT_FLUSH_INTERVAL": _env_float("OUTPUT_FLUSH_INTERVAL", 0.25, 0.01, 5.0),
+            # Seconds a process may keep what a sign-in or API-key lookup read while no credential changed (every
+            # change is seen at once through Redis: credentials.py); 0 reads MongoDB on every request.
+            "AUTH_CACHE_SECONDS": _env_float("AUTH_CACHE_SECONDS", 10.0, 0.0, 3600.0),
             "TURN_QUEUE": os.environ.get("TURN_QUEUE", "turns"),
             # Webhooks: deliveries retried after these many seconds (at least a day in all), https only in
             # production, and never to loopback or private addresses unless allowed (for receivers on a LAN).

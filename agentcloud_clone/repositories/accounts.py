@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 from bson import ObjectId
 from pymongo import ReturnDocument
 
+from .. import credentials
 from ..db import get_db
 from ..timeutil import utcnow
+
+
+def _changes_credentials[F: Callable[..., Any]](write: F) -> F:
+    """A write to an account or an API key: every process's kept sign-in lookups are out of date once it returns
+    (credentials.py), whatever it returns."""
+
+    @functools.wraps(write)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return write(*args, **kwargs)
+        finally:
+            credentials.credentials_changed()
+
+    return wrapper  # type: ignore[return-value]
 
 
 def find_account_by_email(email: str) -> dict[str, Any] | None:
@@ -22,6 +39,7 @@ def find_account(account_id: ObjectId) -> dict[str, Any] | None:
     return get_db().accounts.find_one({"_id": account_id})
 
 
+@_changes_credentials
 def insert_account(email: str, name: str, password_hash: str) -> dict[str, Any]:
     """Store a new account with no team memberships; raises DuplicateKeyError for a taken email."""
     doc = {
@@ -35,6 +53,7 @@ def insert_account(email: str, name: str, password_hash: str) -> dict[str, Any]:
     return doc
 
 
+@_changes_credentials
 def set_membership(account_id: ObjectId, team_id: ObjectId, role: str) -> dict[str, Any] | None:
     """Give the account `role` on the team, replacing any earlier role there."""
     accounts = get_db().accounts
@@ -52,6 +71,7 @@ def set_membership(account_id: ObjectId, team_id: ObjectId, role: str) -> dict[s
     return updated
 
 
+@_changes_credentials
 def remove_membership(account_id: ObjectId, team_id: ObjectId) -> dict[str, Any] | None:
     """Take the account off the team; the account after, or None when it was not a member."""
     return get_db().accounts.find_one_and_update(
@@ -66,11 +86,13 @@ def count_team_owners(team_id: ObjectId) -> int:
     return get_db().accounts.count_documents({"teams": {"$elemMatch": {"teamId": team_id, "role": "owner"}}})
 
 
+@_changes_credentials
 def add_signin(account_id: ObjectId, signin: dict[str, Any], keep: int) -> None:
     """Record a sign-in on the account, keeping only the `keep` most recent ones."""
     get_db().accounts.update_one({"_id": account_id}, {"$push": {"signins": {"$each": [signin], "$slice": -keep}}})
 
 
+@_changes_credentials
 def set_password(account_id: ObjectId, password_hash: str, keep_signin: dict[str, Any] | None) -> bool:
     """Store a new password hash and revoke every sign-in of the account but `keep_signin` (which may be None);
     True when the account exists. One write, so no sign-in made with the old password survives it."""
@@ -81,6 +103,7 @@ def set_password(account_id: ObjectId, password_hash: str, keep_signin: dict[str
     return result.matched_count == 1
 
 
+@_changes_credentials
 def remove_signins(account_id: ObjectId, signin_id: str | None = None) -> None:
     """Revoke one sign-in of the account, or all of them when `signin_id` is None."""
     update: dict[str, Any] = {"$pull": {"signins": {"id": signin_id}}} if signin_id else {"$set": {"signins": []}}
@@ -135,6 +158,7 @@ def team_members(team_id: ObjectId) -> list[dict[str, Any]]:
     return list(get_db().accounts.find({"teams.teamId": team_id}, projection).sort("email", 1).limit(1000))
 
 
+@_changes_credentials
 def insert_api_key(account_id: ObjectId, name: str, lookup: str, key_hash: str) -> dict[str, Any]:
     """Store an API key by its lookup prefix and hash; the key itself is never stored."""
     doc = {
@@ -166,6 +190,7 @@ def list_api_keys(account_id: ObjectId) -> list[dict[str, Any]]:
     return list(cursor)
 
 
+@_changes_credentials
 def revoke_api_key(account_id: ObjectId, key_id: ObjectId) -> dict[str, Any] | None:
     """Mark the account's key revoked (once); None when the account has no such key."""
     db = get_db()

@@ -15,6 +15,7 @@ from flask import current_app
 from pymongo.errors import DuplicateKeyError
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from .. import credentials
 from ..access import ROLES
 from ..errors import Conflict, InvalidInput, NotFound, PermissionDenied
 from ..repositories import accounts as repo
@@ -121,10 +122,15 @@ def signin_remembered(account_id: ObjectId, signin_id: str | None) -> bool:
 
 def account_for_signin(account_id: ObjectId, signin_id: str) -> dict[str, Any] | None:
     """The account, if this sign-in of it is still valid."""
-    doc = repo.find_account(account_id)
+    doc = _account(account_id)
     if doc is None or not any(s.get("id") == signin_id for s in doc.get("signins", [])):
         return None
     return doc
+
+
+def _account(account_id: ObjectId) -> dict[str, Any] | None:
+    """The account as authentication sees it: kept by this process while no credential changed (credentials.py)."""
+    return credentials.lookup("account", str(account_id), lambda: repo.find_account(account_id))
 
 
 # The teams' own turn slots, as this process last read them: (read at, slots or None for the default).
@@ -270,7 +276,7 @@ def verify_api_key(key: str) -> tuple[dict[str, Any], ObjectId] | None:
     if not key.startswith(API_KEY_PREFIX):
         return None
     lookup = key[len(API_KEY_PREFIX) :].split("_", 1)[0]
-    record = repo.find_api_key_by_lookup(lookup)
+    record = credentials.lookup("api_key", lookup, lambda: repo.find_api_key_by_lookup(lookup))
     if record is None or record.get("revokedAt") or not hmac.compare_digest(record["keyHash"], _hash_key(key)):
         return None
     now = utcnow()
@@ -278,7 +284,8 @@ def verify_api_key(key: str) -> tuple[dict[str, Any], ObjectId] | None:
     if last_used is None or now - last_used > LAST_USED_GRANULARITY:
         # Record use at most once a minute per key: a write on every request would cost more than it tells.
         repo.touch_api_key(record["_id"], now)
-    account = repo.find_account(record["accountId"])
+        credentials.remember("api_key", lookup, {**record, "lastUsedAt": now})
+    account = _account(record["accountId"])
     return (account, record["_id"]) if account else None
 
 

@@ -16,7 +16,7 @@ from pymongo import monitoring
 from agentcloud_clone.services import sessions as service
 from agentcloud_clone.vocabulary import CancelSource
 
-AUTH = 1  # the cookie's account lookup
+AUTH = 1  # the cookie's account lookup (after a credential changed; none while it is kept: credentials.py)
 
 
 class CommandCounter(monitoring.CommandListener):
@@ -187,3 +187,17 @@ def test_webhook_deliveries_of_many_ended_sessions_take_one_read_and_one_write(a
         # Announced again (a sweep after a crash, say): every event has its delivery already, none is added.
         assert webhooks.record_deliveries(team, items) == 0
         assert webhooks_repo.get_db().webhook_deliveries.count_documents({"teamId": team}) == 40
+
+
+def test_a_signed_in_request_reads_no_credential_while_none_changed(app, factory, world, counter, api_key_client):
+    # credentials.py: the account (and an API key) read once per process, until a credential changes.
+    session = factory.session(world["user"], world["app_id"], "hello")
+    path = f"/{world['user'].team_id}/session/{session['_id']}.json"
+    world["me"].client.get(path)  # reads the account and keeps it
+    assert counter.count(lambda: world["me"].client.get(path)) == ["find"]  # the session, nothing else
+    keyed = factory.user("member", api_key=True)
+    keyed_session = factory.session(keyed, factory.app_record(keyed.team_id), "hello")
+    request = api_key_client(keyed)
+    keyed_path = f"/{keyed.team_id}/session/{keyed_session['_id']}.json"
+    assert request("GET", keyed_path).status_code == 200  # reads the key and its account, keeps both
+    assert counter.count(lambda: request("GET", keyed_path)) == ["find"]
