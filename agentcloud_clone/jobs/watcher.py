@@ -95,11 +95,10 @@ class CancelWatcher:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.polls = 0
-        self._last_heartbeat = 0.0
 
     def start(self) -> None:
-        """Start the poll thread (and the pub/sub listener when enabled)."""
-        targets = [self._poll_loop] + ([self._listen_loop] if self.pubsub else [])
+        """Start the poll and heartbeat threads (and the pub/sub listener when enabled)."""
+        targets = [self._poll_loop, self._heartbeat_loop] + ([self._listen_loop] if self.pubsub else [])
         for target in targets:
             thread = threading.Thread(target=target, name=f"cancel-watcher-{target.__name__}", daemon=True)
             thread.start()
@@ -156,14 +155,14 @@ class CancelWatcher:
                     handle.trigger("cancelled")
             for session_id in set(watched) - seen:
                 watched[session_id][1].trigger("deleted")
-            now = time.monotonic()
-            # Measured from the last heartbeat that landed: after MongoDB was away, the first poll that gets through
-            # heartbeats at once, so a turn that kept running is not taken for lost.
-            if now - self._last_heartbeat >= self.heartbeat_interval:
-                live = {sid: team for sid, team in teams.items() if not watched[sid][1].is_set()}
-                if live:
-                    sessions_repo.heartbeat(live, utcnow())
-                self._last_heartbeat = now
+
+    def beat_once(self) -> None:
+        """One heartbeat of every watched session whose turn is still running: one write however many."""
+        with self._lock:
+            live = {sid: team_id for sid, (team_id, handle) in self._handles.items() if not handle.is_set()}
+        if live:
+            with self.app.app_context():
+                sessions_repo.heartbeat(live, utcnow())
 
     def _poll_loop(self) -> None:
         # Polls keep to a fixed schedule, so the time a poll takes does not stretch the interval.
@@ -182,6 +181,27 @@ class CancelWatcher:
                             self.poll_interval)  # fmt: skip
             except Exception:
                 log.exception("cancel poll failed")
+
+    def _heartbeat_loop(self) -> None:
+        # A thread of its own: a heartbeat updates every running session of the process, which on a loaded store
+        # takes seconds, and the poll a cancel notice asks for must not wait behind it. Measured from the start of
+        # the last heartbeat that landed; while MongoDB is away it is tried again every poll interval, so the
+        # first that gets through comes at once and a turn that kept running is not taken for lost.
+        wait = self.heartbeat_interval
+        while not self._stop.wait(wait):
+            started = time.monotonic()
+            try:
+                self.beat_once()
+            except PyMongoError as exc:
+                with self.app.app_context():
+                    note_failure(exc)
+                log.warning("heartbeat failed (MongoDB unavailable: %s); trying again in %.2f s", exc,
+                            self.poll_interval)  # fmt: skip
+                wait = self.poll_interval
+                continue
+            except Exception:
+                log.exception("heartbeat failed")
+            wait = max(0.0, self.heartbeat_interval - (time.monotonic() - started))
 
     def _listen_loop(self) -> None:
         backoff, outage = 0.1, False

@@ -442,3 +442,30 @@ def test_a_turn_handed_back_after_a_shutdown_shows_a_note_and_its_rerun_as_a_rep
         ("agent", "whole"),
     ]
     assert items[1]["interrupted"] and not items[3]["interrupted"]
+
+
+def test_a_heartbeat_held_up_by_the_store_does_not_hold_up_a_cancel(harness, app, monkeypatch):
+    """The heartbeat (an update of every running session of the process) has a thread of its own: on a loaded
+    store it takes seconds, and the poll a cancel needs must not wait behind it."""
+    from agentcloud_clone.jobs import watcher as watcher_module
+
+    entered, release = threading.Event(), threading.Event()
+    original = watcher_module.sessions_repo.heartbeat
+
+    def stuck(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        release.wait(60)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(watcher_module.sessions_repo, "heartbeat", stuck)
+    session = harness.start(steps=2000, stepDelay=0.02)
+    thread, _ = harness.run_in_thread(session)
+    try:
+        harness.wait_running(session)
+        harness.wait_for(entered.is_set, "a heartbeat in flight")
+        harness.cancel(session)
+        harness.finish(thread)  # ended while the heartbeat is still stuck
+        assert harness.doc(session)["status"] == "terminated"
+        assert not release.is_set()
+    finally:
+        release.set()
