@@ -18,9 +18,9 @@ from __future__ import annotations
 import copy
 import logging
 import threading
-import time
 import uuid
 from collections.abc import Callable
+from time import monotonic
 from typing import Any
 
 import redis
@@ -46,7 +46,7 @@ class Kept:
     def get(self, kind: str, key: str, token: str, max_age: float) -> dict[str, Any] | None:
         with self.lock:
             entry = self.entries.get((kind, key))
-        if entry is None or entry[0] != token or time.monotonic() - entry[1] >= max_age:
+        if entry is None or entry[0] != token or monotonic() - entry[1] >= max_age:
             return None
         return copy.deepcopy(entry[2])
 
@@ -55,7 +55,7 @@ class Kept:
             if len(self.entries) >= MAX_KEPT:
                 for old in list(self.entries)[: MAX_KEPT // 2]:
                     del self.entries[old]
-            self.entries[(kind, key)] = (token, time.monotonic(), copy.deepcopy(doc))
+            self.entries[(kind, key)] = (token, monotonic(), copy.deepcopy(doc))
 
     def clear(self) -> None:
         with self.lock:
@@ -63,10 +63,9 @@ class Kept:
 
 
 def _kept() -> Kept:
+    """This app's kept documents (one set per app, so two apps in one process never share them)."""
     kept = current_app.extensions.get(EXTENSION)
-    if kept is None:
-        kept = current_app.extensions.setdefault(EXTENSION, Kept())
-    return kept  # type: ignore[no-any-return]
+    return kept if kept is not None else current_app.extensions.setdefault(EXTENSION, Kept())  # type: ignore[no-any-return]
 
 
 def _version_key() -> str:

@@ -171,16 +171,7 @@ class CancelWatcher:
             self._wake.wait(max(0.0, next_poll - time.monotonic()))
             self._wake.clear()
             next_poll = max(next_poll + self.poll_interval, time.monotonic())
-            try:
-                self.check_once()
-            except PyMongoError as exc:
-                # MongoDB away or hung: keep trying every interval; turns keep running meanwhile.
-                with self.app.app_context():
-                    note_failure(exc)
-                log.warning("cancel poll failed (MongoDB unavailable: %s); polling again in %.2f s", exc,
-                            self.poll_interval)  # fmt: skip
-            except Exception:
-                log.exception("cancel poll failed")
+            self._attempt(self.check_once, "cancel poll")
 
     def _heartbeat_loop(self) -> None:
         # A thread of its own: a heartbeat updates every running session of the process, which on a loaded store
@@ -190,18 +181,24 @@ class CancelWatcher:
         wait = self.heartbeat_interval
         while not self._stop.wait(wait):
             started = time.monotonic()
-            try:
-                self.beat_once()
-            except PyMongoError as exc:
-                with self.app.app_context():
-                    note_failure(exc)
-                log.warning("heartbeat failed (MongoDB unavailable: %s); trying again in %.2f s", exc,
-                            self.poll_interval)  # fmt: skip
+            if not self._attempt(self.beat_once, "heartbeat"):
                 wait = self.poll_interval
                 continue
-            except Exception:
-                log.exception("heartbeat failed")
             wait = max(0.0, self.heartbeat_interval - (time.monotonic() - started))
+
+    def _attempt(self, step: Callable[[], None], what: str) -> bool:
+        """Run one poll or heartbeat; False when MongoDB was away or hung (noted; the caller tries again after the
+        poll interval, and turns keep running meanwhile)."""
+        try:
+            step()
+        except PyMongoError as exc:
+            with self.app.app_context():
+                note_failure(exc)
+            log.warning("%s failed (MongoDB unavailable: %s); trying again in %.2f s", what, exc, self.poll_interval)
+            return False
+        except Exception:
+            log.exception("%s failed", what)
+        return True
 
     def _listen_loop(self) -> None:
         backoff, outage = 0.1, False
