@@ -58,8 +58,10 @@ can, so that those operations touch only the documents they concern; the answers
    a lease row, started a heartbeat thread, read the outbox and checkpointed its consumer: about a third of the
    server's time per write. The wire server refuses `$changeStream` ("Unsupported aggregation stage"), so no
    client of it can ever read that delivery; the engine now declares none, as mongoeco's memory engine does,
-   and an in-process `watch()` is served from the client's change hub after each write (not durably). The
-   outbox rows a write records are pruned as before (no consumer holds them back).
+   and an in-process `watch()` is served from the client's change hub after each write (not durably). Nor does
+   a write record its change in the outbox any more (three statements and a serialised copy of the document,
+   for rows nothing reads): the engine's write paths call a module-level function for that, which does nothing
+   on this engine's connections and what it always did on any other engine's.
 
 Nothing else changes: the same writes of documents and indexes, the same transactions, the same errors
 (DuplicateKeyError with the same message and key), and the same file format, so a data directory moves freely
@@ -79,6 +81,7 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
+import mongoeco.engines.sqlite
 from mongoeco.core.bson_scalars import BsonInt32, BsonInt64
 from mongoeco.core.codec import DocumentCodec
 from mongoeco.core.query_plan import (
@@ -337,6 +340,7 @@ class EmbeddedSQLiteEngine(SQLiteEngine):
         """The engine's connection, noting which committed writes its snapshot is sure to hold."""
         conn = super()._create_sqlite_connection()
         self._connection_generations[conn] = self._committed_generation
+        _RECORDS_NO_CHANGES.add(conn)  # see 8.
         return conn
 
     def _commit_write(self, conn: sqlite3.Connection, context: Any) -> None:
@@ -506,6 +510,23 @@ class EmbeddedSQLiteEngine(SQLiteEngine):
             self._collection_features_cache[(db_name, coll_name, f"{_UNIFORM}:{field}")] = "objectid"
             return "objectid"
         return super()._field_has_uniform_scalar_sort_type_in_collection(db_name, coll_name, field)
+
+
+# 8. The engine's writes call this module-level function to record each change in the outbox; on this engine's
+# connections nothing is recorded (no change delivery reads it, and the engine declares none, so no commit sequence
+# is expected back). Every other engine's connections, the stock SQLiteEngine's included, keep it.
+_RECORDS_NO_CHANGES: weakref.WeakSet[sqlite3.Connection] = weakref.WeakSet()
+_record_change = mongoeco.engines.sqlite._sqlite_append_change
+
+
+@functools.wraps(_record_change)
+def _record_change_unless_embedded(conn: sqlite3.Connection, **kwargs: Any) -> int | None:
+    if conn in _RECORDS_NO_CHANGES:
+        return None
+    return _record_change(conn, **kwargs)
+
+
+mongoeco.engines.sqlite._sqlite_append_change = _record_change_unless_embedded
 
 
 def _cached_only_if_current(name: str, kind: str) -> Callable[..., Any]:

@@ -422,11 +422,11 @@ class StatementCountingEngine(EmbeddedSQLiteEngine):
         return conn
 
 
-def test_a_write_does_no_change_stream_delivery_and_watch_still_sees_it(tmp_path: Path) -> None:
+def test_a_write_records_and_delivers_no_change_and_watch_still_sees_it(tmp_path: Path) -> None:
     # The stock engine follows every write with an outbox delivery (a lease on `change_outbox_consumers`, a
     # heartbeat thread, a read of the outbox, a checkpoint): about a third of a write's time, for change streams
-    # that the wire server refuses to open. Counted statements, not time. (The outbox rows a write records stay,
-    # pruned at once as before.)
+    # that the wire server refuses to open; and before that it records the change in the outbox, where nothing
+    # reads it. Counted statements, not time.
     engine = StatementCountingEngine(str(tmp_path / "store.sqlite3"))
     client = MongoClient(engine)
     try:
@@ -443,6 +443,8 @@ def test_a_write_does_no_change_stream_delivery_and_watch_still_sees_it(tmp_path
             s for s in engine.statements if "lease_" in s or "SET checkpoint" in s or "SELECT sequence, kind" in s
         ]
         assert delivery == [], delivery[:3]
+        recorded = [s for s in engine.statements if "change_outbox" in s]
+        assert recorded == [], recorded[:3]
         seen = [stream.try_next() for _ in range(5)]
         stream.close()
         assert [(c["operationType"], c["documentKey"]["_id"]) for c in seen] == [("update", session)] * 5
