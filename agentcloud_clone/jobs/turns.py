@@ -167,6 +167,17 @@ class OutputWriter:
                 return
             self.chars_written += sum(map(len, part))
 
+    def take_rest(self) -> tuple[list[str], int] | None:
+        """What is buffered (texts, tokens), taken for the turn's closing write to carry; counted as written. None
+        when it is more than one write holds (the caller flushes it first)."""
+        text, tokens = "".join(self.buffer), self.tokens
+        texts = _split(text) if text or tokens else []
+        if len(texts) > EVENTS_PER_WRITE:
+            return None
+        self.buffer, self.buffered, self.tokens = [], 0, 0
+        self.chars_written += len(text)
+        return texts, tokens
+
     def _write(self, texts: list[str], tokens: int, *, interrupted: bool) -> bool:
         """One output write; False when the session no longer runs this turn."""
         self.batches += 1
@@ -353,17 +364,26 @@ def _hand_back(writer: OutputWriter) -> bool:
 
 
 def _stop(writer: OutputWriter, reason: EndReason, message: str, *, flush: bool = True) -> dict[str, Any] | None:
-    """Keep what was produced (marked interrupted), then end the session with its closing event; the session
-    as ended, or None when it had already ended elsewhere."""
-    if flush:
+    """Keep what was produced (marked interrupted) and end the session with its closing event, in one write when
+    the rest of the output fits in one; the session as ended, or None when it had already ended elsewhere."""
+    rest = writer.take_rest() if flush else None
+    if flush and rest is None:
         try:
             writer.flush(interrupted=True)
         except TranscriptWriteError as exc:
             reason, message = EndReason.ERROR, str(exc)
     interrupted = writer.chars_written > 0
+    seen = writer.cancel.seen
     return persist(
         lambda: sessions.end_turn(
-            writer.team_id, writer.session_id, writer.turn_id, reason, message, interrupted=interrupted
+            writer.team_id,
+            writer.session_id,
+            writer.turn_id,
+            reason,
+            message,
+            interrupted=interrupted,
+            output=rest,
+            seen=seen,
         )
     )
 

@@ -41,6 +41,9 @@ class CancelHandle:
         self._lock = threading.Lock()
         self.reason: str | None = None
         self.noticed_at: float | None = None
+        # The session as the poll that triggered this handle saw it (None when no poll did): the turn ends from
+        # it without reading the session again, and reads it only if it changed since (services.sessions.end_turn).
+        self.seen: dict[str, Any] | None = None
 
     def is_set(self) -> bool:
         """True once the session was cancelled, deleted or ended elsewhere, or this turn was interrupted by a
@@ -59,12 +62,12 @@ class CancelHandle:
                 return
         _run_quietly(callback)
 
-    def trigger(self, reason: str) -> None:
-        """Mark cancelled and run the hooks once."""
+    def trigger(self, reason: str, seen: dict[str, Any] | None = None) -> None:
+        """Mark cancelled and run the hooks once; `seen` is the session state that told."""
         with self._lock:
             if self._event.is_set():
                 return
-            self.reason, self.noticed_at = reason, time.monotonic()
+            self.reason, self.noticed_at, self.seen = reason, time.monotonic(), seen
             self._event.set()
             callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
@@ -144,11 +147,11 @@ class CancelWatcher:
                 if doc.get("deletedAt"):
                     handle.trigger("deleted")
                 elif doc.get("cancelledAt"):
-                    handle.trigger("cancelled")
+                    handle.trigger("cancelled", doc)
                 elif doc.get("status") in ENDED_STATUSES:
-                    handle.trigger("ended")
+                    handle.trigger("ended", doc)
                 elif handle.turn_id is not None and doc.get("interruptTurnId") == handle.turn_id:
-                    handle.trigger("interrupted")
+                    handle.trigger("interrupted", doc)
                 elif doc.get("deadline") is not None and doc["deadline"] < now_dt:
                     # Over its duration limit: the stamp says why, and the turn stops as for any cancel.
                     sessions.enforce_deadline(team_id, doc)

@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -212,11 +212,13 @@ def append_events(
     push: dict[str, Any] | None = None,
     pop: dict[str, int] | None = None,
     projection: dict[str, Any] | None = None,
+    committed: Callable[[], None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]] | None:
     """Append transcript events to a live session matching `where`, applying `set_fields`/`inc`/`push`/`pop`
     in the same write: one update reserves the events' `seq`s (and changes the state), one insert writes them.
     (An event may carry its own `_id`, chosen before the write: a caller trying again after losing the answer
-    names the same events.)
+    names the same events.) `committed` runs between the two, once the state change is stored: what it announces
+    (a cancel, to the worker that must act on it) need not wait for the events' insert.
 
     Returns (session before, session after, events stored), or None when no live session matched, in which
     case nothing was written. The events stored are this write's, preceded by those of the write before it when
@@ -241,6 +243,8 @@ def append_events(
     )
     if before is None:
         return None
+    if committed is not None:
+        committed()
     first = int(before.get("eventSeq", 0))
     stored = _materialised(before["teamId"], session_id, first, pending)
     earlier = _unconfirmed(session_id, before)
@@ -618,10 +622,13 @@ def _in_teams(teams_by_session: Mapping[ObjectId, ObjectId], chunk: list[ObjectI
 
 def watch_states(teams_by_session: Mapping[ObjectId, ObjectId]) -> list[dict[str, Any]]:
     """What a worker's watcher needs of the sessions it runs (session id → team id): cancel stamp, status,
-    deletion. One query per chunk of ids."""
+    deletion, and what ending a cancelled turn needs (its cancellation, the turn it names). One query per chunk
+    of ids."""
     found: list[dict[str, Any]] = []
     projection = {
         "cancelledAt": 1,
+        "cancellation": 1,
+        "activeTurnId": 1,
         "status": 1,
         "deletedAt": 1,
         "interruptTurnId": 1,

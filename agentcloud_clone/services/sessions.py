@@ -411,11 +411,11 @@ def send_message(
             # An interrupting message goes to the front of the line and asks the turn in flight to stop.
             push={"queuedTurns": {"$each": [turn_id], "$position": 0} if interrupt else turn_id},
             set_fields={"interruptTurnId": active} if interrupt else None,
+            # An interrupt wakes the worker running the turn as soon as it is stored.
+            committed=(lambda: queueing.publish_cancel(str(session_id))) if interrupt else None,
         )
         if written is None:
             continue  # the turn in flight finished meanwhile: look again
-        if interrupt:
-            queueing.publish_cancel(str(session_id))  # wakes the worker running it
         return written[1]
     raise Conflict("The session changed while the message was being sent; try again.")
 
@@ -488,15 +488,16 @@ def cancel_session(
     stamp = {"cancelledAt": now, "cancelledBy": actor.account_id}
     for _ in range(RETRIES):
         # Running: its worker ends it. Tried first, as the case a cancel is mostly for.
+        # The worker hears of the stamp as soon as it is stored, before the cancel event is inserted.
         stamped = _append(
             scope,
             session_id,
             [cancel_event],
             where={"status": Status.RUNNING, **NOT_CANCELLED, **(guard or {})},
             set_fields={**stamp, "cancellation": cancellation},
+            committed=lambda: queueing.publish_cancel(str(session_id)),
         )
         if stamped is not None:
-            queueing.publish_cancel(str(session_id))
             return CancelOutcome(stamped[1])
         # Idle, or a turn queued that no worker has claimed: nobody else would end it, so it ends now. The claim
         # requires no stamp, so either the worker claimed first (the write above applies next time round) or
@@ -593,6 +594,18 @@ def remaining_budget(session: dict[str, Any]) -> int | None:
     return _remaining_budget(session)
 
 
+def _output_events(turn_id: ObjectId, texts: list[str], tokens: int, *, interrupted: bool) -> list[dict[str, Any]]:
+    """The transcript events of a piece of a turn's output (its tokens and its cut-off on the last)."""
+    events: list[dict[str, Any]] = [
+        {"type": EventType.OUTPUT, "role": "agent", "text": text, "turnId": str(turn_id)} for text in texts
+    ]
+    if events and tokens:
+        events[-1]["tokens"] = tokens
+    if events and interrupted:
+        events[-1]["interrupted"] = True
+    return events
+
+
 def record_output(
     team_id: ObjectId,
     session_id: ObjectId,
@@ -609,18 +622,12 @@ def record_output(
 
     `batch` names this piece of output (with `event_ids`, its events' ids) so that a worker that lost the answer
     may call again with the same: the output is then written once, whichever attempt the server applied."""
-    events: list[dict[str, Any]] = [
-        {"type": EventType.OUTPUT, "role": "agent", "text": text, "turnId": str(turn_id)} for text in texts
-    ]
+    events = _output_events(turn_id, texts, tokens, interrupted=interrupted)
     if not events:
         return []
     if event_ids is not None:
         for event, event_id in zip(events, event_ids, strict=True):
             event["_id"] = event_id
-    if tokens:
-        events[-1]["tokens"] = tokens
-    if interrupted:
-        events[-1]["interrupted"] = True
     where: dict[str, Any] = {"activeTurnId": turn_id, "status": Status.RUNNING}
     if batch is not None:
         where["outputBatch"] = {"$ne": batch}
@@ -716,13 +723,20 @@ def end_turn(
     *,
     where: dict[str, Any] | None = None,
     interrupted: bool = False,
+    output: tuple[list[str], int] | None = None,
+    seen: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """End a live session whose active turn is `turn_id` (None: whatever it is), with its closing event.
 
     A session that was cancelled ends as its cancellation asked (cancelled, or the limit's reason), whatever
-    stopped the turn; otherwise with `reason`. None when it had already ended or moved on to another turn."""
-    for _ in range(RETRIES):
-        current = repo.find_session(team_id, session_id)
+    stopped the turn; otherwise with `reason`. None when it had already ended or moved on to another turn.
+    `output` (texts, tokens) is the turn's last output, cut off: written in the same write, before the closing
+    event, so a stopping turn ends one write sooner than if it flushed first. `seen` is the session as the caller
+    last read it (the worker's cancel watcher): the first attempt starts from it, and reads the session only if
+    it changed since (the write is guarded by what it decided from)."""
+    texts, tokens = output or ([], 0)
+    for attempt in range(RETRIES):
+        current = seen if attempt == 0 and seen is not None else repo.find_session(team_id, session_id)
         if current is None or is_ended(current):
             return None
         if turn_id is not None and current.get("activeTurnId") != turn_id:
@@ -744,14 +758,15 @@ def end_turn(
             **(where or {}),
         }
         closing = _closing_event(ending_reason, text, current.get("activeTurnId"))
-        if interrupted:
+        if interrupted or texts:
             closing["interrupted"] = True  # the turn's output stops short
         written = _append(
             team_id,
             session_id,
-            [closing],
+            [*_output_events(turn_id or current["activeTurnId"], texts, tokens, interrupted=True), closing],
             where=guard,
             set_fields={**_ending(ending_reason, now), **extra},
+            inc={"tokensUsed": tokens} if tokens else None,
         )
         if written is not None:
             before = written[0]

@@ -14,7 +14,7 @@ import pytest
 from pymongo import monitoring
 
 from agentcloud_clone.services import sessions as service
-from agentcloud_clone.vocabulary import CancelSource
+from agentcloud_clone.vocabulary import CancelSource, EndReason
 
 AUTH = 1  # the cookie's account lookup (after a credential changed; none while it is kept: credentials.py)
 
@@ -136,6 +136,54 @@ def test_one_output_flush_takes_two_round_trips_however_many_pieces(app, factory
             )
         )
     assert len(commands) <= 2, commands
+
+
+def _stopping_writer(app: Any, factory: Any, world: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """A running turn with output still buffered, whose session was just cancelled; its writer and its session
+    as the worker's watcher saw it."""
+    from agentcloud_clone.jobs import turns
+    from agentcloud_clone.jobs.watcher import CancelHandle
+    from agentcloud_clone.repositories import sessions as repo
+
+    session = _running_session(app, factory, world)
+    service.cancel_session(session["teamId"], session["_id"], world["actor"], CancelSource.API)
+    writer = turns.OutputWriter(session, session["activeTurnId"], 60.0, 10_000, CancelHandle(session["_id"]))
+    writer.add("the last words")
+    (seen,) = repo.watch_states({session["_id"]: session["teamId"]})
+    return writer, seen
+
+
+def _ends_with_the_last_words(session_id: Any) -> None:
+    output, closing = service.events_after(session_id, 0, 100)[0][-2:]
+    assert (output["text"], output["interrupted"]) == ("the last words", True)
+    assert (closing["type"], closing["endReason"], closing["interrupted"]) == ("status", EndReason.CANCELLED, True)
+
+
+def test_a_cancelled_turn_ends_in_two_round_trips_its_unwritten_output_included(app, factory, world, counter):
+    """The watcher's poll saw the cancel, so the turn ends from what it saw: one update and one insert, which
+    carry the output still buffered as well as the closing event."""
+    from agentcloud_clone.jobs import turns
+
+    with app.app_context():
+        writer, seen = _stopping_writer(app, factory, world)
+        writer.cancel.trigger("cancelled", seen)
+        commands = counter.count(lambda: turns._stop(writer, EndReason.CANCELLED, "Cancelled."))
+        _ends_with_the_last_words(writer.session_id)
+    assert len(commands) <= 2, commands
+
+
+def test_a_turn_ending_from_a_stale_view_reads_the_session_and_ends_as_it_says(app, factory, world, counter):
+    """What the watcher saw no longer holds (here: it saw no cancel): the guarded write misses, the session is
+    read, and the turn ends as the cancellation asks."""
+    from agentcloud_clone.jobs import turns
+
+    with app.app_context():
+        writer, seen = _stopping_writer(app, factory, world)
+        stale = {key: value for key, value in seen.items() if key not in ("cancelledAt", "cancellation")}
+        writer.cancel.trigger("ended", stale)
+        commands = counter.count(lambda: turns._stop(writer, EndReason.ERROR, "The agent failed."))
+        _ends_with_the_last_words(writer.session_id)
+    assert commands.count("find") == 1, commands
 
 
 def test_a_write_after_another_process_s_write_costs_no_extra_round_trip(app, factory, world, counter):
