@@ -16,7 +16,9 @@ from agentcloud_clone.db import client_for, database_name, ensure_indexes_once
 from agentcloud_clone.jobs.watcher import stop_watchers
 from agentcloud_clone.notices import stop_dispatchers
 from devtools.servers import ManagedProcess, start_mongo, start_redis
-from tests.support import Client, Factory, User, make_test_config
+from tests.support import Client, Factory, User, make_mongomock_atomic, make_test_config
+
+make_mongomock_atomic()
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,8 @@ in like users do, and the one helper that waits for a condition."""
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -19,6 +21,38 @@ from agentcloud_clone.schemas import SharingConfigSchema
 from agentcloud_clone.services import accounts as accounts_service
 from agentcloud_clone.services import apps as apps_service
 from agentcloud_clone.services import sessions as sessions_service
+
+
+def make_mongomock_atomic() -> None:
+    """Give mongomock what MongoDB guarantees and the product relies on: each operation atomic on a document.
+
+    mongomock locks a collection's table of documents, but updates a stored document in place: a thread matching
+    or copying a document while another updates it fails ("dictionary changed size during iteration"), and two
+    find-and-modifies can both match what only one may. One lock over mongomock's reads and writes makes each
+    operation whole, as on a server. (The fast tier is not about mongomock's speed; once per process.)"""
+    import mongomock.collection
+
+    if getattr(mongomock.collection, "_made_atomic", False):
+        return
+    lock = threading.RLock()
+
+    def atomic(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def whole(*args: Any, **kwargs: Any) -> Any:
+            with lock:
+                return method(*args, **kwargs)
+
+        return whole
+
+    writes = ("_insert", "_update", "_delete", "_find_and_modify", "bulk_write")
+    reads = ("count_documents", "distinct", "aggregate")
+    for name in (*writes, *reads):
+        setattr(mongomock.collection.Collection, name, atomic(getattr(mongomock.collection.Collection, name)))
+    # A find's documents are matched and copied when its cursor is first read.
+    cursor = mongomock.collection.Cursor
+    cursor._compute_results = atomic(cursor._compute_results)  # type: ignore[method-assign]
+    mongomock.collection._made_atomic = True  # type: ignore[attr-defined]
+
 
 PASSWORD = "correct horse battery"
 # werkzeug's hashing at a test-only cost: the suite signs in hundreds of times.
