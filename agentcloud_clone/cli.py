@@ -13,13 +13,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import click
+import pymongo
 from flask import Flask, current_app
 from flask.cli import AppGroup
 from pymongo.errors import PyMongoError
 from redis.exceptions import RedisError
 
 from .access import ROLES, parse_id
-from .db import ensure_indexes_once
+from .db import LONG_OPERATION, ensure_indexes_once
 from .errors import DomainError, InvalidInput, NotFound
 from .jobs.reaper import reap_once
 from .repositories import accounts as accounts_repo
@@ -61,13 +62,20 @@ def _unreachable(server: str, uri: str, variable: str) -> str:
 
 
 def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """A domain error, or a server that cannot be reached, is one `{message, code}` line on stderr, exit 1."""
+    """A domain error, or a server that cannot be reached, is one `{message, code}` line on stderr, exit 1.
+
+    Once MongoDB has answered (the index check pings it first, with a short timeout), a one-shot command has
+    LONG_OPERATION to finish: an admin on a busy store waits, where the API's MONGO_TIMEOUT (1 s by default, for
+    requests that must not queue) would call a merely slow store unreachable. `reap --loop` bounds each pass."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             ensure_indexes_once(current_app._get_current_object())  # type: ignore[attr-defined]
-            return command(*args, **kwargs)
+            if kwargs.get("loop"):
+                return command(*args, **kwargs)
+            with pymongo.timeout(LONG_OPERATION):
+                return command(*args, **kwargs)
         except DomainError as exc:
             _fail(exc.message, status_for(exc), exc.errors)
         except PyMongoError:

@@ -130,3 +130,28 @@ def test_a_command_looks_for_an_absent_mongodb_for_seconds_not_the_long_deadline
     assert given is not None and float(given.group(1)) <= 0.3, str(failure.value)
     result = app.test_cli_runner().invoke(args=["apikeys", "create", "demo@example.com"])
     assert result.exit_code == 1 and json.loads(result.stderr)["code"] == 503
+
+
+def test_a_command_waits_for_a_slow_store_instead_of_calling_it_unreachable(make_app, monkeypatch):
+    """The store stops answering for longer than MONGO_TIMEOUT in the middle of seed-demo (it is paused, as a
+    loaded machine's store is, for a moment): the command waits for it and succeeds."""
+    import os
+    import signal
+    import threading
+
+    from agentcloud_clone import cli
+    from devtools.servers import start_mongo
+
+    with start_mongo() as store:
+        app = make_app(MONGO_URI=store.url.rstrip("/") + "/slow_store_cli", MONGO_TIMEOUT=0.1)
+        find_account = cli.accounts_repo.find_account_by_email
+
+        def find_while_paused(email: str):
+            assert store.pid is not None
+            os.kill(store.pid, signal.SIGSTOP)
+            threading.Timer(1.0, os.kill, (store.pid, signal.SIGCONT)).start()
+            return find_account(email)
+
+        monkeypatch.setattr(cli.accounts_repo, "find_account_by_email", find_while_paused)
+        out = _json(app.test_cli_runner().invoke(args=["seed-demo"]))
+    assert out["email"] == cli.DEMO_EMAIL and out["apiKey"]
