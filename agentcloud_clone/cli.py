@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import ipaddress
 import json
@@ -61,20 +62,18 @@ def _unreachable(server: str, uri: str, variable: str) -> str:
     return f"{server} is unreachable at {where}: start `make run`, or set {variable}."
 
 
-def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+def _reports_errors(command: Callable[..., Any], *, deadline: float | None = LONG_OPERATION) -> Callable[..., Any]:
     """A domain error, or a server that cannot be reached, is one `{message, code}` line on stderr, exit 1.
 
-    Once MongoDB has answered (the index check pings it first, with a short timeout), a one-shot command has
-    LONG_OPERATION to finish: an admin on a busy store waits, where the API's MONGO_TIMEOUT (1 s by default, for
-    requests that must not queue) would call a merely slow store unreachable. `reap --loop` bounds each pass."""
+    Once MongoDB has answered (the index check pings it first, with a short timeout), the command has `deadline`
+    to finish: an admin on a busy store waits, where the API's MONGO_TIMEOUT (1 s by default, for requests that
+    must not queue) would call a merely slow store unreachable. None: the command bounds its own steps."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             ensure_indexes_once(current_app._get_current_object())  # type: ignore[attr-defined]
-            if kwargs.get("loop"):
-                return command(*args, **kwargs)
-            with pymongo.timeout(LONG_OPERATION):
+            with pymongo.timeout(deadline) if deadline is not None else contextlib.nullcontext():
                 return command(*args, **kwargs)
         except DomainError as exc:
             _fail(exc.message, status_for(exc), exc.errors)
@@ -289,7 +288,8 @@ def init_app(app: Flask) -> None:
     @app.cli.command("reap")
     @click.option("--timeout", type=float, default=None, help="Heartbeat age in seconds (default HEARTBEAT_TIMEOUT).")
     @click.option("--loop", is_flag=True, help="Keep reaping every REAPER_INTERVAL until stopped.")
-    @_reports_errors
+    # Each step of a pass has LONG_OPERATION of its own (services.sessions.sweep), and `--loop` runs until stopped.
+    @functools.partial(_reports_errors, deadline=None)
     def reap_command(timeout: float | None, loop: bool) -> None:
         """One reaper pass → {"reaped": [...], "expired": [...], "requeued": [...]} (session ids): sessions whose
         worker was lost, sessions ended by a limit, turns queued again. `--loop` keeps going (one line a pass)."""
