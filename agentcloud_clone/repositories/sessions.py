@@ -373,14 +373,9 @@ def _check_late_write(session_id: ObjectId, started: float) -> None:
 
 
 def remove_event(session_id: ObjectId, event_id: ObjectId) -> None:
-    """Take back one event this process just wrote (a start whose queueing failed)."""
+    """Take back one event this process just wrote, once its session gave back its `seq` (a message whose turn
+    could not be queued)."""
     get_db().session_events.delete_one({"_id": event_id, "sessionId": session_id})
-
-
-def restore_event(event: dict[str, Any]) -> None:
-    """Put back an event `remove_event` took, when the take-back could not be completed (another writer may have
-    put it back already)."""
-    insert_events([event])
 
 
 def release_turn(team_id: ObjectId, session_id: ObjectId, turn_id: ObjectId, seq: int) -> bool:

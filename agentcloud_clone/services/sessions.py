@@ -421,12 +421,13 @@ def send_message(
 
 
 def _take_back_message(team_id: ObjectId, session_id: ObjectId, turn_id: ObjectId, event: dict[str, Any]) -> None:
-    """Undo a message whose turn could not be queued. The event goes first and the `seq` is given back only if
-    nothing was written since; if something was (a cancel), the event is put back so the transcript keeps
-    no gap, and the session, which that write ended, keeps the message."""
-    repo.remove_event(session_id, event["_id"])
-    if not repo.release_turn(team_id, session_id, turn_id, event["seq"]):
-        repo.restore_event(event)
+    """Undo a message whose turn could not be queued, if nothing was written since (otherwise the session, which
+    that write changed, keeps the message). The session gives back the `seq` first and the event goes after:
+    until the first write the message is the session's last write, which anyone may store again (the reaper's
+    repair, the next writer), so removing the event before would let it come back above the session's `seq`.
+    A leftover of a writer that dies in between gives way to the next event reserved for its `seq`."""
+    if repo.release_turn(team_id, session_id, turn_id, event["seq"]):
+        repo.remove_event(session_id, event["_id"])
 
 
 # --- cancelling ------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ message sent to a live session and the Idempotency-Key record all go again, and 
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from bson import ObjectId
 
 from agentcloud_clone import queueing
 from agentcloud_clone.db import get_db
+from agentcloud_clone.repositories import sessions as repo
 
 UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"
 
@@ -98,6 +100,35 @@ def test_a_message_refused_by_the_queue_is_taken_back_and_can_be_sent_again(app,
         assert call("POST", path_of(sid), {"message": "are you there?"}).status_code in (200, 202)
         events = call("GET", f"/{user.team_id}/session/{sid}/messages.json").get_json()["messages"]
         assert [(e["type"], e["seq"], e["text"]) for e in events] == [("message", 1, "are you there?")]
+
+
+def test_a_message_taken_back_stays_gone_when_the_repair_runs_at_any_step_of_the_take_back(
+    app, factory, api_key_client, monkeypatch
+):
+    """Until the take-back's first write, the message is the session's last write, which the reaper's repair (or
+    the next writer) stores again if it is missing: the take-back must never leave it missing before then."""
+    user = factory.user("member", api_key=True)
+    call = api_key_client(user)
+    sid = str(factory.session(user, factory.app_record(user.team_id), None)["_id"])
+    repairs: list[int] = []
+
+    def repair_first(step: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            window = (datetime(2000, 1, 1, tzinfo=UTC), datetime(3000, 1, 1, tzinfo=UTC))
+            repairs.append(len(repo.materialise_pending(repo.unsettled(*window))))
+            return step(*args, **kwargs)
+
+        return run
+
+    _queue_down(monkeypatch)
+    monkeypatch.setattr(repo, "release_turn", repair_first(repo.release_turn))
+    monkeypatch.setattr(repo, "remove_event", repair_first(repo.remove_event))
+    _refused(call("POST", f"/{user.team_id}/session/{sid}/send-message", {"message": "are you there?"}))
+    assert len(repairs) == 2  # the repair ran before each of the take-back's two writes
+    with app.app_context():
+        session = get_db().sessions.find_one({"_id": ObjectId(sid)})
+        seqs = [e["seq"] for e in get_db().session_events.find({"sessionId": ObjectId(sid)})]
+    assert (session.get("eventSeq", 0), session.get("activeTurnId"), seqs) == (0, None, [])
 
 
 @pytest.fixture
