@@ -600,10 +600,23 @@ class Chaos:
             try:
                 job = Job.fetch(f"turn-{doc.get('activeTurnId')}", connection=connection)
                 doc["job"] = (job.get_status(), job.worker_name)
+                if job.rate_limit_key:  # waiting for a team slot: who holds the slots
+                    doc["slots"] = self._slot_holders(connection, job.rate_limit_key)
             except Exception as exc:
                 doc["job"] = repr(exc)[:80]
             found.append({k: str(v) for k, v in doc.items()})
         return found
+
+    @staticmethod
+    def _slot_holders(connection: Any, key: str) -> list[tuple[str, str]]:
+        """The jobs holding a team's turn slots, with their status as RQ has it."""
+        from rq.job import Job
+        from rq.rate_limit import RateLimitRegistry
+
+        registry = RateLimitRegistry(key, connection=connection)
+        holders = registry.get_allowed_job_ids()
+        statuses = [connection.hget(Job.key_for(job_id), "status") for job_id in holders]
+        return [(job_id, (status or b"missing").decode()) for job_id, status in zip(holders, statuses, strict=True)]
 
     def _settle(self, faults_end: float) -> dict[str, Any]:
         """Wait until nothing is left to do. A long run leaves a backlog of turns that takes as long as it takes

@@ -43,6 +43,7 @@ from rq.exceptions import AbandonedJobError, NoSuchJobError, ShutDownImminentExc
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.queue import Queue
+from rq.rate_limit import RateLimitRegistry
 from rq.timeouts import BaseDeathPenalty, JobTimeoutException
 from rq.utils import now
 from rq.worker import Worker, WorkerStatus
@@ -72,6 +73,10 @@ SHUTDOWN = "shutdown"  # the worker is shutting down and its grace period is ove
 # ... and the two further reasons an AbnormalEnd can have.
 EXCEPTION = "exception"  # the job raised, unprompted
 ABANDONED = "abandoned"  # a worker process died (kill -9, OOM); found by a sibling's registry cleanup
+
+# Recording a job's end while Redis is away: the first wait before trying again, and the longest.
+RECORD_RETRY_FIRST = 0.5
+RECORD_RETRY_MAX = 5.0
 
 _local = threading.local()
 _controls: dict[str, JobControl] = {}
@@ -246,7 +251,8 @@ class ThreadPoolWorker(Worker):
     Settings beyond Worker's: `concurrency`; `shutdown_grace` (seconds running jobs may still finish after
     SIGTERM/SIGINT); `interrupt_grace` (seconds a job may take to return once its control is set, before the
     worker records its end and abandons its thread); `heartbeat_margin` (seconds a job's StartedJobRegistry
-    entry outlives its last heartbeat; RQ hard-codes 60); `reserved_queues` and `reserved_concurrency` (slots
+    entry outlives its last heartbeat; RQ hard-codes 60); `record_retry_for` (seconds a job's end is tried
+    again while Redis is away); `reserved_queues` and `reserved_concurrency` (slots
     beyond `concurrency` that only jobs of those queues use: while every other slot is busy the worker still
     takes their jobs at once, so e.g. webhook deliveries never wait behind long jobs);
     `abnormal_end_handler(job, AbnormalEnd)`; `execution_context(job)`, a context manager entered in each job's
@@ -266,6 +272,7 @@ class ThreadPoolWorker(Worker):
         shutdown_grace: float = 20.0,
         interrupt_grace: float = 5.0,
         heartbeat_margin: int = 20,
+        record_retry_for: float = 120.0,
         reserved_queues: Any = (),
         reserved_concurrency: int = 0,
         abnormal_end_handler: AbnormalEndHandler | None = None,
@@ -288,6 +295,7 @@ class ThreadPoolWorker(Worker):
         self._size_connection_pool()
         self.shutdown_grace = float(shutdown_grace)
         self.interrupt_grace = float(interrupt_grace)
+        self.record_retry_for = float(record_retry_for)
         self.heartbeat_margin = int(heartbeat_margin)
         self._abnormal_end_handler = abnormal_end_handler
         self._execution_context = execution_context or (lambda job: contextlib.nullcontext())
@@ -567,27 +575,61 @@ class ThreadPoolWorker(Worker):
     # -- recording a job's end (job thread, finisher thread, or the main thread at exit) -------------------------
 
     def _finish(self, slot: _Slot, return_value: Any = None, exc_info: Any = None, forced: bool = False) -> None:
-        """Record the end in RQ through Worker's own handlers, tell the application if abnormal, free the slot."""
-        job, queue, execution, reason = slot.job, slot.queue, slot.execution, slot.end_reason
+        """Record the end in RQ through Worker's own handlers, tell the application if abnormal, free the slot.
+
+        While Redis is away the record is tried again, backing off, for up to `record_retry_for` seconds: a job
+        whose end RQ never hears of keeps its rate-limit slot (its team's share of the workers) until RQ's
+        clean-up takes it for abandoned, a minute or two later, and meanwhile none of the team's waiting turns
+        may start."""
+        job, reason = slot.job, slot.end_reason
+        message = "Job stopped by user (stop-job command)" + (
+            f"; it did not return within {self.interrupt_grace:g} s and its thread was abandoned" if forced else ""
+        )
         try:
-            if reason == STOPPED:
-                message = "Job stopped by user (stop-job command)" + (
-                    f"; it did not return within {self.interrupt_grace:g} s and its thread was abandoned"
-                    if forced
-                    else ""
-                )
-                self._record_stopped(job, queue, execution, message)
-                self._tell_application(job, STOPPED, message, forced)
-            elif exc_info is None:
-                self._finalize_success(job, queue, execution, return_value)
-            else:
-                self._finalize_failure(job, queue, execution, exc_info)
-                message = "".join(traceback.format_exception(*exc_info))
-                self._tell_application(job, reason or EXCEPTION, message, forced)
+            self._record_end(slot, message, return_value, exc_info)
         except Exception:
             self.log.exception("Worker %s: could not record the end of job %s", self.name, job.id)
         finally:
-            self._release(slot)
+            try:
+                if reason == STOPPED:
+                    self._tell_application(job, STOPPED, message, forced)
+                elif exc_info is not None:
+                    failure = "".join(traceback.format_exception(*exc_info))
+                    self._tell_application(job, reason or EXCEPTION, failure, forced)
+            finally:
+                self._release(slot)
+
+    def _record_end(self, slot: _Slot, message: str, return_value: Any, exc_info: Any) -> None:
+        job, queue, execution = slot.job, slot.queue, slot.execution
+        delay, give_up, attempts = RECORD_RETRY_FIRST, time.monotonic() + self.record_retry_for, 0
+        while True:
+            try:
+                # After an attempt that failed half-way: RQ has the job started still (each step is redone, setting
+                # what RQ may hold already), or its end is recorded and only the release of its slot may be left.
+                if attempts and job.get_status(refresh=True) != JobStatus.STARTED:
+                    if job.has_rate_limit:
+                        RateLimitRegistry.from_job(job).release_stale_and_enqueue(job.id)
+                    return
+                attempts += 1
+                if slot.end_reason == STOPPED:
+                    self._record_stopped(job, queue, execution, message)
+                elif exc_info is None:
+                    self._finalize_success(job, queue, execution, return_value)
+                else:
+                    self._finalize_failure(job, queue, execution, exc_info)
+                return
+            except redis.RedisError as exc:
+                if time.monotonic() + delay > give_up or self._supervisor_stop.is_set():
+                    raise
+                self.log.warning(
+                    "Worker %s: could not record the end of job %s (%s); trying again in %.1f s",
+                    self.name,
+                    job.id,
+                    exc,
+                    delay,
+                )
+                self._supervisor_stop.wait(delay)
+                delay = min(2 * delay, RECORD_RETRY_MAX)
 
     def _record_stopped(self, job: Job, queue: Queue, execution: Execution, message: str) -> None:
         # What Worker._handle_stopped_job does after its horse was killed: stopped callback, then STOPPED.

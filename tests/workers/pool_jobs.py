@@ -50,6 +50,17 @@ def gated(log_key: str, gate_key: str, tag: str, on_stop: str = "return") -> str
     return f"{tag}:done"
 
 
+def file_gated(path: str) -> str:
+    """Run until the file at `path` exists: a job that needs no Redis while it runs."""
+    control = current_control()
+    while not os.path.exists(path):
+        if control is not None:
+            control.wait(POLL)
+        else:
+            time.sleep(POLL)
+    return "done"
+
+
 def sleeper(seconds: float) -> str:
     """Sleep (waking early if the worker sets the control): the benchmark's stand-in for a turn."""
     control = current_control()

@@ -20,14 +20,15 @@ from typing import Any
 
 import pytest
 from redis import Redis
-from rq import Queue, Retry, Worker
+from rq import Queue, RateLimit, Retry, Worker
 from rq.command import send_stop_job_command
 from rq.job import Job, JobStatus
 from rq.registry import clean_registries
 from rq.utils import utcparse
 
+from devtools.servers import start_redis
 from tests.support import wait_until
-from tests.workers.pool_jobs import abnormal_key, blocking_reader, failing, gated
+from tests.workers.pool_jobs import abnormal_key, blocking_reader, failing, file_gated, gated
 from workers.pool import STOPPED, TIMEOUT, JobControl, JobInterrupted, current_control
 
 pytestmark = pytest.mark.integration
@@ -396,6 +397,36 @@ def test_kill_9_leaves_its_jobs_started_until_rqs_cleanup_in_a_sibling_fails_the
         assert (end["reason"], end["forced"], end["by"], end["worker"]) == ("abandoned", True, sibling.pid, victim.name)
     info = rq_info(redis_server.url, queue)
     assert f"queue {queue.name} 0, 0 executing, 0 finished, 3 failed" in info, info
+
+
+def test_a_job_ending_while_redis_is_away_is_recorded_when_it_is_back_and_frees_its_rate_limit_slot(tmp_path):
+    """A job whose end RQ never hears of keeps its rate-limit slot until RQ's clean-up takes it for abandoned
+    (here never, within the test: entries outlive their last heartbeat by 300 s), and meanwhile the jobs waiting
+    for that slot cannot start."""
+    gate, name = tmp_path / "gate", f"pool-{uuid.uuid4().hex[:8]}"
+    with start_redis(data_dir=str(tmp_path / "redis")) as server:
+        conn = Redis.from_url(server.url)
+        queue = Queue(f"pool-{uuid.uuid4().hex[:10]}", connection=conn)
+        options = {**FAST, "concurrency": 2, "heartbeat-margin": 300, "abnormal-end-handler": HANDLER}
+        pool = PoolProcess(server.url, queue.name, name, tmp_path / f"{name}.log", "thread", options)
+        try:
+            wait_until(lambda: conn.hget(f"rq:worker:{name}", "state"), 30, f"worker {name}")
+            one_at_a_time = RateLimit(key=f"away-{name}", concurrency=1)
+            first = queue.enqueue(file_gated, str(gate), rate_limit=one_at_a_time)
+            second = queue.enqueue(file_gated, str(gate), rate_limit=one_at_a_time)
+            wait_until(lambda: status(first) == JobStatus.STARTED, 30, "the first job started")
+            assert status(second) == JobStatus.RATE_LIMITED
+            server.stop()  # a clean shutdown: Redis comes back with everything it held
+            gate.touch()  # the first job returns while Redis is away
+            wait_until(lambda: f"could not record the end of job {first.id}" in pool.output(), 30, "a failed record")
+            server.start()
+            conn = Redis.from_url(server.url)
+            wait_until(lambda: status(Job.fetch(second.id, connection=conn)) == JobStatus.FINISHED, 60, "second")
+            recorded = Job.fetch(first.id, connection=conn)
+            assert (status(recorded), recorded.return_value()) == (JobStatus.FINISHED, "done")
+        finally:
+            pool.close()
+            print(pool.output()[-6000:])
 
 
 def test_the_same_job_code_runs_in_fork_mode_without_a_control(conn, queue, keys, start_pool):
