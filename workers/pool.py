@@ -932,6 +932,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interrupt-grace", type=float, default=5.0)
     parser.add_argument("--job-monitoring-interval", type=int, default=10, help="heartbeat period, seconds")
     parser.add_argument("--heartbeat-margin", type=int, default=20)
+    parser.add_argument("--record-retry-for", type=float, default=120.0, help="seconds a job's end is retried")
     parser.add_argument("--reserved-queue", action="append", default=[], help="a queue with slots of its own")
     parser.add_argument("--reserved-concurrency", type=int, default=0, help="those slots, beyond --concurrency")
     parser.add_argument("--maintenance-interval", type=int, default=60)
@@ -962,6 +963,7 @@ def main(argv: list[str] | None = None) -> int:
             shutdown_grace=args.shutdown_grace,
             interrupt_grace=args.interrupt_grace,
             heartbeat_margin=args.heartbeat_margin,
+            record_retry_for=args.record_retry_for,
             reserved_queues=args.reserved_queue,
             reserved_concurrency=args.reserved_concurrency,
             abnormal_end_handler=handler,

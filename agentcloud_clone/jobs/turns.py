@@ -183,6 +183,7 @@ class OutputWriter:
         self.batches += 1
         # Named once: an attempt whose answer is lost and the attempt after it are the same write.
         batch, ids = f"{self.turn_id}:{self.batches}", [ObjectId() for _ in texts]
+        began = time.monotonic()
         try:
             events = persist(
                 lambda: sessions.record_output(
@@ -198,7 +199,11 @@ class OutputWriter:
             )
         except PyMongoError as exc:
             raise TranscriptWriteError(f"The transcript could not be written: {exc.__class__.__name__}: {exc}") from exc
-        return events is not None
+        if events is None:
+            return False
+        if events:
+            self.cancel.note_stamp(began)
+        return True
 
 
 def persist[T](call: Callable[[], T]) -> T:

@@ -44,6 +44,8 @@ class CancelHandle:
         # The session as the poll that triggered this handle saw it (None when no poll did): the turn ends from
         # it without reading the session again, and reads it only if it changed since (services.sessions.end_turn).
         self.seen: dict[str, Any] | None = None
+        # When (time.monotonic()) the last write of the turn's own that stamped `heartbeatAt` began.
+        self.stamped_at: float | None = None
 
     def is_set(self) -> bool:
         """True once the session was cancelled, deleted or ended elsewhere, or this turn was interrupted by a
@@ -53,6 +55,10 @@ class CancelHandle:
     def wait(self, timeout: float) -> bool:
         """Sleep up to `timeout` seconds, returning True at once if cancelled meanwhile."""
         return self._event.wait(timeout)
+
+    def note_stamp(self, began_at: float) -> None:
+        """A write that began at `began_at` (time.monotonic()) stamped the session's heartbeat."""
+        self.stamped_at = began_at if self.stamped_at is None else max(self.stamped_at, began_at)
 
     def on_cancel(self, callback: Callable[[], Any]) -> None:
         """Run `callback` (e.g. closing an upstream stream) when cancelled; at once if already cancelled."""
@@ -160,9 +166,16 @@ class CancelWatcher:
                 watched[session_id][1].trigger("deleted")
 
     def beat_once(self) -> None:
-        """One heartbeat of every watched session whose turn is still running: one write however many."""
+        """One heartbeat of every watched session whose turn is still running and has not stamped its heartbeat
+        itself within the interval (a turn's output writes do): one write however many, none while every turn
+        streams. A session's stamps therefore come at most two intervals apart."""
+        recent = time.monotonic() - self.heartbeat_interval
         with self._lock:
-            live = {sid: team_id for sid, (team_id, handle) in self._handles.items() if not handle.is_set()}
+            live = {
+                sid: team_id
+                for sid, (team_id, handle) in self._handles.items()
+                if not handle.is_set() and (handle.stamped_at is None or handle.stamped_at < recent)
+            }
         if live:
             with self.app.app_context():
                 sessions_repo.heartbeat(live, utcnow())

@@ -619,7 +619,8 @@ def record_output(
     event_ids: list[ObjectId] | None = None,
 ) -> list[dict[str, Any]] | None:
     """Append output pieces of the running turn (two round trips however many); None when the session is no
-    longer running this turn (ended, or deleted), which tells the worker to stop.
+    longer running this turn (ended, or deleted), which tells the worker to stop. Only the turn's own worker
+    writes its output, so the write is a heartbeat too (the watcher skips sessions written this recently).
 
     `batch` names this piece of output (with `event_ids`, its events' ids) so that a worker that lost the answer
     may call again with the same: the output is then written once, whichever attempt the server applied."""
@@ -637,7 +638,7 @@ def record_output(
         session_id,
         events,
         where=where,
-        set_fields={"outputBatch": batch} if batch is not None else None,
+        set_fields={"heartbeatAt": utcnow(), **({"outputBatch": batch} if batch is not None else {})},
         inc={"tokensUsed": tokens},
         projection={"eventSeq": 1, "tokensUsed": 1},
     )
@@ -844,7 +845,8 @@ def end_turn_of_killed_job(
     where = None
     if only_if_silent:
         config = current_app.config
-        quiet = 2 * float(config["HEARTBEAT_INTERVAL"]) + float(config["CANCEL_POLL_INTERVAL"])
+        # Stamps come at most two intervals apart (watcher.CancelWatcher.beat_once); a third allows for a slow one.
+        quiet = 3 * float(config["HEARTBEAT_INTERVAL"]) + float(config["CANCEL_POLL_INTERVAL"])
         where = {"status": Status.RUNNING, "heartbeatAt": repo.before(utcnow() - timedelta(seconds=quiet))}
     ended = end_turn(team_id, session_id, turn_id, EndReason.WORKER_LOST, f"Worker lost: {detail}.", where=where)
     if ended is not None:

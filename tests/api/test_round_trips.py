@@ -7,7 +7,9 @@ request's sign-in lookup is one `find`, counted separately).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -212,6 +214,38 @@ def test_heartbeat_and_watcher_poll_take_one_query_for_many_sessions(app, factor
     with app.app_context():
         assert len(counter.count(lambda: repo.heartbeat(teams, utcnow()))) == 1
         assert len(counter.count(lambda: repo.watch_states(teams))) == 1
+
+
+def test_a_turn_s_output_write_is_its_heartbeat_and_the_watcher_beats_only_the_silent_ones(
+    app, factory, world, counter
+):
+    """A streaming turn's output writes stamp `heartbeatAt` themselves, so the watcher's heartbeat leaves its
+    session out: with every turn of the process streaming, the heartbeat sends nothing."""
+    from agentcloud_clone.jobs import turns
+    from agentcloud_clone.jobs.watcher import CancelWatcher
+    from agentcloud_clone.repositories import sessions as repo
+
+    streaming, silent = (_running_session(app, factory, world) for _ in range(2))
+    watcher = CancelWatcher(app)  # not started: its steps are run here, one at a time
+    handles = {s["_id"]: watcher.register(s["teamId"], s["_id"], s["activeTurnId"]) for s in (streaming, silent)}
+
+    def stamps() -> dict[Any, Any]:
+        return {s["_id"]: repo.find_session(s["teamId"], s["_id"])["heartbeatAt"] for s in (streaming, silent)}
+
+    with app.app_context():
+        long_ago = {"$set": {"heartbeatAt": datetime(2000, 1, 1, tzinfo=UTC)}}
+        repo.get_db().sessions.update_many({"_id": {"$in": list(handles)}}, long_ago)
+        writer = turns.OutputWriter(streaming, streaming["activeTurnId"], 60.0, 10_000, handles[streaming["_id"]])
+        writer.add("some output")
+        before = stamps()
+        assert len(counter.count(writer.flush)) <= 2  # the output write's budget, the stamp included
+        written = stamps()
+        assert written[streaming["_id"]] > before[streaming["_id"]] and written[silent["_id"]] == before[silent["_id"]]
+        assert counter.count(watcher.beat_once) == ["update"]
+        beaten = stamps()
+        assert beaten[streaming["_id"]] == written[streaming["_id"]] and beaten[silent["_id"]] > written[silent["_id"]]
+        handles[silent["_id"]].note_stamp(time.monotonic())  # the other turn streams as well now
+        assert counter.count(watcher.beat_once) == []
 
 
 def test_webhook_deliveries_of_many_ended_sessions_take_one_read_and_one_write(app, factory, world, counter):
