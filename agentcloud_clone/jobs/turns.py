@@ -38,6 +38,12 @@ log = logging.getLogger(__name__)
 MAX_EVENT_CHARS = 64 * 1024
 # Output events per transcript write: at most 1 Mi characters (4 MiB of UTF-8) in one write.
 EVENTS_PER_WRITE = 16
+# A turn writes its output no more often than every WRITE_SPACING times its last write's round trip (and at
+# least every MAX_SPACING): on a quiet store a write takes milliseconds and OUTPUT_FLUSH_INTERVAL holds, while
+# on a saturated one every turn batches more per write, which is what lets the store catch up with the reads
+# and cancels queued behind those writes.
+WRITE_SPACING = 10
+MAX_SPACING = 5.0
 # Turns read this many of the latest transcript entries as context.
 HISTORY_EVENTS = 400
 
@@ -115,6 +121,7 @@ class OutputWriter:
         self.tokens = 0
         self.turn_tokens = 0
         self.last_flush = time.monotonic()
+        self.spacing = 0.0  # from the last write's round trip (WRITE_SPACING)
         self.chars_written = 0
         self.batches = 0
 
@@ -142,7 +149,8 @@ class OutputWriter:
             )
             self.cancel.trigger("cancelled")
             return
-        if self.buffered >= MAX_EVENT_CHARS or time.monotonic() - self.last_flush >= self.interval:
+        due = max(self.interval, self.spacing)
+        if self.buffered >= MAX_EVENT_CHARS or time.monotonic() - self.last_flush >= due:
             self.flush()
 
     def flush(self, *, interrupted: bool = False) -> None:
@@ -203,6 +211,7 @@ class OutputWriter:
             return False
         if events:
             self.cancel.note_stamp(began)
+        self.spacing = min(MAX_SPACING, WRITE_SPACING * (time.monotonic() - began))
         return True
 
 
