@@ -62,6 +62,14 @@ can, so that those operations touch only the documents they concern; the answers
    a write record its change in the outbox any more (three statements and a serialised copy of the document,
    for rows nothing reads): the engine's write paths call a module-level function for that, which does nothing
    on this engine's connections and what it always did on any other engine's.
+9. Reads on the shared connection. A read of more than one document opened a SQLite connection of its own for
+   its snapshot (and closed it after): a new connection reads the file's whole schema (every table and each of
+   the product's indexes) before its first statement, and then the engine loads its index catalog again, about
+   a quarter of a small read's time in the server. Every read now runs on the shared connection under the
+   engine's lock, where the engine captures the rows it selected before it lets go of the lock, which is what
+   its in-memory engine does for every read: a read still answers as of its start, whatever is written while
+   its batches are fetched. (A large read, such as a repair reading every `seq` of a long transcript, holds
+   the lock for as long as reading its rows takes; the writes waiting meanwhile would wait for the GIL anyway.)
 
 Nothing else changes: the same writes of documents and indexes, the same transactions, the same errors
 (DuplicateKeyError with the same message and key), and the same file format, so a data directory moves freely
@@ -335,6 +343,11 @@ class EmbeddedSQLiteEngine(SQLiteEngine):
                 new = (old if old == new else False) if kind.startswith(_UNIFORM) else bool(old or new)
             cache[(db_name, coll_name, kind)] = new
         return True
+
+    def _can_use_dedicated_reader(self, context: Any) -> bool:
+        """9. Every read on the shared connection (see the module's notes)."""
+        self._ensure_session_can_use_engine(context)
+        return False
 
     def _create_sqlite_connection(self) -> sqlite3.Connection:
         """The engine's connection, noting which committed writes its snapshot is sure to hold."""

@@ -238,6 +238,31 @@ def string_in_lists(db: Any) -> list[Any]:
     return out
 
 
+def cursors_beside_writes(db: Any) -> list[Any]:
+    """Reads fetched in several batches while documents are inserted, changed and deleted between the batches:
+    each read answers as of its start."""
+    c = db.cursors
+    c.create_index([("teamId", 1), ("seq", 1)])
+    c.insert_many([{"_id": fixed_id(n), "teamId": OID[0], "seq": n, "text": "x" * 50} for n in range(40)])
+    out: list[Any] = []
+    for sort in (None, [("seq", 1)], [("seq", -1)]):
+        cursor = c.find({"teamId": OID[0]}, {"seq": 1}, batch_size=7)
+        if sort is not None:
+            cursor = cursor.sort(sort)
+        rows = iter(cursor)
+        seen = [next(rows)["seq"] for _ in range(7)]
+        c.insert_one({"_id": ObjectId(), "teamId": OID[0], "seq": 1000})
+        c.update_many({"seq": {"$lt": 20}}, {"$inc": {"seq": 100}})
+        c.delete_many({"seq": {"$gte": 30, "$lt": 40}})
+        seen += [doc["seq"] for doc in rows]
+        out.append(seen if sort is not None else sorted(seen))
+        c.delete_many({"seq": 1000})
+        c.update_many({"seq": {"$gte": 100}}, {"$inc": {"seq": -100}})
+        c.insert_many([{"_id": fixed_id(n), "teamId": OID[0], "seq": n, "text": "x" * 50} for n in range(30, 40)])
+    out.append(plain(c.find({}, {"seq": 1}).sort("seq", 1)))
+    return out
+
+
 @pytest.mark.parametrize(
     "scenario",
     [
@@ -248,6 +273,7 @@ def string_in_lists(db: Any) -> list[Any]:
         features_change_after_caching,
         id_filters,
         object_id_ranges,
+        cursors_beside_writes,
     ],
     ids=lambda scenario: scenario.__name__,
 )
@@ -448,5 +474,38 @@ def test_a_write_records_and_delivers_no_change_and_watch_still_sees_it(tmp_path
         seen = [stream.try_next() for _ in range(5)]
         stream.close()
         assert [(c["operationType"], c["documentKey"]["_id"]) for c in seen] == [("update", session)] * 5
+    finally:
+        client.close()
+
+
+class ConnectionCountingEngine(EmbeddedSQLiteEngine):
+    """The launcher's engine, counting the SQLite connections it opens."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.opened = 0
+
+    def _create_sqlite_connection(self) -> Any:
+        self.opened += 1
+        return super()._create_sqlite_connection()
+
+
+def test_a_read_opens_no_sqlite_connection_of_its_own(tmp_path: Path) -> None:
+    # The stock engine opens (and closes) a SQLite connection for every read of more than one document, which
+    # then reads the schema of every table and index again: about a quarter of a small read's time in the server.
+    engine = ConnectionCountingEngine(str(tmp_path / "store.sqlite3"))
+    client = MongoClient(engine)
+    try:
+        db = client.db
+        db.sessions.create_index([("teamId", 1), ("_id", -1)])
+        db.events.create_index([("sessionId", 1), ("seq", 1)], unique=True)
+        team = ObjectId()
+        ids = db.sessions.insert_many([{"teamId": team, "status": "running", "eventSeq": 0} for _ in range(20)])
+        operations = product_operations(db, team, ids.inserted_ids)
+        opened = engine.opened
+        for n in range(1, 4):
+            for operation in operations.values():
+                operation(n)
+        assert engine.opened == opened
     finally:
         client.close()
