@@ -17,9 +17,12 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import redis
+from bson import json_util
+from bson.json_util import CANONICAL_JSON_OPTIONS
 from flask import current_app
 from rq import Queue
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
@@ -47,6 +50,8 @@ REDIS_TIMEOUT = 1.0
 LIMITER_TIMEOUT = 0.5
 # Best-effort commands a process keeps queued before dropping new ones.
 OUTBOX_SIZE = 10_000
+# Cancel notices carry their stamp in Extended JSON that gives back the same BSON values (timezone-aware dates).
+EXACT = CANONICAL_JSON_OPTIONS.with_options(tz_aware=True)
 
 
 class RedisUnavailableError(redis.ConnectionError):
@@ -353,14 +358,37 @@ def cancel_channel(prefix: str) -> str:
     return f"{prefix}:cancel"
 
 
-def publish_cancel(session_id: str) -> None:
+def publish_cancel(session_id: str, stamp: dict[str, Any] | None = None) -> None:
     """Wake the worker running this session now, without waiting for Redis; MongoDB polling stays the source of
-    truth if this is lost."""
+    truth if this is lost. With the `stamp` just stored (`cancelledAt`, `cancellation`), the worker ends the
+    turn from it without polling first: its ending write is guarded by that stamp, so a notice that does not
+    match the session (stale, or not what was stored) only costs that write, and the session is read then."""
     config = current_app.config
     if not config["CANCEL_PUBSUB"]:
         return
+    payload = session_id if stamp is None else json_util.dumps({"session": session_id, **stamp}, json_options=EXACT)
     send_later(_publish, config["REDIS_URL"], float(config["REDIS_TIMEOUT"]), cancel_channel(config["REDIS_PREFIX"]),
-                 session_id)  # fmt: skip
+                 payload)  # fmt: skip
+
+
+def read_cancel_notice(data: Any) -> tuple[str, dict[str, Any] | None]:
+    """A cancel notice's session id, and the stamp it carries (None: a bare notice, or one that cannot be read)."""
+    text = data.decode(errors="replace") if isinstance(data, bytes) else str(data)
+    if not text.startswith("{"):
+        return text, None
+    try:
+        notice = json_util.loads(text, json_options=EXACT)
+    except ValueError:
+        return "", None
+    if not isinstance(notice, dict):
+        return "", None
+    session_id = notice.pop("session", "")
+    stamp = (
+        notice
+        if isinstance(notice.get("cancelledAt"), datetime) and isinstance(notice.get("cancellation"), dict)
+        else None
+    )
+    return str(session_id), stamp
 
 
 def _publish(url: str, timeout: float, channel: str, payload: str) -> None:

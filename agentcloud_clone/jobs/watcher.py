@@ -22,11 +22,11 @@ from pymongo.errors import PyMongoError
 from .. import metrics
 from ..db import note_failure
 from ..ids import parse_object_id
-from ..queueing import cancel_channel, redis_for
+from ..queueing import cancel_channel, read_cancel_notice, redis_for
 from ..repositories import sessions as sessions_repo
 from ..services import sessions
 from ..timeutil import utcnow
-from ..vocabulary import ENDED_STATUSES
+from ..vocabulary import ENDED_STATUSES, Status
 
 log = logging.getLogger(__name__)
 
@@ -227,8 +227,8 @@ class CancelWatcher:
                 backoff, outage = 0.1, False
                 while not self._stop.is_set():
                     message = pubsub.get_message(timeout=1.0)
-                    if message and self._is_watched(message.get("data")):
-                        self.poll_now()
+                    if message:
+                        self.hear(message.get("data"))
             except (redis.RedisError, OSError) as exc:
                 if not outage:
                     log.warning("cancel notices unavailable (%s); polling alone until Redis returns", exc)
@@ -236,10 +236,21 @@ class CancelWatcher:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    def _is_watched(self, data: Any) -> bool:
-        session_id = parse_object_id(data.decode() if isinstance(data, bytes) else data)
+    def hear(self, data: Any) -> None:
+        """A cancel notice: a turn of this process whose session's stamp it carries stops at once, ending from
+        that stamp (no poll); a bare notice asks for a poll."""
+        session_text, stamp = read_cancel_notice(data)
+        session_id = parse_object_id(session_text)
         with self._lock:
-            return session_id is not None and session_id in self._handles
+            watched = self._handles.get(session_id) if session_id is not None else None
+        if watched is None:
+            return
+        handle = watched[1]
+        if stamp is None or handle.turn_id is None:
+            self.poll_now()
+            return
+        seen = {"_id": session_id, "status": Status.RUNNING, "activeTurnId": handle.turn_id, **stamp}
+        handle.trigger("cancelled", seen)
 
 
 _watchers: dict[tuple[int, str], CancelWatcher] = {}

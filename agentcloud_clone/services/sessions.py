@@ -496,7 +496,9 @@ def cancel_session(
             [cancel_event],
             where={"status": Status.RUNNING, **NOT_CANCELLED, **(guard or {})},
             set_fields={**stamp, "cancellation": cancellation},
-            committed=lambda: queueing.publish_cancel(str(session_id)),
+            committed=lambda: queueing.publish_cancel(
+                str(session_id), {"cancelledAt": now, "cancellation": cancellation}
+            ),
         )
         if stamped is not None:
             return CancelOutcome(stamped[1])

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from bson import json_util
 from pymongo import monitoring
 
 from agentcloud_clone.services import sessions as service
@@ -172,6 +173,58 @@ def test_a_cancelled_turn_ends_in_two_round_trips_its_unwritten_output_included(
         commands = counter.count(lambda: turns._stop(writer, EndReason.CANCELLED, "Cancelled."))
         _ends_with_the_last_words(writer.session_id)
     assert len(commands) <= 2, commands
+
+
+def test_a_turn_that_hears_the_stamp_in_the_cancel_notice_ends_in_two_round_trips_without_a_poll(
+    app, factory, world, counter, monkeypatch
+):
+    """The notice carries the stamp as stored, so the worker's watcher stops the turn as soon as it hears it, and
+    the turn ends from the stamp: no poll, one update and one insert."""
+    from agentcloud_clone import queueing
+    from agentcloud_clone.jobs import turns
+    from agentcloud_clone.jobs.watcher import CancelWatcher
+
+    session = _running_session(app, factory, world)
+    published: list[Any] = []
+    monkeypatch.setattr(queueing, "send_later", lambda function, *args: published.append(args[-1]))
+    watcher = CancelWatcher(app)  # not started: what its listener hears is handed to it here
+    handle = watcher.register(session["teamId"], session["_id"], session["activeTurnId"])
+    with app.app_context():
+        writer = turns.OutputWriter(session, session["activeTurnId"], 60.0, 10_000, handle)
+        writer.add("the last words")
+        service.cancel_session(session["teamId"], session["_id"], world["actor"], CancelSource.API)
+        (notice,) = published
+        assert counter.count(lambda: watcher.hear(notice)) == [] and handle.reason == "cancelled"
+        commands = counter.count(lambda: turns._stop(writer, EndReason.CANCELLED, "Cancelled."))
+        _ends_with_the_last_words(writer.session_id)
+    assert commands == ["findAndModify", "insert"], commands
+
+
+def test_a_cancel_notice_that_does_not_match_the_session_costs_one_write_and_the_turn_ends_as_stored(
+    app, factory, world, counter
+):
+    """A notice is only a hint: one whose stamp is not the stored one (stale, or not what MongoDB holds) makes the
+    guarded ending write miss, and the turn reads the session and ends as its cancellation says."""
+    from datetime import timedelta
+
+    from agentcloud_clone import queueing
+    from agentcloud_clone.jobs import turns
+    from agentcloud_clone.jobs.watcher import CancelWatcher
+
+    session = _running_session(app, factory, world)
+    watcher = CancelWatcher(app)
+    handle = watcher.register(session["teamId"], session["_id"], session["activeTurnId"])
+    with app.app_context():
+        writer = turns.OutputWriter(session, session["activeTurnId"], 60.0, 10_000, handle)
+        writer.add("the last words")
+        stored = service.cancel_session(session["teamId"], session["_id"], world["actor"], CancelSource.API).session
+        other = {"cancelledAt": stored["cancelledAt"] - timedelta(seconds=1), "endReason": "expired"}
+        wrong = {"cancelledAt": other["cancelledAt"], "cancellation": {**stored["cancellation"], **other}}
+        watcher.hear(json_util.dumps({"session": str(session["_id"]), **wrong}, json_options=queueing.EXACT))
+        assert handle.seen is not None and handle.seen["cancelledAt"] == wrong["cancelledAt"]
+        commands = counter.count(lambda: turns._stop(writer, EndReason.CANCELLED, "Cancelled."))
+        _ends_with_the_last_words(writer.session_id)
+    assert commands == ["findAndModify", "find", "findAndModify", "insert"], commands
 
 
 def test_a_turn_ending_from_a_stale_view_reads_the_session_and_ends_as_it_says(app, factory, world, counter):
