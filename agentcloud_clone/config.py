@@ -151,7 +151,7 @@ class Config:
             "TURN_CONCURRENCY": _env_int("TURN_CONCURRENCY", 20, 1, 1000),
             # Thread mode: slots of a worker process that only webhook deliveries use, so a delivery never waits
             # behind turns (its queue is also served first).
-            "WEBHOOK_CONCURRENCY": _env_int("WEBHOOK_CONCURRENCY", 2, 0, 100),
+            "WEBHOOK_CONCURRENCY": _env_int("WEBHOOK_CONCURRENCY", 8, 0, 100),
             # Thread mode, on SIGTERM: seconds running turns may still finish, then seconds an interrupted turn may
             # take to stop. An interrupted turn is queued again (another worker runs it from the user's message)
             # at most TURN_SHUTDOWN_RETRIES times; after that its session ends `worker_lost`.

@@ -19,6 +19,7 @@ import json
 import logging
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
@@ -135,6 +136,7 @@ def rotate_secret(team_id: ObjectId, endpoint_id: ObjectId) -> tuple[dict[str, A
     endpoint = repo.update_endpoint(team_id, endpoint_id, {"secret": seal(secret, current_app.config)})
     if endpoint is None:
         raise NotFound("No such webhook endpoint in this team.")
+    _forget_teams()
     return endpoint, secret
 
 
@@ -281,8 +283,38 @@ def _endpoints_version() -> int | None:
         return None
 
 
+class _EndpointCopies:
+    """This process's copies of the endpoints its deliveries went to, as of one value of the endpoints' version."""
+
+    def __init__(self) -> None:
+        self.version: int | None = None
+        self.by_id: dict[tuple[ObjectId, ObjectId], dict[str, Any]] = {}
+        self.lock = threading.Lock()
+
+    def get(self, team_id: ObjectId, endpoint_id: ObjectId) -> dict[str, Any] | None:
+        """The team's endpoint with its secret, for a delivery: the copy while no endpoint has changed since it
+        was read (every change moves the endpoints' version), else MongoDB's (also whenever Redis cannot say).
+        The version is read before MongoDB is, so a copy is never kept under a version older than itself."""
+        version = _endpoints_version()
+        key = (team_id, endpoint_id)
+        with self.lock:
+            if version is None or version != self.version:
+                self.version, self.by_id = version, {}
+            found = self.by_id.get(key)
+        if found is None:
+            found = repo.find_endpoint(team_id, endpoint_id, with_secret=True)
+            with self.lock:
+                if found is not None and version is not None and self.version == version:
+                    self.by_id[key] = found
+        return found
+
+
+_endpoint_copies = _EndpointCopies()
+
+
 def _forget_teams() -> None:
-    """A team just gained or lost an endpoint: every process looks again on its next announcement."""
+    """A team's endpoints changed (one added, removed, or given a new secret): every process looks again on its
+    next announcement and its next delivery."""
     _emitter.forget_teams()
     try:
         queueing.get_redis().incr(_endpoints_key())
@@ -382,7 +414,7 @@ def deliver(delivery_id: ObjectId) -> dict[str, Any]:
     if made > allowed:  # the last attempts allowed died without an answer
         repo.set_delivery(delivery_id, {"status": "failed", "nextAttemptAt": None})
         return {"skipped": True}
-    endpoint = repo.find_endpoint(delivery["teamId"], delivery["endpointId"], with_secret=True)
+    endpoint = _endpoint_copies.get(delivery["teamId"], delivery["endpointId"])
     if endpoint is None or endpoint.get("disabled"):
         repo.set_delivery(delivery_id, {"status": "failed", "error": "The endpoint was removed or disabled."})
         return {"skipped": True}

@@ -324,6 +324,29 @@ def test_webhook_deliveries_of_many_ended_sessions_take_one_read_and_one_write(a
         assert webhooks_repo.get_db().webhook_deliveries.count_documents({"teamId": team}) == 40
 
 
+def test_a_delivery_to_an_endpoint_this_process_delivered_to_reads_no_endpoint(app, factory, world, counter):
+    """A delivery claims its attempt and records it; the endpoint (its address and secret) is read once per
+    process until an endpoint changes."""
+    from agentcloud_clone.repositories import webhooks as webhooks_repo
+    from agentcloud_clone.services import webhooks
+    from tests.fakes.receiver import Receiver
+
+    app.config["WEBHOOK_ALLOW_PRIVATE"] = True  # the receiver is on loopback
+    receiver = Receiver().start()
+    try:
+        with app.app_context():
+            team = world["user"].team_oid
+            webhooks.create_endpoint(team, receiver.url, ["session.ended"], world["actor"])
+            items = [(f"session.ended:{n}", {"type": "session.ended", "data": {"n": n}}) for n in range(2)]
+            webhooks.record_deliveries(team, items)
+            first, second = (d["_id"] for d in webhooks_repo.get_db().webhook_deliveries.find({"teamId": team}))
+            assert counter.count(lambda: webhooks.deliver(first)) == ["findAndModify", "find", "update"]
+            assert counter.count(lambda: webhooks.deliver(second)) == ["findAndModify", "update"]
+    finally:
+        receiver.stop()
+    assert len(receiver.received) == 2
+
+
 def test_a_signed_in_request_reads_no_credential_while_none_changed(app, factory, world, counter, api_key_client):
     # credentials.py: the account (and an API key) read once per process, until a credential changes.
     session = factory.session(world["user"], world["app_id"], "hello")
