@@ -18,15 +18,35 @@ from typing import Any
 
 from flask import Flask
 from pymongo.errors import PyMongoError
-from rq import Worker
+from rq import Queue, Worker
+from rq.executions import Execution
+from rq.job import Job
 
 from agentcloud_clone import create_app
 from agentcloud_clone.db import ensure_indexes_once
 from agentcloud_clone.jobs import turns
 from agentcloud_clone.jobs.reaper import ReaperLoop
-from agentcloud_clone.queueing import rq_connection
+from agentcloud_clone.queueing import rq_connection, settle_outbox
+from agentcloud_clone.services import webhooks
 
 log = logging.getLogger("workers")
+
+
+# Seconds a fork-mode work horse waits, once its job has returned, for what it still has to send.
+HORSE_SETTLE = 5.0
+
+
+class ForkWorker(Worker):
+    """RQ's own Worker (one forked work horse per job), whose horse sends what the job left to its background
+    threads before it exits: cancel and transcript notices (the Redis outbox) and webhook announcements. RQ ends
+    a horse with os._exit as soon as its job is recorded, which would drop them."""
+
+    def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
+        try:
+            return super().perform_job(job, queue, execution)
+        finally:
+            settle_outbox(HORSE_SETTLE)
+            webhooks.settle(HORSE_SETTLE)
 
 
 def _end_turn(app: Flask, job: Any, pid: int, status: int) -> None:
@@ -94,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         if mode == "thread":
             worker = _thread_worker(app, queues, args.name, args.concurrency or int(app.config["TURN_CONCURRENCY"]))
         else:
-            worker = Worker(
+            worker = ForkWorker(
                 queues,
                 connection=rq_connection(app.config["REDIS_URL"]),
                 name=args.name,

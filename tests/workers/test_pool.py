@@ -28,7 +28,7 @@ from rq.utils import utcparse
 
 from devtools.servers import start_redis
 from tests.support import wait_until
-from tests.workers.pool_jobs import abnormal_key, blocking_reader, failing, file_gated, gated
+from tests.workers.pool_jobs import abnormal_key, blocking_reader, failing, file_gated, gated, leaves_a_courtesy
 from workers.pool import STOPPED, TIMEOUT, JobControl, JobInterrupted, current_control
 
 pytestmark = pytest.mark.integration
@@ -427,6 +427,23 @@ def test_a_job_ending_while_redis_is_away_is_recorded_when_it_is_back_and_frees_
         finally:
             pool.close()
             print(pool.output()[-6000:])
+
+
+def test_a_fork_mode_horse_sends_what_its_job_left_to_the_outbox_before_it_exits(conn, queue, redis_server):
+    """RQ ends a work horse with os._exit once its job is recorded: what the job handed to the process's
+    background threads (cancel and transcript notices, webhook announcements) would go with it."""
+    key = f"pool-test:{uuid.uuid4().hex[:10]}:courtesy"
+    job = queue.enqueue(leaves_a_courtesy, redis_server.url, key)
+    script = (
+        "import sys; from redis import Redis; from workers.__main__ import ForkWorker; "
+        "ForkWorker([sys.argv[1]], connection=Redis.from_url(sys.argv[2])).work(burst=True)"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    subprocess.run(
+        [sys.executable, "-c", script, queue.name, redis_server.url], cwd=ROOT, env=env, check=True, timeout=120
+    )
+    assert status(job) == JobStatus.FINISHED
+    assert conn.get(key) == b"sent"
 
 
 def test_the_same_job_code_runs_in_fork_mode_without_a_control(conn, queue, keys, start_pool):
