@@ -29,6 +29,9 @@ from ..timeutil import utcnow
 from ..vocabulary import ENDED_STATUSES, Status
 
 log = logging.getLogger(__name__)
+# A session whose turn stamped its own heartbeat within this many heartbeat intervals is left out of the next
+# heartbeat (see CancelWatcher.beat_once).
+STAMPED_RECENTLY = 1.5
 
 
 class CancelHandle:
@@ -167,9 +170,10 @@ class CancelWatcher:
 
     def beat_once(self) -> None:
         """One heartbeat of every watched session whose turn is still running and has not stamped its heartbeat
-        itself within the interval (a turn's output writes do): one write however many, none while every turn
-        streams. A session's stamps therefore come at most two intervals apart."""
-        recent = time.monotonic() - self.heartbeat_interval
+        itself within one and a half intervals (a turn's output writes do, at OUTPUT_FLUSH_INTERVAL or less
+        often while the store is slow): one write however many, none while every turn streams. A session's
+        stamps therefore come at most two and a half intervals apart."""
+        recent = time.monotonic() - STAMPED_RECENTLY * self.heartbeat_interval
         with self._lock:
             live = {
                 sid: team_id

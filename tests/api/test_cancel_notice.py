@@ -3,6 +3,7 @@ and a worker that heard only after the cancel event's insert would start stoppin
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -67,3 +68,23 @@ def test_an_interrupting_message_wakes_the_worker_before_its_event_is_inserted(a
         after = service.send_message(session["teamId"], session["_id"], actor, "stop and do this", OnBusy.INTERRUPT)
     assert heard == [str(session["_id"])]
     assert after["interruptTurnId"] == session["activeTurnId"]
+
+
+def test_a_transcript_notice_goes_out_before_the_output_is_inserted(app, factory, monkeypatch):
+    """Live streams hear of a turn's output once its write is committed (its `seq`s reserved), one store round
+    trip before the insert that stores it."""
+    from agentcloud_clone import notices as transcript_notices
+
+    session, _ = _running(app, factory)
+    pubsub = redis.Redis.from_url(app.config["REDIS_URL"]).pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(transcript_notices.channel_prefix(app.config["REDIS_PREFIX"]) + str(session["_id"]))
+    pubsub.get_message(timeout=HEARD_WITHIN)  # the subscription's confirmation
+    heard = _hold_insert_until_heard(monkeypatch, pubsub, EventType.OUTPUT)
+    try:
+        with app.app_context():
+            written = service.record_output(session["teamId"], session["_id"], session["activeTurnId"], ["hi"], 1)
+    finally:
+        pubsub.close()
+    assert heard and heard[0] is not None, "no transcript notice before the insert"
+    (event,) = json.loads(heard[0])["events"]
+    assert (event["type"], event["text"], event["seq"]) == ("output", "hi", written[0]["seq"])
