@@ -408,6 +408,15 @@ class LockWatchingEngine(EmbeddedSQLiteEngine):
         return conn
 
 
+def twenty_running_sessions(db: Any) -> tuple[ObjectId, list[ObjectId]]:
+    """The product's indexes on sessions and events, and 20 running sessions of one team: (team, their ids)."""
+    db.sessions.create_index([("teamId", 1), ("_id", -1)])
+    db.events.create_index([("sessionId", 1), ("seq", 1)], unique=True)
+    team = ObjectId()
+    sessions = db.sessions.insert_many([{"teamId": team, "status": "running", "eventSeq": 0} for _ in range(20)])
+    return team, list(sessions.inserted_ids)
+
+
 def test_every_operation_uses_the_shared_connection_under_the_engine_lock(tmp_path: Path) -> None:
     # mongoeco explains a find (as its profiler does for every read) in its thread pool, on the connection its
     # writers share and without their lock; under load a plan's SQL then ran on that connection beside a write
@@ -418,11 +427,7 @@ def test_every_operation_uses_the_shared_connection_under_the_engine_lock(tmp_pa
     client = MongoClient(engine)
     try:
         db = client.db
-        db.sessions.create_index([("teamId", 1), ("_id", -1)])
-        db.events.create_index([("sessionId", 1), ("seq", 1)], unique=True)
-        team = ObjectId()
-        sessions = db.sessions.insert_many([{"teamId": team, "status": "running", "eventSeq": 0} for _ in range(20)])
-        ids = sessions.inserted_ids
+        team, ids = twenty_running_sessions(db)
         operations = product_operations(db, team, ids)
         db.command({"profile": 2})  # what an operator turns on to see where the time goes (bench/workload.py)
         for n in range(1, 4):
@@ -497,11 +502,7 @@ def test_a_read_opens_no_sqlite_connection_of_its_own(tmp_path: Path) -> None:
     client = MongoClient(engine)
     try:
         db = client.db
-        db.sessions.create_index([("teamId", 1), ("_id", -1)])
-        db.events.create_index([("sessionId", 1), ("seq", 1)], unique=True)
-        team = ObjectId()
-        ids = db.sessions.insert_many([{"teamId": team, "status": "running", "eventSeq": 0} for _ in range(20)])
-        operations = product_operations(db, team, ids.inserted_ids)
+        operations = product_operations(db, *twenty_running_sessions(db))
         opened = engine.opened
         for n in range(1, 4):
             for operation in operations.values():
