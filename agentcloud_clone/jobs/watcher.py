@@ -242,7 +242,9 @@ class CancelWatcher:
 
     def hear(self, data: Any) -> None:
         """A cancel notice: a turn of this process whose session's stamp it carries stops at once, ending from
-        that stamp (no poll); a bare notice asks for a poll."""
+        that stamp (no poll); a bare notice asks for a poll. Only the web's cancel publishes a stamp, once it is
+        stored, and the ending write checks it against MongoDB (a stale one costs a read); Redis is trusted as
+        far as RQ's queue on it is, since whoever can publish there can queue any job too."""
         session_text, stamp = read_cancel_notice(data)
         session_id = parse_object_id(session_text)
         with self._lock:
