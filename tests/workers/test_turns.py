@@ -269,10 +269,13 @@ def test_reaper_leaves_healthy_sessions_alone(harness, app):
 
 def test_cancel_to_stop_and_poll_queries_are_counted(harness, app):
     from agentcloud_clone import metrics
+    from agentcloud_clone.jobs.watcher import watcher_for
 
     session = harness.start(steps=500, stepDelay=0.02)
     thread, _ = harness.run_in_thread(session)
     harness.wait_running(session)
+    # The cancel itself needs no poll (its notice carries the stamp): the turn's watcher polls on its schedule.
+    harness.wait_for(lambda: watcher_for(app).polls >= 1, "a poll of the running turn")
     harness.cancel(session)
     harness.finish(thread)
     store = metrics.store_for(app.config)
