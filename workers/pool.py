@@ -373,7 +373,7 @@ class ThreadPoolWorker(Worker):
         except RuntimeError:  # can't start new thread: fail the job as RQ fails one whose horse could not run
             self.log.exception("Worker %s: could not start a thread for job %s", self.name, job.id)
             if slot.claim(None):
-                self._finish(slot, exc_info=sys.exc_info())
+                self._finish(slot, exc_info=sys.exc_info(), keep_trying=False)
 
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
         # Blocked in BLMOVE: a stop request interrupts at once, as it does for an idle fork-mode worker.
@@ -574,34 +574,43 @@ class ThreadPoolWorker(Worker):
 
     # -- recording a job's end (job thread, finisher thread, or the main thread at exit) -------------------------
 
-    def _finish(self, slot: _Slot, return_value: Any = None, exc_info: Any = None, forced: bool = False) -> None:
+    def _finish(
+        self,
+        slot: _Slot,
+        return_value: Any = None,
+        exc_info: Any = None,
+        forced: bool = False,
+        *,
+        keep_trying: bool = True,
+    ) -> None:
         """Record the end in RQ through Worker's own handlers, tell the application if abnormal, free the slot.
 
         While Redis is away the record is tried again, backing off, for up to `record_retry_for` seconds: a job
         whose end RQ never hears of keeps its rate-limit slot (its team's share of the workers) until RQ's
         clean-up takes it for abandoned, a minute or two later, and meanwhile none of the team's waiting turns
-        may start."""
+        may start. Not with `keep_trying` False (the main thread: its work loop, or the process's exit, must not
+        wait for Redis)."""
         job, reason = slot.job, slot.end_reason
-        message = "Job stopped by user (stop-job command)" + (
+        stopped = "Job stopped by user (stop-job command)" + (
             f"; it did not return within {self.interrupt_grace:g} s and its thread was abandoned" if forced else ""
         )
         try:
-            self._record_end(slot, message, return_value, exc_info)
+            self._record_end(slot, stopped, return_value, exc_info, self.record_retry_for if keep_trying else 0.0)
         except Exception:
             self.log.exception("Worker %s: could not record the end of job %s", self.name, job.id)
         finally:
             try:
                 if reason == STOPPED:
-                    self._tell_application(job, STOPPED, message, forced)
+                    self._tell_application(job, STOPPED, stopped, forced)
                 elif exc_info is not None:
                     failure = "".join(traceback.format_exception(*exc_info))
                     self._tell_application(job, reason or EXCEPTION, failure, forced)
             finally:
                 self._release(slot)
 
-    def _record_end(self, slot: _Slot, message: str, return_value: Any, exc_info: Any) -> None:
+    def _record_end(self, slot: _Slot, stopped: str, return_value: Any, exc_info: Any, retry_for: float) -> None:
         job, queue, execution = slot.job, slot.queue, slot.execution
-        delay, give_up, attempts = RECORD_RETRY_FIRST, time.monotonic() + self.record_retry_for, 0
+        delay, give_up, attempts = RECORD_RETRY_FIRST, time.monotonic() + retry_for, 0
         while True:
             try:
                 # After an attempt that failed half-way: RQ has the job started still (each step is redone, setting
@@ -612,7 +621,7 @@ class ThreadPoolWorker(Worker):
                     return
                 attempts += 1
                 if slot.end_reason == STOPPED:
-                    self._record_stopped(job, queue, execution, message)
+                    self._record_stopped(job, queue, execution, stopped)
                 elif exc_info is None:
                     self._finalize_success(job, queue, execution, return_value)
                 else:
@@ -873,7 +882,7 @@ class ThreadPoolWorker(Worker):
                     self._abandoned.append(slot.thread)
                 exc_info = _forced_exc_info(slot.control.reason, slot.control.timeout, None)
                 with self._execution_context(slot.job):
-                    self._finish(slot, exc_info=exc_info, forced=True)
+                    self._finish(slot, exc_info=exc_info, forced=True, keep_trying=False)
         deadline = time.monotonic() + 5.0
         with self._cond:
             while self._slots and time.monotonic() < deadline:

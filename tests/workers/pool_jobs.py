@@ -62,6 +62,13 @@ def file_gated(path: str) -> str:
     return "done"
 
 
+def deaf_until_file(path: str) -> str:
+    """Run until the file at `path` exists, deaf to the worker's control and needing no Redis."""
+    while not os.path.exists(path):
+        time.sleep(POLL)
+    return "done"
+
+
 def leaves_a_courtesy(url: str, key: str) -> str:
     """Hand this process's Redis outbox a slow courtesy (it sets `key` after half a second), and return at once."""
     from agentcloud_clone import queueing

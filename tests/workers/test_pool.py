@@ -28,7 +28,15 @@ from rq.utils import utcparse
 
 from devtools.servers import start_redis
 from tests.support import wait_until
-from tests.workers.pool_jobs import abnormal_key, blocking_reader, failing, file_gated, gated, leaves_a_courtesy
+from tests.workers.pool_jobs import (
+    abnormal_key,
+    blocking_reader,
+    deaf_until_file,
+    failing,
+    file_gated,
+    gated,
+    leaves_a_courtesy,
+)
 from workers.pool import STOPPED, TIMEOUT, JobControl, JobInterrupted, current_control
 
 pytestmark = pytest.mark.integration
@@ -427,6 +435,33 @@ def test_a_job_ending_while_redis_is_away_is_recorded_when_it_is_back_and_frees_
         finally:
             pool.close()
             print(pool.output()[-6000:])
+
+
+def test_a_cold_shutdown_while_redis_is_away_exits_without_waiting_for_it(tmp_path):
+    """At exit the main thread records the end of the jobs nobody else did; it tries once (RQ's clean-up takes
+    the rest for abandoned), where waiting out `record_retry_for` for each job would keep the process alive."""
+    name = f"pool-{uuid.uuid4().hex[:8]}"
+    with start_redis(data_dir=str(tmp_path / "redis")) as server:
+        conn = Redis.from_url(server.url)
+        queue = Queue(f"pool-{uuid.uuid4().hex[:10]}", connection=conn)
+        options = {**FAST, "concurrency": 2, "record-retry-for": 600, "abnormal-end-handler": HANDLER}
+        pool = PoolProcess(server.url, queue.name, name, tmp_path / f"{name}.log", "thread", options)
+        try:
+            wait_until(lambda: conn.hget(f"rq:worker:{name}", "state"), 30, f"worker {name}")
+            jobs = [queue.enqueue(deaf_until_file, str(tmp_path / "never")) for _ in range(2)]
+            wait_until(lambda: all(status(job) == JobStatus.STARTED for job in jobs), 30, "both jobs started")
+            server.stop()
+            # A warm request, then repeats until the cold shutdown (RQ ignores a repeat within 1 s of the first).
+            deadline = time.monotonic() + 90
+            while pool.alive():
+                assert time.monotonic() < deadline, "the worker did not exit"
+                pool.signal(signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    pool.wait(0.5)
+        finally:
+            pool.close()
+            print(pool.output()[-6000:])
+    assert "could not record the end of job" in pool.output()
 
 
 def test_a_fork_mode_horse_sends_what_its_job_left_to_the_outbox_before_it_exits(conn, queue, redis_server):
