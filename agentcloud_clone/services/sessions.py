@@ -153,17 +153,18 @@ def _append(
 ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]] | None:
     """`repositories.sessions.append_events`, announcing what was written without waiting for anyone to hear it:
     to live streams as soon as the write is committed (before its events' insert, one store round trip sooner),
-    and to webhooks once the events are stored. (Events of an earlier write that this one had to store are
-    announced once stored.)"""
-    ours: set[Any] = set()
+    and to webhooks once the events are stored. (After an earlier write whose events this one had to store, the
+    repository announces nothing at commit, and both are announced once stored, in order.)"""
+    announced: list[bool] = []
 
     def announce(reserved: list[dict[str, Any]]) -> None:
-        ours.update(event["_id"] for event in reserved)
+        announced.append(True)
         notices.publish_events(session_id, reserved)
 
     written = repo.append_events(scope, session_id, events, reserved=announce, **changes)
     if written is not None:
-        notices.publish_events(session_id, [event for event in written[2] if event["_id"] not in ours])
+        if not announced:
+            notices.publish_events(session_id, written[2])
         webhooks.on_transcript(written[1], written[2])
     return written
 
