@@ -36,7 +36,7 @@ def test_budget_is_shared_across_two_app_instances(factory, app):
     headers = {"Authorization": f"Bearer {user.api_key}"}
     path = f"/{user.team_id}/forms/session/{'a' * 24}/cancel"
     codes = [(app if i % 2 else twin).test_client().post(path, headers=headers).status_code for i in range(31)]
-    assert codes[:30] == [404] * 30 and codes[30] == 429
+    assert codes[:30] == [404] * 30 and codes[30] == 429, codes
 
 
 def test_failed_sign_ins_are_limited_per_address_and_account(make_app):
@@ -129,7 +129,7 @@ def test_app_keeps_serving_when_redis_is_unreachable(factory, app):
     headers = {"Authorization": f"Bearer {user.api_key}"}
     path = f"/{user.team_id}/forms/session/{'a' * 24}/cancel"
     codes = [broken.test_client().post(path, headers=headers).status_code for _ in range(31)]
-    assert codes[:30] == [404] * 30 and codes[30] == 429
+    assert codes[:30] == [404] * 30 and codes[30] == 429, codes
 
 
 def test_retry_after_appears_only_on_429(factory, api_key_client):
