@@ -557,12 +557,16 @@ def remove_orphan_events(reserved_since: datetime) -> int:
     """Remove the transcript events reserved since `reserved_since` whose session document is gone altogether;
     returns how many. (A tombstone still exists: its events go with it when it is purged.) What this finds is
     the insert of a writer that landed after its session was purged and whose writer died before
-    `_check_late_write` could take it back. Cost: one `distinct` over the `_id` range of the recent events, then
-    one `$in` of at most IN_CHUNK ids per chunk, and a delete only where a session is missing."""
+    `_check_late_write` could take it back. Cost: one `$group` over the `_id` range of the recent events, then
+    one `$in` of at most IN_CHUNK ids per chunk, and a delete only where a session is missing. (A `$group`, not a
+    `distinct`: the embedded store answers `distinct` by comparing each value with every one found so far, 4 s
+    for 6,000 events of 200 sessions; the `$group` takes 0.3 s, and on MongoDB they cost the same.)"""
     db = get_db()
     removed = 0
     with pymongo.timeout(LONG_OPERATION):
-        ids = db.session_events.distinct("sessionId", {"_id": {"$gte": ObjectId.from_datetime(reserved_since)}})
+        recent = {"_id": {"$gte": ObjectId.from_datetime(reserved_since)}}
+        by_session = db.session_events.aggregate([{"$match": recent}, {"$group": {"_id": "$sessionId"}}])
+        ids = [doc["_id"] for doc in by_session]
         for chunk in chunked([i for i in ids if isinstance(i, ObjectId)]):
             there = {doc["_id"] for doc in db.sessions.find({"_id": {"$in": chunk}}, {"_id": 1})}
             gone = [session_id for session_id in chunk if session_id not in there]
