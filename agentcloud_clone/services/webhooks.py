@@ -284,28 +284,48 @@ def _endpoints_version() -> int | None:
 
 
 class _EndpointCopies:
-    """This process's copies of the endpoints its deliveries went to, as of one value of the endpoints' version."""
+    """This process's copies of the endpoints it recorded or made deliveries for, as of one value of the
+    endpoints' version: every change of an endpoint moves the version, and with it every copy is dropped. The
+    version is read before MongoDB is, so a copy is never kept under a version older than itself; when Redis
+    cannot say, MongoDB is read every time."""
 
     def __init__(self) -> None:
         self.version: int | None = None
         self.by_id: dict[tuple[ObjectId, ObjectId], dict[str, Any]] = {}
+        self.by_team: dict[ObjectId, list[dict[str, Any]]] = {}
         self.lock = threading.Lock()
 
-    def get(self, team_id: ObjectId, endpoint_id: ObjectId) -> dict[str, Any] | None:
-        """The team's endpoint with its secret, for a delivery: the copy while no endpoint has changed since it
-        was read (every change moves the endpoints' version), else MongoDB's (also whenever Redis cannot say).
-        The version is read before MongoDB is, so a copy is never kept under a version older than itself."""
+    def _current(self) -> int | None:
         version = _endpoints_version()
-        key = (team_id, endpoint_id)
         with self.lock:
             if version is None or version != self.version:
-                self.version, self.by_id = version, {}
+                self.version, self.by_id, self.by_team = version, {}, {}
+        return version
+
+    def _keep(self, version: int | None, store: dict[Any, Any], key: Any, value: Any) -> None:
+        with self.lock:
+            if value is not None and version is not None and self.version == version:
+                store[key] = value
+
+    def get(self, team_id: ObjectId, endpoint_id: ObjectId) -> dict[str, Any] | None:
+        """The team's endpoint with its secret, for a delivery."""
+        version = self._current()
+        key = (team_id, endpoint_id)
+        with self.lock:
             found = self.by_id.get(key)
         if found is None:
             found = repo.find_endpoint(team_id, endpoint_id, with_secret=True)
-            with self.lock:
-                if found is not None and version is not None and self.version == version:
-                    self.by_id[key] = found
+            self._keep(version, self.by_id, key, found)
+        return found
+
+    def of_team(self, team_id: ObjectId) -> list[dict[str, Any]]:
+        """The team's enabled endpoints with their secrets, for recording deliveries."""
+        version = self._current()
+        with self.lock:
+            found = self.by_team.get(team_id)
+        if found is None:
+            found = repo.endpoints_with_secrets(team_id)
+            self._keep(version, self.by_team, team_id, found)
         return found
 
 
@@ -337,7 +357,7 @@ def on_session_started(session: dict[str, Any]) -> None:
 def record_deliveries(team_id: ObjectId, items: list[tuple[str, dict[str, Any]]]) -> int:
     """One delivery per endpoint subscribed to each item's type (once: keyed by endpoint and event), queued."""
     deliveries = []
-    for endpoint in repo.endpoints_with_secrets(team_id):
+    for endpoint in _endpoint_copies.of_team(team_id):
         for key, payload in items:
             if payload["type"] not in endpoint.get("eventTypes", WEBHOOK_EVENTS):
                 continue

@@ -348,9 +348,15 @@ def test_webhook_deliveries_of_many_ended_sessions_take_one_read_and_one_write(a
         announcements = [(app, team, items[:10]), (app, team, items[10:])]
         assert counter.count(lambda: emitter._record(announcements)) == ["find", "insert"]
         assert webhooks_repo.get_db().webhook_deliveries.count_documents({"teamId": team}) == 40
-        # Announced again (a sweep after a crash, say): every event has its delivery already, none is added.
-        assert webhooks.record_deliveries(team, items) == 0
+        # Announced again (a sweep after a crash, say): every event has its delivery already, none is added;
+        # and the team's endpoints are this process's copies now (no endpoint changed since they were read).
+        assert counter.count(lambda: webhooks.record_deliveries(team, items)) == ["insert"]
         assert webhooks_repo.get_db().webhook_deliveries.count_documents({"teamId": team}) == 40
+        # An endpoint changes (here: a third one): the next recording reads them again, and delivers to it.
+        webhooks_repo.insert_endpoint({"teamId": team, "url": "https://three.example/hook", "secret": "x"})
+        webhooks._forget_teams()
+        assert counter.count(lambda: webhooks.record_deliveries(team, items)) == ["find", "insert"]
+        assert webhooks_repo.get_db().webhook_deliveries.count_documents({"teamId": team}) == 60
 
 
 def test_a_delivery_to_an_endpoint_this_process_delivered_to_reads_no_endpoint(app, factory, world, counter):
