@@ -283,8 +283,12 @@ def _failed(figures: dict[str, Any] | None, when: str) -> str:
 
 def _refused(**summaries: dict[str, Any] | None) -> str:
     """A note for a row whose requests did not all succeed (a 503 while the store was too slow, say)."""
-    failed = [f"{n} {name}" for name, s in summaries.items() if s and (n := s.get("errors"))]
-    return f"  (requests that failed: {', '.join(failed)})" if failed else ""
+    failed = []
+    for name, summary in summaries.items():
+        if summary and (n := summary.get("errors")):
+            how = ", ".join(f"{kind} ×{f['n']}" for kind, f in (summary.get("failures") or {}).items())
+            failed.append(f"{n} {name}" + (f": {how}" if how else ""))
+    return f"  (requests that failed: {'; '.join(failed)})" if failed else ""
 
 
 def _setup_line(part: dict[str, Any]) -> list[str]:

@@ -306,9 +306,16 @@ def running(threads: Sequence[Every]) -> Iterator[None]:
 
 
 def latency_summary(answers: Sequence[Answer]) -> dict[str, Any]:
-    """Latency (seconds) of the answered requests, with how many failed."""
+    """Latency (seconds) of the answered requests, with how many failed and how: each kind of failure (the
+    status and the error's code, or the socket error) with how many answers had it and how long they took."""
     ok = [a.seconds for a in answers if a.status is not None and a.status < 400]
-    return {**summarize(ok), "errors": len(answers) - len(ok)}
+    failures: dict[str, list[float]] = {}
+    for answer in answers:
+        if answer.status is None or answer.status >= 400:
+            kind = f"{answer.status} {answer.body.get('code', '')}".strip() if answer.status else str(answer.error)
+            failures.setdefault(kind[:200], []).append(answer.seconds)
+    why = {kind: {"n": len(took), "p50_s": summarize(took)["p50"]} for kind, took in failures.items()}
+    return {**summarize(ok), "errors": len(answers) - len(ok), "failures": why}
 
 
 # -- MongoDB, read by the bench itself ------------------------------------------------------------------------------
