@@ -40,11 +40,11 @@ can, so that those operations touch only the documents they concern; the answers
    which rules out what it looks for.
 5. Filters. `{_id: x}` and `{_id: {$in: [...]}}` on ObjectIds (under the condition of 1.) become a lookup of their
    storage keys in the primary key, where the engine compared JSON on every document (and refused lists of about
-   490 ids: "Expression tree is too large"). `$in` over strings, on a field where no document holds an array,
-   gains a condition over the index's expressions that SQLite can probe, ANDed with the engine's own. A range on
-   ObjectId `_id`s (keyset pages) becomes a range over the index's expressions while every stored `_id` is an
-   ObjectId: mongoeco compares across types (`{_id: {$lt: oid}}` also matches numbers and strings), so only then
-   is the ObjectId part all of it.
+   490 ids: "Expression tree is too large"). `$in` over strings or over ObjectIds (a purge's `sessionId`s), on a
+   field where no document holds an array, gains a condition over the index's expressions that SQLite can probe,
+   ANDed with the engine's own. A range on ObjectId `_id`s (keyset pages) becomes a range over the index's
+   expressions while every stored `_id` is an ObjectId: mongoeco compares across types (`{_id: {$lt: oid}}` also
+   matches numbers and strings), so only then is the ObjectId part all of it.
 6. "One scalar type in every document" (which lets the engine sort in SQL, over an index) also recognises
    ObjectIds: sorted by their stored 24 lowercase hex digits they are in ObjectId order.
 
@@ -474,20 +474,21 @@ class EmbeddedSQLiteEngine(SQLiteEngine):
         ):
             keys = list(dict.fromkeys(self._storage_key(value) for value in values))
             return f"documents.storage_key IN ({', '.join('?' * len(keys))})", keys
+        stored = _stored_forms(plan.values) if isinstance(plan, InCondition) else None
         if (
-            isinstance(plan, InCondition)
+            stored is not None
             and "." not in plan.field
-            and plan.values
             and len(plan.values) <= _MAX_ID_LIST
-            and all(type(value) is str for value in plan.values)
             and not self._field_is_top_level_array_in_collection(db_name, coll_name, plan.field)
         ):
-            # Strings, and no document holds an array there: every match stores one of them as a plain string.
-            # The engine's own condition stays, ANDed with one over the index's expressions that SQLite can probe.
+            # Strings or ObjectIds, and no document holds an array there: every match stores one of them, as a plain
+            # string or as ("objectid", its 24 hex digits). The engine's own condition stays, ANDed with one over the
+            # index's expressions that SQLite can probe.
+            tag, keys = stored
             sql, params = super()._translate_query_plan_with_multikey(db_name, coll_name, plan)
-            probe = f"{type_expression_sql(plan.field)} = '' AND {value_expression_sql(plan.field)} IN "
-            probe += f"({', '.join('?' * len(plan.values))})"
-            return f"({probe}) AND ({sql})", [*plan.values, *params]
+            probe = f"{type_expression_sql(plan.field)} = '{tag}' AND {value_expression_sql(plan.field)} IN "
+            probe += f"({', '.join('?' * len(keys))})"
+            return f"({probe}) AND ({sql})", [*keys, *params]
         operator = _RANGES.get(type(plan))
         if (
             operator is not None
@@ -610,6 +611,18 @@ def _candidate_clauses(field: str, value: object) -> list[tuple[str, list[object
             (f"{type_sql} IN ({_sql_strings(_NUMERIC_TAGS)}) AND {value_sql} = ?", [number]),
             (f"{type_sql} IN ({_sql_strings(_DECIMAL_TAGS)})", []),
         ]
+    return None
+
+
+def _stored_forms(values: Iterable[object]) -> tuple[str, list[str]] | None:
+    """For an `$in` list of nothing but strings, or nothing but ObjectIds: the type tag and the values as the codec
+    stores them (strings untagged, as themselves; every ObjectId, whatever its class, as "objectid" and its 24
+    lowercase hex digits; nothing else is BSON-equal to either); None for any other list."""
+    values = list(values)
+    if values and all(type(value) is str for value in values):
+        return "", [str(value) for value in values]
+    if values and all(type(value) is ObjectId for value in values):
+        return "objectid", [str(value) for value in values]
     return None
 
 

@@ -238,6 +238,35 @@ def string_in_lists(db: Any) -> list[Any]:
     return out
 
 
+def object_id_in_lists(db: Any) -> list[Any]:
+    """`$in` over ObjectIds on a field other than `_id` (a purge's `sessionId`s), while the field holds only
+    scalars and after it holds an array; lists that mix in other types keep the engine's own way."""
+    c = db.events
+    c.create_index([("sessionId", 1), ("seq", 1)], unique=True)
+    owners: list[Any] = [OID[0], OID[1], OID[2], str(OID[3]), None, {"id": OID[4]}]
+    c.insert_many(
+        [{"_id": fixed_id(n), "sessionId": owners[n % 6], "seq": n, "n": n} for n in range(60)]
+        + [{"_id": fixed_id(100), "seq": 100, "n": 100}]
+    )
+    out: list[Any] = []
+
+    def reads() -> None:
+        for values in ([OID[0], OID[1]], [OID[2]], [OID[5]], [OID[3]], [str(OID[3]), OID[0]], [OID[4], None]):
+            out.append(plain(c.find({"sessionId": {"$in": values}}, {"n": 1}).sort("n", 1)))
+            out.append(c.count_documents({"sessionId": {"$in": values}, "n": {"$gte": 10}}))
+
+    reads()
+    for change in (
+        lambda: c.insert_one({"_id": fixed_id(103), "sessionId": [OID[5], OID[0]], "seq": 103, "n": 103}),
+        lambda: c.delete_many({"sessionId": {"$in": [OID[5]]}}).deleted_count,
+        lambda: c.delete_many({"sessionId": {"$in": [OID[1], OID[5]]}, "n": {"$lt": 30}}).deleted_count,
+        lambda: c.update_many({"sessionId": {"$in": [OID[2]]}}, {"$set": {"sessionId": OID[0]}}).modified_count,
+    ):
+        out.append(attempt(change))
+        reads()
+    return out
+
+
 def cursors_beside_writes(db: Any) -> list[Any]:
     """Reads fetched in several batches while documents are inserted, changed and deleted between the batches:
     each read answers as of its start."""
@@ -268,6 +297,7 @@ def cursors_beside_writes(db: Any) -> list[Any]:
     [
         id_duplicates,
         string_in_lists,
+        object_id_in_lists,
         compound_unique,
         partial_and_string_keys,
         features_change_after_caching,
@@ -347,6 +377,7 @@ def product_operations(db: Any, team: ObjectId, sessions: list[ObjectId]) -> dic
         "watcher_poll": lambda n: list(db.sessions.find({"_id": {"$in": sessions[:20]}, "teamId": {"$in": [team]}})),
         "heartbeat": lambda n: db.sessions.update_many({"_id": {"$in": sessions[:10]}}, {"$set": {"hb": n}}),
         "delete_transcript": lambda n: db.events.delete_many({"sessionId": sessions[10 + n]}),
+        "purge_transcripts": lambda n: db.events.delete_many({"sessionId": {"$in": sessions[14 + 3 * n : 17 + 3 * n]}}),
         "count_live": lambda n: db.sessions.count_documents(
             {"teamId": team, "appId": live, "status": {"$in": ["started", "running", "waiting", "warning"]}}
         ),
