@@ -192,6 +192,8 @@ def ensure_indexes(db: Database[Any]) -> None:
     # Tombstones of deleted sessions, found by the reaper's purge.
     db.sessions.create_index([("deletedAt", asc)], name="deleted", sparse=True)
     db.session_events.create_index([("sessionId", asc), ("seq", asc)], unique=True, name="session_seq")
+    # Sessions purged for good, whose late events the reaper removes (kept longer than REPAIR_WINDOW can be).
+    db.purged_sessions.create_index([("purgedAt", asc)], expireAfterSeconds=8 * 86400, name="expiry")
     db.idempotency_keys.create_index([("accountId", asc), ("key", asc)], unique=True, name="account_key")
     db.idempotency_keys.create_index([("sessionId", asc)], name="session", sparse=True)
     db.idempotency_keys.create_index([("createdAt", asc)], expireAfterSeconds=48 * 3600, name="expiry")

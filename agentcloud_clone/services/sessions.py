@@ -988,14 +988,15 @@ def repair_transcripts(since: datetime) -> int:
 
 
 def remove_orphan_events(since: datetime) -> int:
-    """Remove transcript events whose session is gone (not a tombstone: gone), among those reserved since `since`
-    less TOMBSTONE_GRACE; returns how many. Such an event's `_id` dates from its reservation, which came before
-    the delete, and the purge came a grace after it, so looking back a grace further finds an insert that landed
-    since the last pass. Bounded by REPAIR_WINDOW, like the other sweeps."""
+    """Remove transcript events whose session is gone (not a tombstone: gone), of the sessions purged since
+    `since` less TOMBSTONE_GRACE; returns how many. Such an event landed after its session's purge: looking back a
+    grace further than the last pass finds one that landed since then, if its writer took that long to write it
+    after the purge (one that took longer and lived removes it itself). Bounded by REPAIR_WINDOW, like the other
+    sweeps."""
     config = current_app.config
     window_start = utcnow() - timedelta(seconds=float(config["REPAIR_WINDOW"]))
-    reserved_since = max(since - timedelta(seconds=float(config["TOMBSTONE_GRACE"])), window_start)
-    removed = repo.remove_orphan_events(reserved_since)
+    purged_since = max(since - timedelta(seconds=float(config["TOMBSTONE_GRACE"])), window_start)
+    removed = repo.remove_orphan_events(purged_since)
     if removed:
         log.warning("removed %d transcript events whose sessions are gone", removed)
     return removed

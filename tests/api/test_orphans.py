@@ -142,12 +142,17 @@ def test_a_write_the_reaper_completes_is_counted_in_metrics(app, factory, world,
 
 def test_the_reaper_removes_events_whose_session_is_gone_and_counts_them(app, factory, world):
     kept = factory.session(world["user"], world["app_id"], "hello")
+    purged = factory.session(world["user"], world["app_id"])
     deleted = factory.session(world["user"], world["app_id"])
-    gone = ObjectId()
+    gone = purged["_id"]
     with app.app_context():
-        service.cancel_session(deleted["teamId"], deleted["_id"], world["actor"], CancelSource.API)
-        service.delete_session(deleted["teamId"], deleted["_id"])
+        for session in (purged, deleted):
+            service.cancel_session(session["teamId"], session["_id"], world["actor"], CancelSource.API)
+            service.delete_session(session["teamId"], session["_id"])
+            if session is purged:
+                repo.purge_tombstones(utcnow() + timedelta(seconds=1))
         db = get_db()
+        assert db.sessions.find_one({"_id": gone}) is None
         # What a writer that died after a late insert leaves: events of a session purged before they landed, and
         # one written to a tombstone (which its purge takes).
         for seq, session_id in ((1, gone), (2, gone), (1, deleted["_id"])):

@@ -269,32 +269,34 @@ def test_heartbeat_and_watcher_poll_take_one_query_for_many_sessions(app, factor
         assert len(counter.count(lambda: repo.watch_states(teams))) == 1
 
 
-def test_the_orphan_sweep_groups_the_recent_events_by_session_in_one_aggregate(app, factory, world, counter):
-    """The reaper's sweep for events whose session is gone reads which sessions the recent events belong to
-    with one `$group` (a `distinct` costs the embedded store a comparison of every event with every session
-    found so far), then one `find` of those sessions, and removes only the orphans' events."""
-    from bson import ObjectId
+def test_the_orphan_sweep_reads_the_recent_purges_not_the_recent_events(app, factory, world, counter):
+    """The reaper's sweep for events whose session is gone looks at the sessions purged lately (one `find`),
+    then removes their events (one `delete` a chunk): its cost does not grow with the transcripts written
+    meanwhile, and with no purge it is the one `find`."""
+    from datetime import timedelta
 
     from agentcloud_clone.repositories import sessions as repo
     from agentcloud_clone.timeutil import utcnow
 
-    kept = [_running_session(app, factory, world) for _ in range(3)]
-    gone = ObjectId()
     since = utcnow()
+    kept = [_running_session(app, factory, world) for _ in range(3)]
     with app.app_context():
         db = repo.get_db()
-        events = [
-            {"sessionId": s["_id"], "teamId": s["teamId"], "seq": 100 + n, "type": "output", "createdAt": since}
-            for s in kept
-            for n in range(4)
-        ]
-        events += [{"sessionId": gone, "teamId": kept[0]["teamId"], "seq": n, "type": "output"} for n in (1, 2)]
-        db.session_events.insert_many(events)
+        event = {"type": "output", "teamId": world["user"].team_oid}
+        db.session_events.insert_many([{**event, "sessionId": s["_id"], "seq": 99 + n} for s in kept for n in (1, 2)])
         before = {s["_id"]: db.session_events.count_documents({"sessionId": s["_id"]}) for s in kept}
+        assert counter.count(lambda: repo.remove_orphan_events(since)) == ["find"]
+        # A session purged for good, then the late insert of a writer that died: its two events are orphans.
+        gone = factory.session(world["user"], world["app_id"])
+        db.sessions.update_one({"_id": gone["_id"]}, {"$set": {"deletedAt": utcnow(), "status": "terminated"}})
+        repo.purge_tombstones(utcnow() + timedelta(seconds=1))
+        db.session_events.insert_many(
+            [{"sessionId": gone["_id"], "teamId": gone["teamId"], "seq": n, "type": "output"} for n in (1, 2)]
+        )
         removed: list[int] = []
         commands = counter.count(lambda: removed.append(repo.remove_orphan_events(since)))
-        assert commands == ["aggregate", "find", "delete"] and removed == [2], (commands, removed)
-        assert db.session_events.count_documents({"sessionId": gone}) == 0
+        assert commands == ["find", "delete"] and removed == [2], (commands, removed)
+        assert db.session_events.count_documents({"sessionId": gone["_id"]}) == 0
         assert {s["_id"]: db.session_events.count_documents({"sessionId": s["_id"]}) for s in kept} == before
 
 
