@@ -39,7 +39,13 @@ HORSE_SETTLE = 5.0
 class ForkWorker(Worker):
     """RQ's own Worker (one forked work horse per job), whose horse sends what the job left to its background
     threads before it exits: cancel and transcript notices (the Redis outbox) and webhook announcements. RQ ends
-    a horse with os._exit as soon as its job is recorded, which would drop them."""
+    a horse with os._exit as soon as its job is recorded, which would drop them. Before each fork the worker
+    brings its list of the teams that have webhook endpoints up to date, which the horse inherits: each horse read
+    it afresh otherwise, one store command per turn."""
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        webhooks.know_teams()
+        super().execute_job(job, queue)
 
     def perform_job(self, job: Job, queue: Queue, execution: Execution) -> bool:
         try:

@@ -30,7 +30,8 @@ import certifi
 import redis
 import urllib3
 from bson import ObjectId
-from flask import Flask, current_app
+from flask import Flask, current_app, has_app_context
+from pymongo.errors import PyMongoError
 from standardwebhooks import Webhook
 
 from .. import queueing
@@ -239,7 +240,8 @@ class _Emitter:
     def forget_teams(self) -> None:
         self.teams = (float("-inf"), None, set())
 
-    def _teams(self) -> set[ObjectId]:
+    def teams_with_endpoints(self) -> set[ObjectId]:
+        """The teams with endpoints, as read at most TEAMS_REFRESH ago and under the endpoints' current version."""
         fetched_at, known, teams = self.teams
         version = _endpoints_version()
         if (version is not None and version != known) or time.monotonic() - fetched_at > TEAMS_REFRESH:
@@ -256,13 +258,24 @@ class _Emitter:
         for app, team_id, items in by_team.values():
             try:
                 with app.app_context():
-                    if team_id in self._teams():
+                    if team_id in self.teams_with_endpoints():
                         record_deliveries(team_id, items)
             except Exception:
                 log.exception("webhook deliveries not recorded; the reaper's sweep retries them")
 
 
 _emitter = _Emitter()
+
+
+def know_teams() -> None:
+    """Bring this process's list of the teams that have endpoints up to date (a fork-mode worker, before each job:
+    its work horse starts with the list and need not read it again). Best effort: unread, the horse reads it."""
+    if not has_app_context():
+        return
+    try:
+        _emitter.teams_with_endpoints()
+    except PyMongoError as exc:
+        log.debug("teams with webhook endpoints not read (%s); the work horse reads them", exc)
 
 
 def settle(timeout: float = 10.0) -> bool:

@@ -36,3 +36,28 @@ def test_a_process_that_read_the_endpoints_before_a_change_sees_it_at_once(app, 
     session = harness.start(steps=1, stepDelay=0)
     started = [d for d in _deliveries(app, harness.user.team_oid) if d["type"] == "session.started"]
     assert [d["payload"]["data"]["sessionId"] for d in started] == [str(session["_id"])]
+
+
+def test_a_fork_mode_worker_reads_the_teams_with_endpoints_before_it_forks_a_work_horse(app, monkeypatch):
+    """The horse starts with the worker's list, read at most TEAMS_REFRESH ago and under the endpoints' current
+    version, and so reads none itself when its turn ends: before, every turn in fork mode read it once."""
+    import rq
+
+    from workers.__main__ import ForkWorker
+
+    team = object()
+    reads: list[int] = []
+    lists_at_fork: list[set[Any]] = []
+    monkeypatch.setattr(repo, "teams_with_endpoints", lambda: reads.append(1) or [team])
+    monkeypatch.setattr(
+        rq.Worker, "execute_job", lambda self, job, queue: lists_at_fork.append(webhooks._emitter.teams[2])
+    )
+    worker = ForkWorker.__new__(ForkWorker)  # only its execute_job is used: RQ's own (the fork) is the stand-in above
+    with app.app_context():
+        webhooks._emitter.forget_teams()
+        worker.execute_job(None, None)
+        worker.execute_job(None, None)  # the list is current: not read again
+        assert webhooks._emitter.teams_with_endpoints() == {team}
+    assert lists_at_fork == [{team}, {team}] and reads == [1]
+    ForkWorker.execute_job(worker, None, None)  # outside an app (as RQ's tests run it): nothing is read
+    assert reads == [1]
