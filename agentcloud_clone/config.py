@@ -107,6 +107,8 @@ class Config:
             # request answers 503 and this process fails fast until the server answers a probe again.
             "REDIS_TIMEOUT": _env_float("REDIS_TIMEOUT", 1.0, 0.05, 60.0),
             "MONGO_TIMEOUT": _env_float("MONGO_TIMEOUT", 1.0, 0.05, 120.0),
+            # MongoDB commands slower than this (milliseconds) are logged with their collection; 0 logs none.
+            "SLOW_COMMAND_MS": _env_float("SLOW_COMMAND_MS", 500.0, 0.0, 600_000.0),
             # A deleted session stays a tombstone this long before the reaper purges it (and anything written to it
             # since); a write that took longer than half of this checks its session afterwards (services.sessions).
             "TOMBSTONE_GRACE": _env_float("TOMBSTONE_GRACE", 60.0, 0.0, 86400.0),

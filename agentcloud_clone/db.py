@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 import pymongo
 from flask import Flask, current_app
+from pymongo import monitoring
 from pymongo.database import Database
 from pymongo.errors import ConnectionFailure, PyMongoError, ServerSelectionTimeoutError
 
@@ -65,6 +66,45 @@ LIVENESS_TIMEOUT = 0.5
 LONG_OPERATION = 30.0
 # How long a long operation first waits to reach MongoDB at all: one that is not there fails in seconds.
 REACH_TIMEOUT = 5.0
+
+
+class SlowCommandLog(monitoring.CommandListener):
+    """Logs every MongoDB command that took longer than `threshold_ms` (SLOW_COMMAND_MS; 0: none), with its
+    collection and the server's address: what a request or a turn waited for, seen from the client (a busy
+    store's queue shows as many of them at once). One per process, registered before any client exists."""
+
+    def __init__(self) -> None:
+        self.threshold_ms = 0.0
+        self._collections: dict[tuple[int, Any], str] = {}
+        self._lock = threading.Lock()
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        if self.threshold_ms <= 0:
+            return
+        target = event.command.get(event.command_name)
+        if isinstance(target, str):
+            with self._lock:
+                self._collections[(event.request_id, event.connection_id)] = target
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        self._finished(event, "")
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        self._finished(event, f" and failed ({event.failure.get('codeName') or event.failure.get('errmsg', '?')})")
+
+    def _finished(self, event: Any, outcome: str) -> None:
+        with self._lock:
+            collection = self._collections.pop((event.request_id, event.connection_id), None)
+        took_ms = event.duration_micros / 1000
+        if 0 < self.threshold_ms < took_ms:
+            where = f"{event.database_name}.{collection}" if collection else event.database_name
+            host, port = event.connection_id[:2]
+            log.warning("slow MongoDB command: %s on %s at %s:%s took %.0f ms%s", event.command_name, where, host,
+                        port, took_ms, outcome)  # fmt: skip
+
+
+slow_commands = SlowCommandLog()
+monitoring.register(slow_commands)
 
 
 class DatabaseUnavailableError(ServerSelectionTimeoutError):
@@ -231,7 +271,9 @@ def ensure_indexes_once(app: Flask, deadline: float | None = LONG_OPERATION) -> 
 def init_app(app: Flask) -> None:
     """Indexes are created before the first request rather than at start-up, so a MongoDB that is down does not
     stop the app from booting (it answers 503 meanwhile) and commands that need no database never wait on it.
-    While MongoDB is known to be away, or another request of this process is creating them, requests go on."""
+    While MongoDB is known to be away, or another request of this process is creating them, requests go on.
+    Also sets this process's threshold for logging slow commands (SLOW_COMMAND_MS)."""
+    slow_commands.threshold_ms = float(app.config.get("SLOW_COMMAND_MS", 0))
 
     @app.before_request
     def _ensure_indexes() -> None:
