@@ -47,6 +47,9 @@ MAX_ENDPOINTS = 20
 TIMEOUT = urllib3.Timeout(connect=3.0, read=5.0)
 # How old a process's list of the teams with endpoints may get when Redis cannot say whether it changed.
 TEAMS_REFRESH = 5.0
+# How long a process trusts what it read about endpoints (that list, the endpoints themselves) while their version
+# in Redis stays the same: a change whose move of the version was lost to a Redis outage is seen within this.
+ENDPOINTS_TRUSTED_FOR = 60.0
 KEEP_DELIVERIES = timedelta(days=7)
 # Which transcript event announces which webhook event.
 EVENT_FOR: dict[str, WebhookEvent] = {
@@ -240,10 +243,13 @@ class _Emitter:
         self.teams = (float("-inf"), None, set())
 
     def teams_with_endpoints(self) -> set[ObjectId]:
-        """The teams with endpoints, as read at most TEAMS_REFRESH ago and under the endpoints' current version."""
+        """The teams with endpoints: as read under the endpoints' current version, at most ENDPOINTS_TRUSTED_FOR
+        ago (a fork-mode horse inherits it, and a turn's end finds it still good); when Redis cannot say, at most
+        TEAMS_REFRESH ago."""
         fetched_at, known, teams = self.teams
         version = _endpoints_version()
-        if (version is not None and version != known) or time.monotonic() - fetched_at > TEAMS_REFRESH:
+        trusted_for = TEAMS_REFRESH if version is None else ENDPOINTS_TRUSTED_FOR
+        if (version is not None and version != known) or time.monotonic() - fetched_at > trusted_for:
             teams = set(repo.teams_with_endpoints())
             self.teams = (time.monotonic(), version, teams)
         return teams
@@ -288,7 +294,8 @@ def _endpoints_key() -> str:
 
 def _endpoints_version() -> int | None:
     """A counter every change of endpoints moves, so each process's emitter sees a team's first endpoint at its
-    next announcement; None when Redis cannot say (the emitter then reads the list every TEAMS_REFRESH)."""
+    next announcement; None when Redis cannot say (the emitter then reads the list every TEAMS_REFRESH, and each
+    delivery its endpoint)."""
     try:
         return int(queueing.get_redis().get(_endpoints_key()) or 0)
     except (redis.RedisError, ValueError):
@@ -297,21 +304,24 @@ def _endpoints_version() -> int | None:
 
 class _EndpointCopies:
     """This process's copies of the endpoints it recorded or made deliveries for, as of one value of the
-    endpoints' version: every change of an endpoint moves the version, and with it every copy is dropped. The
-    version is read before MongoDB is, so a copy is never kept under a version older than itself; when Redis
-    cannot say, MongoDB is read every time."""
+    endpoints' version: every change of an endpoint moves the version, and with it every copy is dropped (as
+    they all are ENDPOINTS_TRUSTED_FOR after the version was first seen). The version is read before MongoDB is,
+    so a copy is never kept under a version older than itself; when Redis cannot say, MongoDB is read every
+    time."""
 
     def __init__(self) -> None:
         self.version: int | None = None
+        self.since = float("-inf")  # when this process first saw `version`
         self.by_id: dict[tuple[ObjectId, ObjectId], dict[str, Any]] = {}
         self.by_team: dict[ObjectId, list[dict[str, Any]]] = {}
         self.lock = threading.Lock()
 
     def _current(self) -> int | None:
         version = _endpoints_version()
+        now = time.monotonic()
         with self.lock:
-            if version is None or version != self.version:
-                self.version, self.by_id, self.by_team = version, {}, {}
+            if version is None or version != self.version or now - self.since > ENDPOINTS_TRUSTED_FOR:
+                self.version, self.since, self.by_id, self.by_team = version, now, {}, {}
         return version
 
     def _keep(self, version: int | None, store: dict[Any, Any], key: Any, value: Any) -> None:
@@ -351,7 +361,9 @@ def _forget_teams() -> None:
     try:
         queueing.get_redis().incr(_endpoints_key())
     except redis.RedisError:
-        log.info("endpoint change not announced (Redis away); other processes see it within %.0f s", TEAMS_REFRESH)
+        log.info(
+            "endpoint change not announced (Redis away); other processes see it within %.0f s", ENDPOINTS_TRUSTED_FOR
+        )
 
 
 def on_transcript(session: dict[str, Any], events: list[dict[str, Any]]) -> None:

@@ -39,8 +39,8 @@ def test_a_process_that_read_the_endpoints_before_a_change_sees_it_at_once(app, 
 
 
 def test_a_fork_mode_worker_reads_the_teams_with_endpoints_before_it_forks_a_work_horse(app, monkeypatch):
-    """The horse starts with the worker's list, read at most TEAMS_REFRESH ago and under the endpoints' current
-    version, and so reads none itself when its turn ends: before, every turn in fork mode read it once."""
+    """The horse starts with the worker's list, read under the endpoints' current version, and so reads none
+    itself when its turn ends (within ENDPOINTS_TRUSTED_FOR of the read): before, every turn in fork mode read it."""
     import rq
 
     from workers.__main__ import ForkWorker
@@ -61,3 +61,25 @@ def test_a_fork_mode_worker_reads_the_teams_with_endpoints_before_it_forks_a_wor
     assert lists_at_fork == [{team}, {team}] and reads == [1]
     ForkWorker.execute_job(worker, None, None)  # outside an app (as RQ's tests run it): nothing is read
     assert reads == [1]
+
+
+def test_what_a_process_read_of_endpoints_stands_while_their_version_does_and_a_minute_at_most(app, monkeypatch):
+    """Under an unchanged version a process keeps what it read (a turn that ends half a minute after its fork
+    reads nothing), but not past ENDPOINTS_TRUSTED_FOR: a change whose move of the version was lost to a Redis
+    outage (a rotated secret, a new endpoint) reaches every process within that."""
+    team, endpoint = object(), object()
+    lists: list[int] = []
+    endpoints: list[int] = []
+    monkeypatch.setattr(repo, "teams_with_endpoints", lambda: lists.append(1) or [team])
+    monkeypatch.setattr(repo, "find_endpoint", lambda *args, **kwargs: endpoints.append(1) or {"url": "x"})
+    copies = webhooks._EndpointCopies()
+    with app.app_context():
+        version = webhooks._endpoints_version()
+        assert version is not None
+        webhooks._emitter.teams = (time.monotonic() - 30, version, {team})
+        assert webhooks._emitter.teams_with_endpoints() == {team} and lists == []
+        webhooks._emitter.teams = (time.monotonic() - webhooks.ENDPOINTS_TRUSTED_FOR - 1, version, {team})
+        assert webhooks._emitter.teams_with_endpoints() == {team} and lists == [1]
+        assert copies.get(team, endpoint) == copies.get(team, endpoint) == {"url": "x"} and endpoints == [1]
+        copies.since -= webhooks.ENDPOINTS_TRUSTED_FOR + 1
+        assert copies.get(team, endpoint) == {"url": "x"} and endpoints == [1, 1]
