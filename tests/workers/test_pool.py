@@ -407,60 +407,60 @@ def test_kill_9_leaves_its_jobs_started_until_rqs_cleanup_in_a_sibling_fails_the
     assert f"queue {queue.name} 0, 0 executing, 0 finished, 3 failed" in info, info
 
 
+@contextlib.contextmanager
+def pool_on_a_redis_of_its_own(tmp_path: Path, **options: Any) -> Iterator[tuple[Any, Queue, PoolProcess]]:
+    """A thread-mode pool serving a fresh queue on a redis-server of the test's own (which it may stop and start,
+    its data on disk): (that server, the queue, the pool), once the pool has registered; closed afterwards, its
+    output printed."""
+    name = f"pool-{uuid.uuid4().hex[:8]}"
+    with start_redis(data_dir=str(tmp_path / "redis")) as server:
+        conn = Redis.from_url(server.url)
+        queue = Queue(f"pool-{uuid.uuid4().hex[:10]}", connection=conn)
+        settings = {**FAST, "concurrency": 2, "abnormal-end-handler": HANDLER, **options}
+        pool = PoolProcess(server.url, queue.name, name, tmp_path / f"{name}.log", "thread", settings)
+        try:
+            wait_until(lambda: conn.hget(f"rq:worker:{name}", "state"), 30, f"worker {name}")
+            yield server, queue, pool
+        finally:
+            pool.close()
+            print(pool.output()[-6000:])
+
+
 def test_a_job_ending_while_redis_is_away_is_recorded_when_it_is_back_and_frees_its_rate_limit_slot(tmp_path):
     """A job whose end RQ never hears of keeps its rate-limit slot until RQ's clean-up takes it for abandoned
     (here never, within the test: entries outlive their last heartbeat by 300 s), and meanwhile the jobs waiting
     for that slot cannot start."""
-    gate, name = tmp_path / "gate", f"pool-{uuid.uuid4().hex[:8]}"
-    with start_redis(data_dir=str(tmp_path / "redis")) as server:
+    gate = tmp_path / "gate"
+    with pool_on_a_redis_of_its_own(tmp_path, **{"heartbeat-margin": 300}) as (server, queue, pool):
+        one_at_a_time = RateLimit(key=f"away-{queue.name}", concurrency=1)
+        first = queue.enqueue(file_gated, str(gate), rate_limit=one_at_a_time)
+        second = queue.enqueue(file_gated, str(gate), rate_limit=one_at_a_time)
+        wait_until(lambda: status(first) == JobStatus.STARTED, 30, "the first job started")
+        assert status(second) == JobStatus.RATE_LIMITED
+        server.stop()  # a clean shutdown: Redis comes back with everything it held
+        gate.touch()  # the first job returns while Redis is away
+        wait_until(lambda: f"could not record the end of job {first.id}" in pool.output(), 30, "a failed record")
+        server.start()
         conn = Redis.from_url(server.url)
-        queue = Queue(f"pool-{uuid.uuid4().hex[:10]}", connection=conn)
-        options = {**FAST, "concurrency": 2, "heartbeat-margin": 300, "abnormal-end-handler": HANDLER}
-        pool = PoolProcess(server.url, queue.name, name, tmp_path / f"{name}.log", "thread", options)
-        try:
-            wait_until(lambda: conn.hget(f"rq:worker:{name}", "state"), 30, f"worker {name}")
-            one_at_a_time = RateLimit(key=f"away-{name}", concurrency=1)
-            first = queue.enqueue(file_gated, str(gate), rate_limit=one_at_a_time)
-            second = queue.enqueue(file_gated, str(gate), rate_limit=one_at_a_time)
-            wait_until(lambda: status(first) == JobStatus.STARTED, 30, "the first job started")
-            assert status(second) == JobStatus.RATE_LIMITED
-            server.stop()  # a clean shutdown: Redis comes back with everything it held
-            gate.touch()  # the first job returns while Redis is away
-            wait_until(lambda: f"could not record the end of job {first.id}" in pool.output(), 30, "a failed record")
-            server.start()
-            conn = Redis.from_url(server.url)
-            wait_until(lambda: status(Job.fetch(second.id, connection=conn)) == JobStatus.FINISHED, 60, "second")
-            recorded = Job.fetch(first.id, connection=conn)
-            assert (status(recorded), recorded.return_value()) == (JobStatus.FINISHED, "done")
-        finally:
-            pool.close()
-            print(pool.output()[-6000:])
+        wait_until(lambda: status(Job.fetch(second.id, connection=conn)) == JobStatus.FINISHED, 60, "second")
+        recorded = Job.fetch(first.id, connection=conn)
+        assert (status(recorded), recorded.return_value()) == (JobStatus.FINISHED, "done")
 
 
 def test_a_cold_shutdown_while_redis_is_away_exits_without_waiting_for_it(tmp_path):
     """At exit the main thread records the end of the jobs nobody else did; it tries once (RQ's clean-up takes
     the rest for abandoned), where waiting out `record_retry_for` for each job would keep the process alive."""
-    name = f"pool-{uuid.uuid4().hex[:8]}"
-    with start_redis(data_dir=str(tmp_path / "redis")) as server:
-        conn = Redis.from_url(server.url)
-        queue = Queue(f"pool-{uuid.uuid4().hex[:10]}", connection=conn)
-        options = {**FAST, "concurrency": 2, "record-retry-for": 600, "abnormal-end-handler": HANDLER}
-        pool = PoolProcess(server.url, queue.name, name, tmp_path / f"{name}.log", "thread", options)
-        try:
-            wait_until(lambda: conn.hget(f"rq:worker:{name}", "state"), 30, f"worker {name}")
-            jobs = [queue.enqueue(deaf_until_file, str(tmp_path / "never")) for _ in range(2)]
-            wait_until(lambda: all(status(job) == JobStatus.STARTED for job in jobs), 30, "both jobs started")
-            server.stop()
-            # A warm request, then repeats until the cold shutdown (RQ ignores a repeat within 1 s of the first).
-            deadline = time.monotonic() + 90
-            while pool.alive():
-                assert time.monotonic() < deadline, "the worker did not exit"
-                pool.signal(signal.SIGTERM)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    pool.wait(0.5)
-        finally:
-            pool.close()
-            print(pool.output()[-6000:])
+    with pool_on_a_redis_of_its_own(tmp_path, **{"record-retry-for": 600}) as (server, queue, pool):
+        jobs = [queue.enqueue(deaf_until_file, str(tmp_path / "never")) for _ in range(2)]
+        wait_until(lambda: all(status(job) == JobStatus.STARTED for job in jobs), 30, "both jobs started")
+        server.stop()
+        # A warm request, then repeats until the cold shutdown (RQ ignores a repeat within 1 s of the first).
+        deadline = time.monotonic() + 90
+        while pool.alive():
+            assert time.monotonic() < deadline, "the worker did not exit"
+            pool.signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                pool.wait(0.5)
     assert "could not record the end of job" in pool.output()
 
 
