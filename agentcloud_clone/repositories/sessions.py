@@ -571,15 +571,22 @@ def _fill_gaps(session: dict[str, Any]) -> list[dict[str, Any]]:
 def remove_orphan_events(purged_since: datetime) -> int:
     """Remove the transcript events of sessions purged since `purged_since`; returns how many. What this finds is
     the insert of a writer that landed after its session was purged and whose writer died before
-    `_check_late_write` could take it back. Cost: one read of the purges since then (none, mostly), and one
-    delete per IN_CHUNK of them, over the events' `(sessionId, seq)` index: nothing in proportion to the
-    transcripts written meanwhile, as a look at every recent event's session was."""
+    `_check_late_write` could take it back. Cost: one read of the purges since then (none, mostly), and per
+    IN_CHUNK of them one read of `_id`s and one delete over the events' `(sessionId, seq)` index: nothing in
+    proportion to the transcripts written meanwhile, as a look at every recent event's session was.
+
+    A purge is noted before its session goes, so a noted session whose removal was cut off still has its document
+    (a tombstone, which the purge is done again for, or a failed start that lived on and runs): only the events of
+    a session with no document left are removed."""
     db = get_db()
     removed = 0
     with pymongo.timeout(LONG_OPERATION):
         purged = [doc["_id"] for doc in db.purged_sessions.find({"purgedAt": {"$gte": purged_since}}, {"_id": 1})]
         for chunk in chunked(purged):
-            removed += int(db.session_events.delete_many({"sessionId": {"$in": chunk}}).deleted_count)
+            present = {doc["_id"] for doc in db.sessions.find({"_id": {"$in": chunk}}, {"_id": 1})}
+            gone = [session_id for session_id in chunk if session_id not in present]
+            if gone:
+                removed += int(db.session_events.delete_many({"sessionId": {"$in": gone}}).deleted_count)
     return removed
 
 

@@ -170,6 +170,43 @@ def test_the_reaper_removes_events_whose_session_is_gone_and_counts_them(app, fa
     assert reap_once(app)["orphans"] == 0
 
 
+def test_a_failed_start_cut_off_after_its_purge_was_noted_keeps_its_transcript(app, factory, world, monkeypatch):
+    """A start the queue refused is removed again, its purge noted first; when its process dies in between, the
+    session stays and its turn runs. The orphan sweep must leave that live session's transcript alone (it
+    removed every event of it on each pass, and the repair stood in for them again, until the note expired)."""
+    import redis
+
+    from agentcloud_clone import queueing
+
+    real_note, real_enqueue = repo._note_purged, queueing.enqueue_turn
+    created: list[ObjectId] = []
+
+    def noted_then_died(session_ids: Any) -> None:
+        real_note(session_ids)
+        created.extend(session_ids)
+        raise WriterDied
+
+    def refused(*args: Any, **kwargs: Any) -> str:
+        raise redis.ConnectionError("Connection refused.")
+
+    monkeypatch.setattr(repo, "_note_purged", noted_then_died)
+    monkeypatch.setattr(queueing, "enqueue_turn", refused)
+    with pytest.raises(WriterDied):
+        factory.session(world["user"], world["app_id"], "hello")
+    monkeypatch.setattr(repo, "_note_purged", real_note)
+    monkeypatch.setattr(queueing, "enqueue_turn", real_enqueue)
+    (sid,) = created
+    with app.app_context():
+        session = get_db().sessions.find_one({"_id": sid})
+        assert session is not None and get_db().purged_sessions.find_one({"_id": sid}) is not None
+        claimed = service.claim_turn(session["teamId"], sid, session["activeTurnId"], "w:1")
+        assert claimed is not None
+        service.record_output(session["teamId"], sid, session["activeTurnId"], ["still", "here"], 0)
+    assert reap_once(app)["orphans"] == 0
+    events = _assert_whole(app, sid)
+    assert [e["type"] for e in events] == ["message", "output", "output"]
+
+
 def test_an_entry_lost_with_the_next_writer_too_is_stood_in_for(app, factory, world, monkeypatch):
     session = _running(app, factory, world)
     turn = session["activeTurnId"]

@@ -271,8 +271,8 @@ def test_heartbeat_and_watcher_poll_take_one_query_for_many_sessions(app, factor
 
 def test_the_orphan_sweep_reads_the_recent_purges_not_the_recent_events(app, factory, world, counter):
     """The reaper's sweep for events whose session is gone looks at the sessions purged lately (one `find`),
-    then removes their events (one `delete` a chunk): its cost does not grow with the transcripts written
-    meanwhile, and with no purge it is the one `find`."""
+    checks that they are gone (one `find` of `_id`s a chunk), then removes their events (one `delete` a chunk):
+    its cost does not grow with the transcripts written meanwhile, and with no purge it is the one `find`."""
     from datetime import timedelta
 
     from agentcloud_clone.repositories import sessions as repo
@@ -295,7 +295,7 @@ def test_the_orphan_sweep_reads_the_recent_purges_not_the_recent_events(app, fac
         )
         removed: list[int] = []
         commands = counter.count(lambda: removed.append(repo.remove_orphan_events(since)))
-        assert commands == ["find", "delete"] and removed == [2], (commands, removed)
+        assert commands == ["find", "find", "delete"] and removed == [2], (commands, removed)
         assert db.session_events.count_documents({"sessionId": gone["_id"]}) == 0
         assert {s["_id"]: db.session_events.count_documents({"sessionId": s["_id"]}) for s in kept} == before
 
