@@ -410,6 +410,15 @@ def _streams_lines(part: dict[str, Any]) -> list[str]:
         f"p50 {ms(worker['p50'])} p99 {ms(worker['p99'])}; ended by the web instance ({web['sessions']} idle, one by "
         f"one) p50 {ms(web['p50'])} p99 {ms(web['p99'])}; all {a['n']}/{a['sessions']} p99 {ms(a['p99'])} "
         f"(target ≤ {ms(a['target_p99_s'])}): {yes(a['target_met'])}",
+        *(
+            [
+                f"   of which, ended by the worker: end → recorded {_pair(worker['stages']['end_to_recorded'])}, "
+                f"recorded → first attempt {_pair(worker['stages']['recorded_to_attempt'])}, "
+                f"attempt → arrival {_pair(worker['stages']['attempt_to_arrival'])} (p50/p99)"
+            ]
+            if worker.get("stages", {}).get("end_to_recorded", {}).get("n")
+            else []
+        ),
         f"   while all {busy['turn_concurrency']} worker slots ran turns: "
         + ", ".join(f"{n} of {busy['sessions']} delivered within {s} s" for s, n in busy["delivered_within_s"].items())
         + f"; they arrived p50 {_seconds(busy['p50'])} after their sessions ended (once the cancel-all freed slots)",

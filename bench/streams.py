@@ -102,14 +102,30 @@ def _delivery(fleet: StreamFleet, streams: list[Any], seconds: float, notices: N
 
 
 def webhook_latency(receiver: Receiver, store: Store, sids: list[str], wait: float) -> dict[str, Any]:
-    """Arrival of each session's `session.ended` minus its `endedAt`; waits up to `wait` s for the stragglers."""
+    """Arrival of each session's `session.ended` minus its `endedAt`; waits up to `wait` s for the stragglers.
+    `stages` splits it at the delivery's record (`createdAt`, as the recording process queued it) and its first
+    attempt's start (after the job was picked up and claimed the attempt)."""
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline and len(set(sids) & receiver.ended().keys()) < len(sids):
         time.sleep(0.1)
     arrived, ended = receiver.ended(), store.sessions(sids, ("endedAt",))
     delays = [arrived[s] - ended[s]["endedAt"].timestamp() for s in sids if s in arrived and ended[s].get("endedAt")]
     summary = summarize(delays)
-    return {**summary, "sessions": len(sids), "delivered": len(delays), "waited_up_to_s": wait}
+    to_record, to_attempt, to_arrival = [], [], []
+    for sid, delivery in store.first_deliveries(sids, "session.ended").items():
+        ended_at, attempts = ended.get(sid, {}).get("endedAt"), delivery.get("attempts") or []
+        if ended_at is None or not attempts or sid not in arrived:
+            continue
+        recorded, attempted = delivery["createdAt"].timestamp(), attempts[0]["at"].timestamp()
+        to_record.append(recorded - ended_at.timestamp())
+        to_attempt.append(attempted - recorded)
+        to_arrival.append(arrived[sid] - attempted)
+    stages = {
+        "end_to_recorded": summarize(to_record),
+        "recorded_to_attempt": summarize(to_attempt),
+        "attempt_to_arrival": summarize(to_arrival),
+    }
+    return {**summary, "sessions": len(sids), "delivered": len(delays), "waited_up_to_s": wait, "stages": stages}
 
 
 def run(

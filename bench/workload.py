@@ -351,6 +351,17 @@ class Store:
                 found[str(doc["_id"])] = doc
         return found
 
+    def first_deliveries(self, sids: Sequence[str], kind: str) -> dict[str, dict[str, Any]]:
+        """Session → its first `kind` webhook delivery: when it was recorded (`createdAt`) and its first attempt
+        began (`attempts[0].at`). Read once, after the fact (the query has no index of its own)."""
+        found: dict[str, dict[str, Any]] = {}
+        query = {"type": kind, "payload.data.sessionId": {"$in": list(sids)}}
+        for doc in self.db.webhook_deliveries.find(query, {"payload.data.sessionId": 1, "createdAt": 1, "attempts": 1}):
+            sid = doc["payload"]["data"]["sessionId"]
+            if sid not in found or doc["createdAt"] < found[sid]["createdAt"]:
+                found[sid] = doc
+        return found
+
     def live(self, sids: Sequence[str]) -> list[str]:
         """The sessions that have not ended yet."""
         states = self.sessions(sids, ("endedAt",))

@@ -151,21 +151,34 @@ def transcript_is_final(session: dict[str, Any], last_seq_read: int) -> bool:
 def _append(
     scope: TeamScope, session_id: ObjectId, events: list[dict[str, Any]], **changes: Any
 ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]] | None:
-    """`repositories.sessions.append_events`, announcing what was written without waiting for anyone to hear it:
-    to live streams as soon as the write is committed (before its events' insert, one store round trip sooner),
-    and to webhooks once the events are stored. (After an earlier write whose events this one had to store, the
-    repository announces nothing at commit, and both are announced once stored, in order.)"""
-    announced: list[bool] = []
+    """`repositories.sessions.append_events`, announcing what was written without waiting for anyone to hear it,
+    as soon as the write is committed (before its events' insert, one store round trip sooner): to live streams,
+    unless the write before it may still have events to store (both are announced then once stored, in order),
+    and to webhooks in any case (each delivery stands alone; the earlier write's events, when this one had to
+    store them, are announced once stored, and an event announced twice is delivered once).
 
-    def announce(reserved: list[dict[str, Any]]) -> None:
-        announced.append(True)
-        notices.publish_events(session_id, reserved)
+    A webhook's delivery is recorded, queued and claimed, each a store round trip, after this write's own insert
+    was sent: what a receiver reads back on receipt includes these events unless that insert failed, and then the
+    next write to the session, or the reaper, stores them. What the webhook states (say, that the session ended)
+    is already true at commit."""
+    at_commit: list[dict[str, Any]] = []
+    streams_heard: list[bool] = []
+
+    def announce(reserved: list[dict[str, Any]], *, after_earlier: bool) -> None:
+        at_commit.extend(reserved)
+        webhooks.on_transcript(reserved)
+        if not after_earlier:
+            streams_heard.append(True)
+            notices.publish_events(session_id, reserved)
 
     written = repo.append_events(scope, session_id, events, reserved=announce, **changes)
     if written is not None:
-        if not announced:
+        if not streams_heard:
             notices.publish_events(session_id, written[2])
-        webhooks.on_transcript(written[1], written[2])
+        announced = {event["_id"] for event in at_commit}
+        rest = [event for event in written[2] if event["_id"] not in announced]
+        if rest:
+            webhooks.on_transcript(rest)
     return written
 
 
@@ -981,7 +994,7 @@ def repair_transcripts(since: datetime) -> int:
     for session_id in {event["sessionId"] for event in stored}:
         events = [event for event in stored if event["sessionId"] == session_id]
         notices.publish_events(session_id, events)
-        webhooks.on_transcript({"_id": session_id, "teamId": events[0]["teamId"]}, events)
+        webhooks.on_transcript(events)
     if stored:
         log.warning("stored %d transcript events their writers never stored", len(stored))
     return len(stored)

@@ -366,8 +366,9 @@ def _forget_teams() -> None:
         )
 
 
-def on_transcript(session: dict[str, Any], events: list[dict[str, Any]]) -> None:
-    """The session service wrote these events: announce those webhooks care about (without waiting)."""
+def on_transcript(events: list[dict[str, Any]]) -> None:
+    """The session service wrote these events (of one session): announce those webhooks care about (without
+    waiting)."""
     items = _items_for_events(events)
     if items:
         _emitter.put(current_app._get_current_object(), events[0]["teamId"], items)  # type: ignore[attr-defined]

@@ -16,7 +16,10 @@ from agentcloud_clone import queueing
 from agentcloud_clone.config import Config
 from agentcloud_clone.db import get_db
 from agentcloud_clone.queueing import get_redis
+from agentcloud_clone.repositories import sessions as sessions_repo
+from agentcloud_clone.services import sessions as session_service
 from agentcloud_clone.services import webhooks
+from agentcloud_clone.vocabulary import EndReason
 from tests.fakes.receiver import Receiver
 from tests.workers.harness import FAST, RUNNER_MODULES
 
@@ -82,6 +85,54 @@ def test_session_lifecycle_is_delivered_signed_and_once(app, harness, factory, l
     assert set(ended) <= {"sessionId", "teamId", "status", "endReason", "seq", "turnId"}  # thin: no transcript text
     with app.app_context():
         assert webhooks.sweep_missed() == 0  # the sweep finds nothing new to deliver
+
+
+@pytest.mark.parametrize("ended_by", ["the web's cancel", "its worker, after the web's cancel"])
+def test_an_end_is_recorded_for_webhooks_at_its_commit_not_after_its_events_insert(
+    app, harness, factory, login, receiver, monkeypatch, ended_by
+):
+    """The ending write's commit is what makes the session ended: its `session.ended` delivery is recorded from
+    there, while the events' insert is still on its way (a store round trip sooner, under load hundreds of ms),
+    and the transcript still gets every event. A worker's end follows the web's cancel, whose events it cannot
+    know were stored (another process wrote them): it stores them first, and announces its own at commit still."""
+    admin = login(factory.user("admin", {"_id": harness.user.team_oid}))
+    _register(admin, receiver.url, ["session.ended"])
+    by_worker = ended_by.startswith("its worker")
+    session = harness.start(message="hello" if by_worker else None)
+    if by_worker:
+        with app.app_context():
+            Queue(app.config["TURN_QUEUE"], connection=get_redis()).remove(f"turn-{session['activeTurnId']}")
+            assert session_service.claim_turn(session["teamId"], session["_id"], session["activeTurnId"], "w:1")
+        harness.cancel(session)  # stamps the running session; its worker ends it
+        sessions_repo._confirmed.clear()  # as in the worker's own process, which did not write the cancel
+    real = sessions_repo.insert_events
+    recorded_first: list[bool] = []
+
+    def after_the_delivery(events: Any, **kwargs: Any) -> Any:
+        if any(event["type"] == "status" for event in events):
+            with app.app_context():
+                delivery = get_db().webhook_deliveries.count_documents({"type": "session.ended"})
+                if not delivery and webhooks.settle(10):
+                    delivery = get_db().webhook_deliveries.count_documents({"type": "session.ended"})
+            recorded_first.append(delivery == 1)
+        return real(events, **kwargs)
+
+    monkeypatch.setattr(sessions_repo, "insert_events", after_the_delivery)
+    if by_worker:
+        with app.app_context():
+            ended = session_service.end_turn(
+                session["teamId"], session["_id"], session["activeTurnId"], EndReason.CANCELLED, "stopped"
+            )
+        assert ended is not None
+    else:
+        harness.cancel(session)
+    assert recorded_first == [True]
+    _drain(app)
+    (ended_hook,) = [json.loads(r["body"]) for r in receiver.received]
+    assert ended_hook["type"] == "session.ended" and ended_hook["data"]["sessionId"] == str(session["_id"])
+    with app.app_context():
+        kinds = [e["type"] for e in get_db().session_events.find({"sessionId": session["_id"]}).sort("seq", 1)]
+    assert kinds == (["message", "cancel", "status"] if by_worker else ["cancel", "status"])
 
 
 def test_a_receiver_that_fails_twice_gets_it_on_the_third_attempt(app, harness, factory, login):
