@@ -660,6 +660,17 @@ def watch_states(teams_by_session: Mapping[ObjectId, ObjectId]) -> list[dict[str
     return found
 
 
+def transcript_heads(teams_by_session: Mapping[ObjectId, ObjectId]) -> dict[ObjectId, int]:
+    """The last reserved `seq` of each of these sessions (session id → team id) that is not deleted: what a web
+    process's live streams check their notices against. One query per chunk of ids, on `_id`."""
+    heads: dict[ObjectId, int] = {}
+    for chunk in chunked(list(teams_by_session)):
+        query = {**_in_teams(teams_by_session, chunk), **NOT_DELETED}
+        for doc in get_db().sessions.find(query, {"eventSeq": 1}):
+            heads[doc["_id"]] = int(doc.get("eventSeq", 0))
+    return heads
+
+
 def heartbeat(teams_by_session: Mapping[ObjectId, ObjectId], now: datetime) -> None:
     """Stamp `heartbeatAt` on the running sessions among these (session id → team id)."""
     for chunk in chunked(list(teams_by_session)):

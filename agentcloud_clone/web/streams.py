@@ -3,9 +3,10 @@
 Each SSE `id` is the event's `seq`, so `Last-Event-ID` (or `?after=`) resumes with no gap and no duplicate.
 A stream subscribes to the session's notices first, then replays what MongoDB has after the cursor, then
 follows the notices; anything out of order or missed is read again from MongoDB, which stays the source of
-truth. A comment line every SSE_HEARTBEAT seconds keeps proxies from closing an idle stream (and catches up
-from MongoDB, should a notice have been lost). After the session's closing event comes a final
-`session.ended` event with its status and end reason, and the stream closes.
+truth. A comment line every SSE_HEARTBEAT seconds keeps proxies from closing an idle stream. A notice that was
+never sent is found by the process's dispatcher, which checks every stream's session at once (see notices);
+while Redis is away, each stream reads MongoDB every second instead. After the session's closing event comes a
+final `session.ended` event with its status and end reason, and the stream closes.
 
 Streams are served by gunicorn's gevent workers (see docs/DEPLOY.md), so an open stream costs a greenlet and
 a queue, not a thread of a small pool.
@@ -74,7 +75,7 @@ def stream_response(session: dict[str, Any]) -> Response:
     sid = session["_id"]
 
     def generate() -> Iterator[str]:
-        notices = hub.register(str(sid))
+        notices = hub.register(str(sid), session["teamId"])
         try:
             yield from follow(notices)
         except PyMongoError as exc:
@@ -107,6 +108,7 @@ def stream_response(session: dict[str, Any]) -> Response:
             if current is None or (service.is_ended(current) and last >= int(current.get("eventSeq", 0))):
                 yield _ended_frame(sid, current or session, last)
                 return
+            hub.caught_up(str(sid), last)
             # Follow the notices until one does not fit (then catch up again).
             while True:
                 try:
@@ -114,7 +116,9 @@ def stream_response(session: dict[str, Any]) -> Response:
                     notice = notices.get(timeout=heartbeat if redis_available(redis_url) else min(heartbeat, 1.0))
                 except queue.Empty:
                     yield ": heartbeat\n\n"
-                    break
+                    if hub.watching:
+                        continue
+                    break  # no notices now (Redis away): read MongoDB
                 events = notice.get("events") or []
                 if notice.get("resync") or (events and events[0]["seq"] > last + 1):
                     break

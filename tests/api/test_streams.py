@@ -11,7 +11,7 @@ import pytest
 
 from agentcloud_clone.services import sessions as service
 from agentcloud_clone.vocabulary import CancelSource
-from tests.support import run_queued_turn
+from tests.support import run_queued_turn, wait_until
 
 
 @pytest.fixture
@@ -141,3 +141,77 @@ def test_a_stream_over_the_per_process_cap_is_refused(factory, login, app):
         with app.app_context():
             dispatcher().unregister("another-session", held)
     assert refused.status_code == 503 and refused.get_json()["code"] == 503
+
+
+def _follow(client: Any, path: str, into: list[str]) -> threading.Thread:
+    """Open a stream and read it on a thread of its own (the thread that makes a request reads its answer), each
+    chunk into `into`, until it ends."""
+
+    def read() -> None:
+        response = client.get(path, buffered=False)
+        try:
+            for chunk in response.response:
+                into.append(chunk.decode() if isinstance(chunk, bytes) else chunk)
+        finally:
+            response.close()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return reader
+
+
+def test_a_stream_whose_notices_were_never_sent_still_gets_the_end(factory, login, app, monkeypatch):
+    """The session's end reached no stream by notice (its writer could not send them): the process's check of
+    where its streams' transcripts stand has them catch up from MongoDB, and end."""
+    from agentcloud_clone import notices
+
+    me = login(factory.user("member"))
+    session = factory.session(me.user, factory.app_record(me.user.team_id), None)  # idle: a cancel ends it at once
+    chunks: list[str] = []
+    reader = _follow(me.client, f"/{me.user.team_id}/session/{session['_id']}/events", chunks)
+    wait_until(lambda: any(": heartbeat" in c for c in chunks), 30, "the stream to follow the notices")
+    monkeypatch.setattr(notices, "publish_events", lambda *args, **kwargs: None)  # every notice is lost
+    with app.app_context():
+        service.cancel_session(me.user.team_oid, session["_id"], factory.actor(me.user), CancelSource.API, "done")
+    reader.join(30)
+    assert not reader.is_alive(), "the stream never heard of the end"
+    got = list(frames(type("Streamed", (), {"response": list(chunks)})()))
+    assert [f["data"]["type"] for f in got[:-1]] == ["cancel", "status"]
+    assert got[-1]["event"] == "session.ended" and got[-1]["data"]["endReason"] == "cancelled"
+
+
+def test_idle_streams_cost_the_store_one_check_a_process_not_reads_a_stream(factory, login, app, monkeypatch):
+    """Ten streams on one idle session: while they send heartbeats, what they read of MongoDB is the process's
+    check of their session, not a catch-up per stream per heartbeat (two reads each, before). Counted in the same
+    window as the heartbeats they sent, so the machine's speed does not matter."""
+    from agentcloud_clone.repositories import sessions as sessions_repo
+
+    me = login(factory.user("member"))
+    session = factory.session(me.user, factory.app_record(me.user.team_id), None)
+    path = f"/{me.user.team_id}/session/{session['_id']}/events"
+    streams: list[list[str]] = [[] for _ in range(10)]
+    readers = [_follow(me.client, path, chunks) for chunks in streams]
+
+    def heartbeats() -> int:
+        return sum(c.count(": heartbeat") for chunks in streams for c in list(chunks))
+
+    wait_until(lambda: all(any(": heartbeat" in c for c in chunks) for chunks in streams), 30, "ten streams")
+    reads: list[str] = []
+    for name in ("list_events", "find_session", "transcript_heads"):
+        real = getattr(sessions_repo, name, None)
+        if real is None:
+            continue
+
+        def counted(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+            reads.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(sessions_repo, name, counted)
+    before = heartbeats()
+    wait_until(lambda: heartbeats() - before >= 50, 60, "fifty heartbeats")
+    sent, read = heartbeats() - before, list(reads)
+    with app.app_context():  # the session's end closes the streams
+        service.cancel_session(me.user.team_oid, session["_id"], factory.actor(me.user), CancelSource.API)
+    for reader in readers:
+        reader.join(30)
+    assert [r for r in read if r != "transcript_heads"] == [] and 0 < len(read) < sent / 2, (read, sent)
