@@ -116,9 +116,9 @@ def stream_response(session: dict[str, Any]) -> Response:
                     notice = notices.get(timeout=heartbeat if redis_available(redis_url) else min(heartbeat, 1.0))
                 except queue.Empty:
                     yield ": heartbeat\n\n"
-                    if hub.watching:
+                    if hub.watching and redis_available(redis_url):
                         continue
-                    break  # no notices now (Redis away): read MongoDB
+                    break  # notices may not come now (Redis away or hung): read MongoDB
                 events = notice.get("events") or []
                 if notice.get("resync") or (events and events[0]["seq"] > last + 1):
                     break
