@@ -62,7 +62,7 @@ class Dispatcher:
     """One pub/sub subscription per process, fanned out to the streams following each session, and the check for
     notices that were never sent (see the module docstring)."""
 
-    def __init__(self, url: str, prefix: str, app: Flask | None = None, check_every: float | None = None) -> None:
+    def __init__(self, url: str, prefix: str, app: Flask, check_every: float) -> None:
         self.url, self.prefix = url, channel_prefix(prefix)
         self.app, self.check_every = app, check_every
         self.streams: dict[str, set[queue.Queue[dict[str, Any]]]] = {}
@@ -77,23 +77,16 @@ class Dispatcher:
         self.heard: dict[str, int] = {}
         self.checked: dict[str, int] = {}
 
-    @property
-    def watching(self) -> bool:
-        """Whether streams may rely on notices and the check alone (no MongoDB read of their own per heartbeat)."""
-        return self.listening and self.app is not None and self.check_every is not None
-
-    def register(self, session_id: str, team_id: ObjectId | None = None) -> queue.Queue[dict[str, Any]]:
-        """A queue that receives this session's notices until `unregister` (checked when `team_id` is given)."""
+    def register(self, session_id: str, team_id: ObjectId) -> queue.Queue[dict[str, Any]]:
+        """A queue that receives the notices of this session (of this team) until `unregister`."""
         stream: queue.Queue[dict[str, Any]] = queue.Queue(STREAM_QUEUE_SIZE)
         with self.lock:
             self.streams.setdefault(session_id, set()).add(stream)
-            if team_id is not None:
-                self.teams[session_id] = team_id
+            self.teams[session_id] = team_id
             if not self.started:
                 self.started = True
                 threading.Thread(target=self._run, name="notice-dispatcher", daemon=True).start()
-                if self.app is not None and self.check_every is not None:
-                    threading.Thread(target=self._check_loop, name="notice-check", daemon=True).start()
+                threading.Thread(target=self._check_loop, name="notice-check", daemon=True).start()
         return stream
 
     def unregister(self, session_id: str, stream: queue.Queue[dict[str, Any]]) -> None:
@@ -121,7 +114,6 @@ class Dispatcher:
     def check_once(self) -> list[str]:
         """Compare where the transcripts stand with what their streams heard; the sessions whose streams were
         told to catch up (deleted ones too: their streams end)."""
-        assert self.app is not None
         with self.lock:
             teams = {ObjectId(sid): team for sid, team in self.teams.items()}
         if not teams:
@@ -149,7 +141,6 @@ class Dispatcher:
         return behind
 
     def _check_loop(self) -> None:
-        assert self.check_every is not None
         while not self.stopping.wait(self.check_every):
             if not self.listening:
                 continue  # the streams read MongoDB themselves meanwhile

@@ -214,16 +214,16 @@ def append_events(
     pop: dict[str, int] | None = None,
     projection: dict[str, Any] | None = None,
     committed: Callable[[], None] | None = None,
-    reserved: Callable[..., None] | None = None,
+    reserved: Callable[[list[dict[str, Any]], bool], None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]] | None:
     """Append transcript events to a live session matching `where`, applying `set_fields`/`inc`/`push`/`pop`
     in the same write: one update reserves the events' `seq`s (and changes the state), one insert writes them.
     (An event may carry its own `_id`, chosen before the write: a caller trying again after losing the answer
     names the same events.) `committed` runs between the two, once the state change is stored: what it announces
     (a cancel, to the worker that must act on it) need not wait for the events' insert. `reserved` runs then too,
-    with this write's events as they will be stored, and `after_earlier` true when the write before it may still
-    have events to store, which are then inserted first: this write's are committed from that moment (see the
-    module docstring), so readers may hear of them before their insert.
+    with this write's events as they will be stored and whether the write before it may still have events to
+    store (they are then inserted first): this write's are committed from that moment (see the module
+    docstring), so readers may hear of them before their insert.
 
     Returns (session before, session after, events stored), or None when no live session matched, in which
     case nothing was written. The events stored are this write's, preceded by those of the write before it when
@@ -254,7 +254,7 @@ def append_events(
     stored = _materialised(before["teamId"], session_id, first, pending)
     earlier = _unconfirmed(session_id, before)
     if reserved is not None and stored:
-        reserved(stored, after_earlier=bool(earlier))
+        reserved(stored, bool(earlier))
     if earlier or stored:
         inserted = insert_events(earlier + stored)
         if pending:

@@ -164,7 +164,7 @@ def _append(
     at_commit: list[dict[str, Any]] = []
     streams_heard: list[bool] = []
 
-    def announce(reserved: list[dict[str, Any]], *, after_earlier: bool) -> None:
+    def announce(reserved: list[dict[str, Any]], after_earlier: bool) -> None:
         at_commit.extend(reserved)
         webhooks.on_transcript(reserved)
         if not after_earlier:

@@ -116,7 +116,8 @@ def stream_response(session: dict[str, Any]) -> Response:
                     notice = notices.get(timeout=heartbeat if redis_available(redis_url) else min(heartbeat, 1.0))
                 except queue.Empty:
                     yield ": heartbeat\n\n"
-                    if hub.watching and redis_available(redis_url):
+                    # Subscribed, and Redis answering its publishers: the dispatcher's check finds what is lost.
+                    if hub.listening and redis_available(redis_url):
                         continue
                     break  # notices may not come now (Redis away or hung): read MongoDB
                 events = notice.get("events") or []

@@ -133,7 +133,7 @@ def test_a_stream_over_the_per_process_cap_is_refused(factory, login, app):
     me = login(factory.user("member"))
     session = factory.session(me.user, factory.app_record(me.user.team_id), None)
     with app.app_context():
-        held = dispatcher().register("another-session")  # one stream already open in this process
+        held = dispatcher().register("another-session", me.user.team_oid)  # one stream already open here
     try:
         path = f"/{me.user.team_id}/session/{session['_id']}/events"
         refused = me.client.get(path, headers={"Accept": "text/event-stream"})
