@@ -291,8 +291,9 @@ def init_app(app: Flask) -> None:
     # Each step of a pass has LONG_OPERATION of its own (services.sessions.sweep), and `--loop` runs until stopped.
     @functools.partial(_reports_errors, deadline=None)
     def reap_command(timeout: float | None, loop: bool) -> None:
-        """One reaper pass → {"reaped": [...], "expired": [...], "requeued": [...]} (session ids): sessions whose
-        worker was lost, sessions ended by a limit, turns queued again. `--loop` keeps going (one line a pass)."""
+        """One reaper pass → {"reaped": [...], "expired": [...], "unanswered": [...], "requeued": [...]} (session
+        ids): sessions whose worker was lost, sessions ended by a limit, sessions whose create answered an error
+        removed, turns queued again. `--loop` keeps going (one line a pass)."""
         app = current_app._get_current_object()  # type: ignore[attr-defined]
         while True:
             _emit(reap_once(app, timeout))

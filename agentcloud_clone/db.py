@@ -231,6 +231,8 @@ def ensure_indexes(db: Database[Any]) -> None:
     db.sessions.create_index([("lastUpdatedDate", asc)], name="last_updated")
     # Tombstones of deleted sessions, found by the reaper's purge.
     db.sessions.create_index([("deletedAt", asc)], name="deleted", sparse=True)
+    # New sessions whose create has not answered yet, found by the reaper's removal of those that never will.
+    db.sessions.create_index([("unansweredSince", asc)], name="unanswered", sparse=True)
     db.session_events.create_index([("sessionId", asc), ("seq", asc)], unique=True, name="session_seq")
     # Sessions purged for good, whose late events the reaper removes (kept longer than REPAIR_WINDOW can be).
     db.purged_sessions.create_index([("purgedAt", asc)], expireAfterSeconds=8 * 86400, name="expiry")

@@ -36,7 +36,7 @@ COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
         "What the reaper's sweep found left behind by a crash or a lost answer and put right: `event` transcript "
         "entries written for a session whose writer never wrote them, `orphan_event` entries removed from a "
         "deleted session, `idempotency_key` records of requests that never finished, `job` queue entries of "
-        "ended or deleted sessions.",
+        "ended or deleted sessions, `unanswered_session` sessions whose create answered an error but stayed.",
         ("kind",),
     ),
 }

@@ -74,6 +74,7 @@ def test_reap_reports_what_it_ended(runner, app, factory):
     nothing = {
         "reaped": [],
         "expired": [],
+        "unanswered": [],
         "requeued": [],
         "repaired": 0,
         "keys": 0,

@@ -74,7 +74,13 @@ def _take_turn(app: Flask, interval: float) -> bool:
 # How far before its last complete pass a reaper looks again for what a crash left: writes are stamped with their
 # writer's clock, so this covers a skewed clock and a write the server applied late (it had hung).
 SWEEP_OVERLAP = timedelta(seconds=120)
-SWEPT_KINDS = {"repaired": "event", "orphans": "orphan_event", "keys": "idempotency_key", "jobs": "job"}
+SWEPT_KINDS = {
+    "repaired": "event",
+    "orphans": "orphan_event",
+    "keys": "idempotency_key",
+    "jobs": "job",
+    "unanswered": "unanswered_session",
+}
 
 
 def reap_once(app: Flask, heartbeat_timeout: float | None = None, since: datetime | None = None) -> dict[str, Any]:
@@ -88,8 +94,10 @@ def reap_once(app: Flask, heartbeat_timeout: float | None = None, since: datetim
         result["webhooks"] = webhooks.sweep_missed()
         store = metrics.store_for(app.config)
         for field, kind in SWEPT_KINDS.items():
-            if result.get(field):
-                store.increment("reaper_swept_total", int(result[field]), kind=kind)
+            found = result.get(field)
+            if found:
+                count = len(found) if isinstance(found, list) else int(found)
+                store.increment("reaper_swept_total", count, kind=kind)
         return result
 
 

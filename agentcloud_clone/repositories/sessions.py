@@ -154,6 +154,32 @@ def delete_new_session(team_id: ObjectId, session_id: ObjectId) -> None:
     db.sessions.delete_one({"_id": session_id, "teamId": team_id})
 
 
+def confirm_new_session(team_id: ObjectId, session_id: ObjectId) -> dict[str, Any] | None:
+    """Mark a new session as answered (its create request is about to succeed) and return what `_enqueue`'s look
+    after queuing needs (status, active turn): one round trip for both. None when it is gone (deleted, or removed
+    as unanswered because its request took too long)."""
+    return get_db().sessions.find_one_and_update(
+        {"_id": session_id, "teamId": team_id, **NOT_DELETED},
+        {"$unset": {"unansweredSince": ""}},
+        projection={"status": 1, "activeTurnId": 1},
+    )
+
+
+def find_unanswered_sessions(created_before: datetime, limit: int = 1000) -> list[dict[str, Any]]:
+    """Sessions whose create request never answered success (stored before `created_before` and never confirmed):
+    the request failed after the insert and could not undo it. Served by a sparse index holding only them and the
+    few creates in flight."""
+    query = {"unansweredSince": before(created_before), **NOT_DELETED}
+    return list(get_db().sessions.find(query, {"teamId": 1}).limit(limit))
+
+
+def tombstone_unanswered_session(team_id: ObjectId, session_id: ObjectId, created_before: datetime) -> bool:
+    """Delete a session whose create was answered with an error (see `find_unanswered_sessions`), live or not: a
+    worker running its turn sees the deletion and stops. False when it was confirmed or deleted meanwhile."""
+    query = {"_id": session_id, "teamId": team_id, "unansweredSince": before(created_before), **NOT_DELETED}
+    return _tombstone(query, session_id)
+
+
 def find_session(
     team_id: ObjectId, session_id: ObjectId, projection: dict[str, Any] | None = None
 ) -> dict[str, Any] | None:
@@ -471,11 +497,15 @@ def tombstone_ended_session(scope: TeamScope, session_id: ObjectId) -> bool:
 
     The document itself stays as a tombstone until `purge_tombstones`, so a transcript write that was already
     on its way lands on a session that still exists and is purged with it."""
+    return _tombstone({"_id": session_id, **scope_filter(scope), **ENDED, **NOT_DELETED}, session_id)
+
+
+def _tombstone(query: dict[str, Any], session_id: ObjectId) -> bool:
+    """Hide the session `query` matches at once and remove its transcript and Idempotency-Key records; False when
+    nothing matched."""
     db = get_db()
     done = db.sessions.find_one_and_update(
-        {"_id": session_id, **scope_filter(scope), **ENDED, **NOT_DELETED},
-        {"$set": {"deletedAt": utcnow()}, "$unset": {"pendingEvents": ""}},
-        projection={"_id": 1},
+        query, {"$set": {"deletedAt": utcnow()}, "$unset": {"pendingEvents": ""}}, projection={"_id": 1}
     )
     if done is None:
         return False
@@ -617,7 +647,13 @@ def find_past_deadline(now: datetime, limit: int = 1000) -> list[dict[str, Any]]
 
 def find_unqueued_turns(queued_before: datetime, limit: int = 1000) -> list[dict[str, Any]]:
     """Sessions with a turn waiting for a worker since before `queued_before` (its job may have been lost)."""
-    query = {"turnQueuedAt": before(queued_before), "activeTurnId": {"$ne": None}, **LIVE, **NOT_DELETED}
+    query = {
+        "turnQueuedAt": before(queued_before),
+        "activeTurnId": {"$ne": None},
+        "unansweredSince": {"$exists": False},  # its create answered an error: removed, not queued again
+        **LIVE,
+        **NOT_DELETED,
+    }
     projection = {"teamId": 1, "activeTurnId": 1, "status": 1, "turnQueuedAt": 1}
     return list(get_db().sessions.find(query, projection).limit(limit))
 

@@ -48,6 +48,7 @@ from . import accounts, idempotency, webhooks
 log = logging.getLogger(__name__)
 CLAIMABLE: dict[str, Any] = {"status": {"$in": list(CLAIMABLE_STATUSES)}}
 QUEUE_DOWN = "The job queue is unavailable; try again shortly."
+START_LOST = "The session could not be started; try again."
 # How many times a write that lost a race to another writer is tried again before giving up.
 RETRIES = 5
 
@@ -72,9 +73,12 @@ def get_session(scope: TeamScope, session_id: ObjectId) -> dict[str, Any]:
     return session
 
 
-def find_session(team_id: ObjectId, session_id: ObjectId) -> dict[str, Any] | None:
-    """The session in the team, or None (no permission checks: for what the caller created itself)."""
-    return repo.find_session(team_id, session_id)
+def find_created_session(team_id: ObjectId, session_id: ObjectId) -> dict[str, Any] | None:
+    """The session a create made in the team, or None (no permission checks: for what the caller created itself).
+    One whose create answered an error (still unanswered) is None too: the reaper removes it, and a retry makes
+    its own."""
+    session = repo.find_session(team_id, session_id)
+    return None if session is None or session.get("unansweredSince") else session
 
 
 def is_ended(session: dict[str, Any]) -> bool:
@@ -237,17 +241,30 @@ def _message_event(text: str, turn_id: ObjectId, actor: Actor, *, queued: bool =
     return event
 
 
-def _enqueue(session_id: ObjectId, team_id: ObjectId, turn_id: ObjectId) -> None:
+def _enqueue(session_id: ObjectId, team_id: ObjectId, turn_id: ObjectId, *, new_session: bool = False) -> None:
     """Queue the turn, then look at the session once more: an end that came between the reservation and the queue
     (a cancel, whose drop of the queued job found nothing yet) takes the job out again. Either the end's drop sees
-    the job or this look sees the end, so no queue entry outlives its session."""
+    the job or this look sees the end, so no queue entry outlives its session.
+
+    For a `new_session` the look also marks it answered (`unansweredSince` goes): a session still unanswered
+    later is one whose create answered an error, which the reaper removes rather than queue its turn again. So
+    here the look must land: when it cannot, or finds the session gone, the job is taken out again and the
+    error raised (PyMongoError, or Unavailable)."""
     queueing.enqueue_turn(str(team_id), str(session_id), str(turn_id), accounts.team_turn_slots(team_id))
     try:
-        current = repo.find_session(team_id, session_id, {"status": 1, "activeTurnId": 1})
+        if new_session:
+            current = repo.confirm_new_session(team_id, session_id)
+        else:
+            current = repo.find_session(team_id, session_id, {"status": 1, "activeTurnId": 1})
     except PyMongoError:
+        if new_session:
+            queueing.drop_queued_turn(str(turn_id))
+            raise
         return  # a worker skips the job of an ended session, and the reaper's sweep removes it
     if current is None or is_ended(current):
         queueing.drop_queued_turn(str(turn_id))
+        if new_session and current is None:
+            raise Unavailable(START_LOST)
 
 
 def create_session(
@@ -295,8 +312,9 @@ def create_session(
         "queuedTurns": [],
         "variables": variables,
         "requiredVariables": required,
+        # Unanswered until its turn is queued and the create about to succeed (see `_enqueue`).
         **(
-            _queued(turn_id, limits, now)
+            {**_queued(turn_id, limits, now), "unansweredSince": now}
             if run_now and turn_id
             else {"activeTurnId": None, "pendingTurnId": turn_id, **_deadline(limits, "idle", now)}
         ),
@@ -310,12 +328,22 @@ def create_session(
     _follow_sharing_mode(session, mode)
     if run_now and turn_id is not None:
         try:
-            _enqueue(session["_id"], team["_id"], turn_id)
+            _enqueue(session["_id"], team["_id"], turn_id, new_session=True)
         except RedisError:
-            repo.delete_new_session(team["_id"], session["_id"])
+            _undo_new_session(team["_id"], session["_id"])
             raise Unavailable(QUEUE_DOWN) from None
+        session.pop("unansweredSince", None)
     webhooks.on_session_started(session)
     return session
+
+
+def _undo_new_session(team_id: ObjectId, session_id: ObjectId) -> None:
+    """Remove a new session whose start failed; when the store fails too, it stays unanswered, and the reaper's
+    `remove_unanswered_sessions` removes it instead of queuing its turn."""
+    try:
+        repo.delete_new_session(team_id, session_id)
+    except PyMongoError as exc:
+        log.warning("could not remove new session %s whose start failed (%s); the reaper will", session_id, exc)
 
 
 def _follow_sharing_mode(session: dict[str, Any], mode: SharingMode) -> None:
@@ -928,6 +956,19 @@ def requeue_lost_jobs(older_than: float) -> list[str]:
     return requeued
 
 
+def remove_unanswered_sessions(older_than: float) -> list[str]:
+    """Remove sessions created more than `older_than` seconds ago whose create request answered an error (it
+    failed after storing the session and could not take it back), so that no turn runs for a request its client
+    was told failed; returns their ids. A worker already running one stops when it sees the deletion."""
+    cutoff, removed = utcnow() - timedelta(seconds=older_than), []
+    for doc in repo.find_unanswered_sessions(cutoff):
+        if repo.tombstone_unanswered_session(doc["teamId"], doc["_id"], cutoff):
+            removed.append(str(doc["_id"]))
+    if removed:
+        log.warning("removed %d sessions whose create answered an error: %s", len(removed), ", ".join(removed))
+    return removed
+
+
 def reap_lost_turns(timeout: float, tombstone_grace: float | None = None) -> list[str]:
     """End running sessions whose worker stopped heartbeating, and purge deleted sessions' tombstones.
 
@@ -948,7 +989,8 @@ def reap_lost_turns(timeout: float, tombstone_grace: float | None = None) -> lis
 
 
 def sweep(heartbeat_timeout: float, requeue_after: float, *, since: datetime | None = None) -> dict[str, Any]:
-    """The reaper's pass: end lost turns, enforce limit deadlines, queue lost jobs again, purge tombstones, and put
+    """The reaper's pass: end lost turns, enforce limit deadlines, remove sessions whose create answered an error,
+    queue lost jobs again, purge tombstones, and put
     right what a crash (or a lost answer) can leave behind: transcript writes whose events were never stored,
     transcript events whose session is gone, Idempotency-Key records of requests that never finished, queue
     entries of sessions that have ended. `since` bounds how far back those sweeps look (the start of the
@@ -963,6 +1005,7 @@ def sweep(heartbeat_timeout: float, requeue_after: float, *, since: datetime | N
     steps: list[tuple[str, Callable[[], Any], Any]] = [
         ("reaped", lambda: reap_lost_turns(heartbeat_timeout), []),
         ("expired", enforce_deadlines, []),
+        ("unanswered", lambda: remove_unanswered_sessions(requeue_after), []),
         ("requeued", lambda: requeue_lost_jobs(requeue_after), []),
         ("repaired", lambda: repair_transcripts(since), 0),
         ("keys", idempotency.sweep_stale, 0),

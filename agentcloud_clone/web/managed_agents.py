@@ -132,7 +132,7 @@ def create_session() -> Any:
         return {"session": dump_session(session)}, session["_id"]
 
     def recover(created: ObjectId) -> dict[str, Any] | None:
-        found = service.find_session(app["teamId"], created)
+        found = service.find_created_session(app["teamId"], created)
         return {"session": dump_session(found)} if found else None
 
     request_hash = idempotency.fingerprint({"family": "managed", **data})

@@ -94,7 +94,7 @@ def add_session(team_id: ObjectId) -> Any:
         return {"_id": str(session["_id"])}, session["_id"]
 
     def recover(created: ObjectId) -> dict[str, Any] | None:
-        return {"_id": str(created)} if service.find_session(team_id, created) else None
+        return {"_id": str(created)} if service.find_created_session(team_id, created) else None
 
     request_hash = idempotency.fingerprint({"teamId": team_id, **data})
     key = request.headers.get("Idempotency-Key")

@@ -27,6 +27,7 @@ QUERY_SHAPES = [
     ("sessions", [], ["deadline"]),  # the reaper's limits (queue TTL, turn duration, idle timeout)
     ("sessions", [], ["turnQueuedAt"]),  # the reaper's requeue of turns whose job was lost
     ("sessions", [], ["lastUpdatedDate"]),  # the reaper's repair of writes cut off between their halves
+    ("sessions", [], ["unansweredSince"]),  # the reaper's removal of sessions whose create answered an error
     ("webhook_endpoints", ["teamId"], ["_id"]),  # webhooks.json
     ("webhook_deliveries", ["endpointId"], ["_id"]),  # deliveries.json
     ("webhook_deliveries", ["status"], ["nextAttemptAt"]),  # the reaper's due retries

@@ -293,7 +293,7 @@ def test_records_of_requests_that_never_finished_are_swept(app, factory, world):
         assert {r["key"] for r in get_db().idempotency_keys.find()} == {"died-late"}
 
         def recover(session_id: ObjectId) -> dict[str, Any] | None:
-            return {"_id": str(session_id)} if service.find_session(user.team_oid, session_id) else None
+            return {"_id": str(session_id)} if service.find_created_session(user.team_oid, session_id) else None
 
         def must_not_run() -> tuple[dict[str, Any], ObjectId]:
             raise AssertionError("the first request's session was recovered, not created again")
@@ -347,7 +347,7 @@ def _race_round(app: Any, factory: Any, world: dict[str, Any], rng: random.Rando
 
     with app.app_context():
         idempotency.run_once(user.oid, f"round-{number}", "h", create, session_id=sid)
-        turn = service.find_session(team, sid)["activeTurnId"]
+        turn = repo.find_session(team, sid)["activeTurnId"]
         Queue(app.config["TURN_QUEUE"], connection=get_redis()).remove(f"turn-{turn}")  # a worker dequeued it
         assert service.claim_turn(team, sid, turn, "w:1") is not None
     start = threading.Barrier(4)

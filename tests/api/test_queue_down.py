@@ -10,10 +10,13 @@ from typing import Any
 import pytest
 import redis
 from bson import ObjectId
+from pymongo.errors import AutoReconnect
 
 from agentcloud_clone import queueing
 from agentcloud_clone.db import get_db
 from agentcloud_clone.repositories import sessions as repo
+from agentcloud_clone.services import sessions as service
+from tests.support import wait_until
 
 UNREACHABLE_REDIS = "redis://127.0.0.1:1/0"
 
@@ -129,6 +132,72 @@ def test_a_message_taken_back_stays_gone_when_the_repair_runs_at_any_step_of_the
         session = get_db().sessions.find_one({"_id": ObjectId(sid)})
         seqs = [e["seq"] for e in get_db().session_events.find({"sessionId": ObjectId(sid)})]
     assert (session.get("eventSeq", 0), session.get("activeTurnId"), seqs) == (0, None, [])
+
+
+def _store_fails(*args: Any, **kwargs: Any) -> Any:
+    raise AutoReconnect("connection to the store lost")
+
+
+def _sweep(app: Any, requeue_after: float = 0.0) -> dict[str, Any]:
+    """One reaper pass that takes any turn waiting unqueued, and any session left unanswered, as lost now."""
+    with app.app_context():
+        return service.sweep(3600.0, requeue_after)
+
+
+def _left_behind(app: Any, team_id: str) -> dict[str, Any]:
+    with app.app_context():
+        return get_db().sessions.find_one({"teamId": ObjectId(team_id)}) or {}
+
+
+def test_a_refused_create_the_store_cannot_take_back_is_removed_by_the_reaper_and_its_turn_never_queued(
+    app, factory, api_key_client, monkeypatch
+):
+    """The queue refuses the turn and the store then fails the take-back: the 503 stands, so the session left
+    behind must never run. The reaper removes it instead of queuing its turn as a lost job."""
+    user = factory.user("member", api_key=True)
+    call = api_key_client(user)
+    app_id = factory.app_record(user.team_id)
+    with monkeypatch.context() as patch:
+        _queue_down(patch)
+        patch.setattr(repo, "delete_new_session", _store_fails)
+        _refused(call("POST", f"/{user.team_id}/forms/session/add", {"appId": app_id, "message": "hello"}))
+    left = _left_behind(app, user.team_id)
+    assert left.get("unansweredSince") is not None and left.get("activeTurnId") is not None
+    assert _sweep(app, requeue_after=3600.0)["unanswered"] == []  # not before REQUEUE_AFTER
+    swept = _sweep(app)
+    assert (swept["unanswered"], swept["requeued"]) == ([str(left["_id"])], [])
+    with app.app_context():
+        assert not queueing.turn_is_waiting(str(left["activeTurnId"]))
+        assert get_db().session_events.count_documents({"sessionId": left["_id"]}) == 0
+    assert call("GET", f"/{user.team_id}/session/{left['_id']}.json").status_code == 404
+    assert _sweep(app)["unanswered"] == []  # removed once
+
+
+def test_a_create_whose_confirming_look_fails_answers_an_error_takes_its_job_out_and_is_removed(
+    app, factory, api_key_client, monkeypatch
+):
+    user = factory.user("member", api_key=True)
+    call = api_key_client(user)
+    app_id = factory.app_record(user.team_id)
+    with monkeypatch.context() as patch:
+        patch.setattr(repo, "confirm_new_session", _store_fails)
+        response = call("POST", "/api/managed-agents/sessions", {"appId": app_id, "message": "hello"})
+    assert response.status_code == 503 and set(response.get_json()) == {"message", "code"}
+    left = _left_behind(app, user.team_id)
+    with app.app_context():  # the job is taken out in the background
+        wait_until(lambda: not queueing.turn_is_waiting(str(left["activeTurnId"])), what="the job taken out")
+    assert _sweep(app)["unanswered"] == [str(left["_id"])]
+
+
+def test_a_created_session_is_answered_and_the_reaper_leaves_it(app, factory, api_key_client):
+    user = factory.user("member", api_key=True)
+    call = api_key_client(user)
+    app_id = factory.app_record(user.team_id)
+    created = call("POST", "/api/managed-agents/sessions", {"appId": app_id, "message": "hello"})
+    assert created.status_code == 201
+    assert "unansweredSince" not in _left_behind(app, user.team_id)
+    assert _sweep(app)["unanswered"] == []
+    assert call("GET", f"/{user.team_id}/session/{created.get_json()['session']['_id']}.json").status_code == 200
 
 
 @pytest.fixture
