@@ -28,6 +28,7 @@ from agentcloud_clone.jobs import turns
 from agentcloud_clone.jobs.reaper import ReaperLoop
 from agentcloud_clone.queueing import rq_connection, settle_outbox
 from agentcloud_clone.services import webhooks
+from workers.pool import RecordingForkWorker
 
 log = logging.getLogger("workers")
 
@@ -36,8 +37,9 @@ log = logging.getLogger("workers")
 HORSE_SETTLE = 5.0
 
 
-class ForkWorker(Worker):
-    """RQ's own Worker (one forked work horse per job), whose horse sends what the job left to its background
+class ForkWorker(RecordingForkWorker):
+    """RQ's own Worker (one forked work horse per job; its horse tries the record of the job's end again while
+    Redis is away: workers.pool.RecordingForkWorker), whose horse sends what the job left to its background
     threads before it exits: cancel and transcript notices (the Redis outbox) and webhook announcements. RQ ends
     a horse with os._exit as soon as its job is recorded, which would drop them. Before each fork the worker
     brings its list of the teams that have webhook endpoints up to date, which the horse inherits: each horse read

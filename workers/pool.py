@@ -57,6 +57,7 @@ __all__ = [
     "AbnormalEnd",
     "JobControl",
     "JobInterrupted",
+    "RecordingForkWorker",
     "ThreadDeathPenalty",
     "ThreadPoolWorker",
     "control_for",
@@ -610,35 +611,16 @@ class ThreadPoolWorker(Worker):
 
     def _record_end(self, slot: _Slot, stopped: str, return_value: Any, exc_info: Any, retry_for: float) -> None:
         job, queue, execution = slot.job, slot.queue, slot.execution
-        delay, give_up, attempts = RECORD_RETRY_FIRST, time.monotonic() + retry_for, 0
-        while True:
-            try:
-                # After an attempt that failed half-way: RQ has the job started still (each step is redone, setting
-                # what RQ may hold already), or its end is recorded and only the release of its slot may be left.
-                if attempts and job.get_status(refresh=True) != JobStatus.STARTED:
-                    if job.has_rate_limit:
-                        RateLimitRegistry.from_job(job).release_stale_and_enqueue(job.id)
-                    return
-                attempts += 1
-                if slot.end_reason == STOPPED:
-                    self._record_stopped(job, queue, execution, stopped)
-                elif exc_info is None:
-                    self._finalize_success(job, queue, execution, return_value)
-                else:
-                    self._finalize_failure(job, queue, execution, exc_info)
-                return
-            except redis.RedisError as exc:
-                if time.monotonic() + delay > give_up or self._supervisor_stop.is_set():
-                    raise
-                self.log.warning(
-                    "Worker %s: could not record the end of job %s (%s); trying again in %.1f s",
-                    self.name,
-                    job.id,
-                    exc,
-                    delay,
-                )
-                self._supervisor_stop.wait(delay)
-                delay = min(2 * delay, RECORD_RETRY_MAX)
+
+        def record() -> None:
+            if slot.end_reason == STOPPED:
+                self._record_stopped(job, queue, execution, stopped)
+            elif exc_info is None:
+                self._finalize_success(job, queue, execution, return_value)
+            else:
+                self._finalize_failure(job, queue, execution, exc_info)
+
+        record_end_retrying(self, job, record, retry_for, self._supervisor_stop)
 
     def _record_stopped(self, job: Job, queue: Queue, execution: Execution, message: str) -> None:
         # What Worker._handle_stopped_job does after its horse was killed: stopped callback, then STOPPED.
@@ -905,6 +887,61 @@ class ThreadPoolWorker(Worker):
         return sum(1 for thread in self._abandoned if thread.is_alive())
 
 
+def record_end_retrying(
+    worker: Worker, job: Job, record: Callable[[], None], retry_for: float, stop: threading.Event
+) -> None:
+    """Run `record` (RQ's recording of a job's end) until Redis takes it, backing off from RECORD_RETRY_FIRST
+    to RECORD_RETRY_MAX, for up to `retry_for` seconds or until `stop` is set; then the RedisError is raised."""
+    delay, give_up, attempts = RECORD_RETRY_FIRST, time.monotonic() + retry_for, 0
+    while True:
+        try:
+            # After an attempt that failed half-way: RQ has the job started still (each step is redone, setting what
+            # RQ may hold already), or its end is recorded and only the release of its rate-limit slot may be left.
+            if attempts and job.get_status(refresh=True) != JobStatus.STARTED:
+                if job.has_rate_limit:
+                    RateLimitRegistry.from_job(job).release_stale_and_enqueue(job.id)
+                return
+            attempts += 1
+            record()
+            return
+        except redis.RedisError as exc:
+            if time.monotonic() + delay > give_up or stop.is_set():
+                raise
+            worker.log.warning(
+                "Worker %s: could not record the end of job %s (%s); trying again in %.1f s",
+                worker.name,
+                job.id,
+                exc,
+                delay,
+            )
+            stop.wait(delay)
+            delay = min(2 * delay, RECORD_RETRY_MAX)
+
+
+class RecordingForkWorker(Worker):
+    """Fork mode: RQ's own Worker (one forked work horse per job), whose horse tries the record of its job's end
+    again while Redis is away, as the thread pool does (`record_end_retrying`, for `record_retry_for` seconds).
+    RQ's horse tries once and exits; the job then keeps its rate-limit slot (its team's share of the workers)
+    until RQ's clean-up takes it for abandoned. The parent keeps heartbeating the job meanwhile, so the clean-up
+    does not take it while the horse is still trying."""
+
+    def __init__(self, *args: Any, record_retry_for: float = 120.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.record_retry_for = float(record_retry_for)
+
+    def _finalize_success(self, job: Job, queue: Queue, execution: Execution, return_value: Any) -> None:
+        finalize = super()._finalize_success
+        self._retrying(job, lambda: finalize(job, queue, execution, return_value))
+
+    def _finalize_failure(self, job: Job, queue: Queue, execution: Execution, exc_info: Any) -> None:
+        finalize = super()._finalize_failure
+        self._retrying(job, lambda: finalize(job, queue, execution, exc_info))
+
+    def _retrying(self, job: Job, record: Callable[[], None]) -> None:
+        # Only in the horse: the parent records a horse's death from its work loop, which must not wait for Redis.
+        record_end_retrying(self, job, record, self.record_retry_for if self._is_horse else 0.0, threading.Event())
+
+
 def _forced_exc_info(
     reason: str | None, timeout: float | None, grace: float | None
 ) -> tuple[type, BaseException, None]:
@@ -963,7 +1000,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     worker: Worker
     if args.mode == "fork":
-        worker = Worker(args.queues, **common)
+        worker = RecordingForkWorker(args.queues, record_retry_for=args.record_retry_for, **common)
     else:
         handler = _import_attribute(args.abnormal_end_handler) if args.abnormal_end_handler else None
         worker = ThreadPoolWorker(

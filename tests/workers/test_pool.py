@@ -408,16 +408,18 @@ def test_kill_9_leaves_its_jobs_started_until_rqs_cleanup_in_a_sibling_fails_the
 
 
 @contextlib.contextmanager
-def pool_on_a_redis_of_its_own(tmp_path: Path, **options: Any) -> Iterator[tuple[Any, Queue, PoolProcess]]:
-    """A thread-mode pool serving a fresh queue on a redis-server of the test's own (which it may stop and start,
-    its data on disk): (that server, the queue, the pool), once the pool has registered; closed afterwards, its
-    output printed."""
+def pool_on_a_redis_of_its_own(
+    tmp_path: Path, mode: str = "thread", **options: Any
+) -> Iterator[tuple[Any, Queue, PoolProcess]]:
+    """A worker (thread mode, or `mode`) serving a fresh queue on a redis-server of the test's own (which it may
+    stop and start, its data on disk): (that server, the queue, the pool), once the worker has registered; closed
+    afterwards, its output printed."""
     name = f"pool-{uuid.uuid4().hex[:8]}"
     with start_redis(data_dir=str(tmp_path / "redis")) as server:
         conn = Redis.from_url(server.url)
         queue = Queue(f"pool-{uuid.uuid4().hex[:10]}", connection=conn)
         settings = {**FAST, "concurrency": 2, "abnormal-end-handler": HANDLER, **options}
-        pool = PoolProcess(server.url, queue.name, name, tmp_path / f"{name}.log", "thread", settings)
+        pool = PoolProcess(server.url, queue.name, name, tmp_path / f"{name}.log", mode, settings)
         try:
             wait_until(lambda: conn.hget(f"rq:worker:{name}", "state"), 30, f"worker {name}")
             yield server, queue, pool
@@ -426,12 +428,13 @@ def pool_on_a_redis_of_its_own(tmp_path: Path, **options: Any) -> Iterator[tuple
             print(pool.output()[-6000:])
 
 
-def test_a_job_ending_while_redis_is_away_is_recorded_when_it_is_back_and_frees_its_rate_limit_slot(tmp_path):
+@pytest.mark.parametrize("mode", ["thread", "fork"])
+def test_a_job_ending_while_redis_is_away_is_recorded_when_it_is_back_and_frees_its_rate_limit_slot(tmp_path, mode):
     """A job whose end RQ never hears of keeps its rate-limit slot until RQ's clean-up takes it for abandoned
     (here never, within the test: entries outlive their last heartbeat by 300 s), and meanwhile the jobs waiting
-    for that slot cannot start."""
+    for that slot cannot start. In fork mode the horse is the one that tries again (RecordingForkWorker)."""
     gate = tmp_path / "gate"
-    with pool_on_a_redis_of_its_own(tmp_path, **{"heartbeat-margin": 300}) as (server, queue, pool):
+    with pool_on_a_redis_of_its_own(tmp_path, mode, **{"heartbeat-margin": 300}) as (server, queue, pool):
         one_at_a_time = RateLimit(key=f"away-{queue.name}", concurrency=1)
         first = queue.enqueue(file_gated, str(gate), rate_limit=one_at_a_time)
         second = queue.enqueue(file_gated, str(gate), rate_limit=one_at_a_time)
