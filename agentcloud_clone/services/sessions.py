@@ -133,16 +133,22 @@ def list_sessions_page(
 
 
 def events_after(
-    session_id: ObjectId, after: int, limit: int, *, after_event: ObjectId | None = None
+    session: dict[str, Any], after: int, limit: int, *, after_event: ObjectId | None = None
 ) -> tuple[list[dict[str, Any]], int]:
-    """Transcript events after a cursor, oldest first, and the `seq` the page starts after: `after` (a `seq`), or
-    `after_event` (an event's `_id`, Agentcloud's `messageId`), resolved to its `seq` with one `_id` lookup scoped
-    to the session; NotFound when the session has no such event. Both use the `(sessionId, seq)` index."""
+    """The session's transcript events after a cursor, oldest first, and the `seq` the page starts after: `after`
+    (a `seq`), or `after_event` (an event's `_id`, Agentcloud's `messageId`), resolved to its `seq` with one `_id`
+    lookup scoped to the session; NotFound when the session has no such event. Both use the `(sessionId, seq)`
+    index. A reader already past the session's last reserved `seq` (`eventSeq`, as read with the session) is
+    answered without a query: no event can come after it yet (a poll of an idle session costs no transcript read)."""
+    session_id = session["_id"]
     if after_event is not None:
         seq = repo.event_seq(session_id, after_event)
         if seq is None:
             raise NotFound("No message with this id in this session (messageId names one of its transcript events).")
         after = seq
+    last_reserved = session.get("eventSeq")
+    if isinstance(last_reserved, int) and after >= last_reserved:
+        return [], after
     return repo.list_events(session_id, after=after, limit=limit), after
 
 

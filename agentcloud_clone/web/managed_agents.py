@@ -174,7 +174,7 @@ def session_events(sessionId: str) -> Any:
     """The transcript, oldest first; `?after=<seq>` for what is new."""
     session = session_for(current_account(), sessionId, Permission.SESSION_VIEW)
     args = load_args(ListEventsArgs())
-    events = sessions_repo.list_events(session["_id"], after=args["after"], limit=args["limit"])
+    events, _ = service.events_after(session, args["after"], args["limit"])
     return jsonify(events=event_out.dump(events, many=True), lastSeq=events[-1]["seq"] if events else args["after"])
 
 

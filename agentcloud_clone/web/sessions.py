@@ -140,7 +140,7 @@ def messages_page(session: dict[str, Any], shown: Any) -> dict[str, Any]:
     """A page of the session's transcript after the query's cursor, with the session's state (both families of
     session routes, team and shared)."""
     args = load_args(MessagesArgs())
-    events, after = service.events_after(session["_id"], args["after"], args["limit"], after_event=args["messageId"])
+    events, after = service.events_after(session, args["after"], args["limit"], after_event=args["messageId"])
     last_seq = events[-1]["seq"] if events else after
     state = service.state_of(session)
     return dict(

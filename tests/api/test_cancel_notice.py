@@ -55,7 +55,7 @@ def test_a_cancel_notice_goes_out_before_the_cancel_event_is_inserted(app, facto
     heard = _hold_insert_until_heard(monkeypatch, notices, EventType.CANCEL)
     with app.app_context():
         outcome = service.cancel_session(session["teamId"], session["_id"], actor, CancelSource.API)
-        events = service.events_after(session["_id"], 0, 100)[0]
+        events = repo.list_events(session["_id"], after=0, limit=100)
     assert [queueing.read_cancel_notice(text)[0] for text in heard] == [str(session["_id"])]
     assert outcome.session["cancelledAt"] is not None
     assert [e["type"] for e in events].count(EventType.CANCEL) == 1  # and the event is stored all the same

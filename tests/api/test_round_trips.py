@@ -130,6 +130,19 @@ def test_session_and_transcript_reads(app, factory, world, counter):
     assert len(transcript) <= AUTH + 2, transcript
 
 
+def test_a_transcript_poll_with_nothing_new_reads_only_the_session(app, factory, world, counter):
+    """The session read says how far its transcript goes (`eventSeq`): a reader already there (the UI's poll of
+    a session that is waiting for its user) costs no transcript query."""
+    session = factory.session(world["user"], world["app_id"], "hello")
+    team, sid = world["user"].team_id, session["_id"]
+    path = f"/{team}/session/{sid}/messages.json"
+    first = world["me"].client.get(f"{path}?after=0").get_json()
+    assert [event["seq"] for event in first["messages"]] == [1]
+    caught_up = counter.count(lambda: world["me"].client.get(f"{path}?after=1"))
+    assert caught_up == ["find"], caught_up
+    assert world["me"].client.get(f"{path}?after=1").get_json()["messages"] == []
+
+
 def test_one_output_flush_takes_two_round_trips_however_many_pieces(app, factory, world, counter):
     session = _running_session(app, factory, world)
     with app.app_context():
@@ -157,7 +170,9 @@ def _stopping_writer(app: Any, factory: Any, world: dict[str, Any]) -> tuple[Any
 
 
 def _ends_with_the_last_words(session_id: Any) -> None:
-    output, closing = service.events_after(session_id, 0, 100)[0][-2:]
+    from agentcloud_clone.repositories import sessions as repo
+
+    output, closing = repo.list_events(session_id, after=0, limit=100)[-2:]
     assert (output["text"], output["interrupted"]) == ("the last words", True)
     assert (closing["type"], closing["endReason"], closing["interrupted"]) == ("status", EndReason.CANCELLED, True)
 
