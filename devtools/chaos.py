@@ -712,7 +712,7 @@ class Chaos:
         acknowledged = 0
         for sid_text, seen in self.record.sessions.items():
             doc = sessions.get(pymongo_object_id(sid_text))
-            if doc is None and seen.delete_tried is None:
+            if (doc is None or doc.get("deletedAt")) and seen.delete_tried is None:
                 violations.append(f"session {sid_text}: answered as created, and gone with no delete asked for")
             stamps = set(seen.cancelled_at)
             if doc is not None and doc.get("cancelledAt") is not None and stamps:
