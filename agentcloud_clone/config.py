@@ -193,6 +193,8 @@ class Config:
             "TRUSTED_ORIGINS": [o for o in os.environ.get("TRUSTED_ORIGINS", "").split(",") if o],
             "OPENAI_BASE_URL": os.environ.get("OPENAI_BASE_URL"),
             "OPENAI_API_KEY": os.environ.get("OPENAI_API_KEY"),
+            # An app's own baseUrl may name loopback or private addresses (models on the operator's LAN).
+            "UPSTREAM_ALLOW_PRIVATE": _env_bool("UPSTREAM_ALLOW_PRIVATE", False),
             "METRICS_TOKEN": os.environ.get("METRICS_TOKEN") or None,
             # Live streams: a comment line this often, and at most this many open per web process.
             "SSE_HEARTBEAT": _env_float("SSE_HEARTBEAT", 15.0, 0.05, 300.0),

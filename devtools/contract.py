@@ -73,6 +73,8 @@ STACK_SETTINGS = {
     # The run's webhook receiver listens on loopback; nothing the run registers points anywhere else.
     "WEBHOOK_ALLOW_PRIVATE": "true",
     "WEBHOOK_REQUIRE_HTTPS": "false",
+    # Nor is a drawn app's baseUrl host looked up when the app is saved (only a turn would connect to it).
+    "UPSTREAM_ALLOW_PRIVATE": "true",
 }
 # Sessions started during the run use this app: short turns, so cancels and deletes meet every state.
 FAST_APP = {"name": "contract: fast scripted agent", "runner": "scripted", "config": {"steps": 3, "stepDelay": 0.05}}

@@ -75,6 +75,9 @@ class TurnGrant:
     allowed_modules: Sequence[str] = ()
     # Tokens the session may still spend; an upstream is never asked for more (None: no budget).
     token_budget: int | None = None
+    # The address `base_url`'s host was checked to resolve to (services.apps.upstream_address): requests connect
+    # there, not to whatever the name resolves to by then. None: connect by name (the operator's own URL).
+    address: str | None = None
 
 
 class RunnerError(Exception):
@@ -122,6 +125,11 @@ def _upstream_http_client(grant: TurnGrant, timeout: float) -> Any:
             del request.headers[name]
         if authorization:
             request.headers["Authorization"] = authorization
+        if grant.address:
+            # To the checked address, with the name kept for the Host header and for TLS (SNI and the
+            # certificate's name are checked against the name, as for a request by name).
+            request.extensions = {**request.extensions, "sni_hostname": request.url.host}
+            request.url = request.url.copy_with(host=grant.address)
 
     return openai.DefaultHttpxClient(
         timeout=timeout, follow_redirects=False, event_hooks={"request": [only_what_the_grant_allows]}

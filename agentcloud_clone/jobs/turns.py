@@ -22,13 +22,14 @@ from rq.timeouts import JobTimeoutException
 from .. import metrics, queueing
 from ..access import SYSTEM
 from ..db import is_unavailable, note_failure
+from ..errors import InvalidInput
 from ..logs import set_job_context
 from ..repositories import apps as apps_repo
 from ..repositories import sessions as sessions_repo
 from ..sealing import UnsealError
 from ..services import apps as apps_service
 from ..services import sessions
-from ..vocabulary import CancelSource, EndReason, EventType
+from ..vocabulary import CancelSource, EndReason, EventType, Runner
 from .runners import RUNNERS, Piece, RunnerError, TurnContext, TurnGrant
 from .watcher import CancelHandle, watcher_for
 
@@ -293,10 +294,15 @@ def run_turn(team_id: str, session_id: str, turn_id: str) -> dict[str, Any]:
         )
         try:
             base_url, api_key = apps_service.upstream_for(app_doc, config)
+            chosen = app_doc.get("runner") == Runner.OPENAI
+            address = apps_service.upstream_address(base_url, config) if chosen else None
         except UnsealError as exc:
             _stop(writer, EndReason.ERROR, f"{exc} Enter the app's API key again.", flush=False)
             return {"outcome": "error"}
-        grant = TurnGrant(base_url, api_key, tuple(config["PYTHON_RUNNER_MODULES"]), writer.budget)
+        except InvalidInput as exc:
+            _stop(writer, EndReason.ERROR, f"The app's baseUrl cannot be used: {exc.message}", flush=False)
+            return {"outcome": "error"}
+        grant = TurnGrant(base_url, api_key, tuple(config["PYTHON_RUNNER_MODULES"]), writer.budget, address)
         log.info("turn %s of session %s started", turn_id, session_id)
         return _drive(ctx, grant, writer, tid, sid, turn)
     finally:

@@ -7,11 +7,13 @@ import importlib
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from bson import ObjectId
 from flask import current_app
 from marshmallow import ValidationError
 
+from .. import destinations
 from ..errors import Conflict, InvalidInput, NotFound
 from ..repositories import apps as repo
 from ..repositories import sessions as sessions_repo
@@ -32,6 +34,13 @@ def _checked_config(runner: str, config: dict[str, Any]) -> dict[str, Any]:
             load_runner_callable(checked["callable"], allowed_runner_modules())
         except UnusableCallableError as exc:
             raise InvalidInput("Invalid runner settings.", {"config": {"callable": [str(exc)]}}) from None
+    if runner == Runner.OPENAI and checked.get("baseUrl"):
+        try:
+            upstream_address(checked["baseUrl"], current_app.config)
+        except destinations.UnresolvableHost:
+            pass  # perhaps not from here, or not yet: every turn checks it again
+        except InvalidInput as exc:
+            raise InvalidInput("Invalid runner settings.", {"config": {"baseUrl": [exc.message]}}) from None
     return checked
 
 
@@ -203,6 +212,27 @@ def without_secrets(app: dict[str, Any]) -> dict[str, Any]:
 
 def _same_endpoint(a: str | None, b: str | None) -> bool:
     return (a or "").rstrip("/") == (b or "").rstrip("/")
+
+
+def upstream_address(base_url: str | None, settings: Mapping[str, Any]) -> str | None:
+    """The address a turn's upstream requests connect to when a team chose it (`base_url`, an app's own):
+    one its host resolves to now, every one of them public (destinations.py), so a team admin cannot point the
+    workers at the operator's network. None when there is nothing to check: no URL (the SDK's public default),
+    the operator's own OPENAI_BASE_URL, or UPSTREAM_ALLOW_PRIVATE. InvalidInput when the host does not resolve or
+    resolves to an address that is not public."""
+    if not base_url or settings.get("UPSTREAM_ALLOW_PRIVATE"):
+        return None
+    if _same_endpoint(base_url, settings.get("OPENAI_BASE_URL")):
+        return None
+    parts = urlsplit(base_url)
+    host = parts.hostname or ""
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise InvalidInput("The URL's port is not a number from 0 to 65535.") from None
+    addresses = destinations.resolve(host, port)
+    destinations.refuse_non_public(host, addresses, "an app's upstream requests", "UPSTREAM_ALLOW_PRIVATE")
+    return addresses[0]
 
 
 def upstream_for(app: dict[str, Any], settings: Mapping[str, Any]) -> tuple[str | None, str | None]:

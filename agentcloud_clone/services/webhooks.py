@@ -14,11 +14,9 @@ only in production, and never loopback, private or link-local addresses unless W
 from __future__ import annotations
 
 import base64
-import ipaddress
 import json
 import logging
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -33,7 +31,7 @@ from bson import ObjectId
 from flask import Flask, current_app, has_app_context
 from standardwebhooks import Webhook
 
-from .. import queueing
+from .. import destinations, queueing
 from ..access import Actor
 from ..background import BackgroundQueue
 from ..errors import Conflict, InvalidInput, NotFound
@@ -79,17 +77,11 @@ def check_destination(url: str, settings: Mapping[str, Any]) -> tuple[str, str, 
         raise InvalidInput(f"The URL must be {' or '.join(sorted(schemes))}://host/path, without credentials.")
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
-    except (OSError, ValueError):
-        raise InvalidInput(f"The host {parts.hostname} cannot be resolved.") from None
-    addresses = sorted({str(info[4][0]) for info in infos})
+    except ValueError:
+        raise InvalidInput("The URL's port is not a number from 0 to 65535.") from None
+    addresses = destinations.resolve(parts.hostname, port)
     if not settings["WEBHOOK_ALLOW_PRIVATE"]:
-        for address in addresses:
-            if not ipaddress.ip_address(address.split("%")[0]).is_global:
-                raise InvalidInput(
-                    f"The host {parts.hostname} resolves to {address}, which is not a public address; "
-                    "webhooks never go to loopback or private networks unless the operator allows it."
-                )
+        destinations.refuse_non_public(parts.hostname, addresses, "webhooks", "WEBHOOK_ALLOW_PRIVATE")
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return parts.scheme, parts.hostname, port, path, addresses
 

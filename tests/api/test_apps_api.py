@@ -131,8 +131,10 @@ def test_create_routes_allow_only_post_and_item_deletes_do_not_match_them(factor
         assert call("DELETE", f"/{user.team_id}/forms/{thing}/adds").status_code == 400, thing  # still an id, malformed
 
 
-def test_upstream_base_url_is_an_ascii_http_url(factory, login):
-    """The same grammar openapi.yaml states: a host name or [IPv6], an optional port, visible ASCII after it."""
+def test_upstream_base_url_is_an_ascii_http_url(app, factory, login):
+    """The same grammar openapi.yaml states: a host name or [IPv6], an optional port, visible ASCII after it.
+    (The grammar alone: which addresses an upstream may have is tests/workers/test_upstream_addresses.py's.)"""
+    app.config["UPSTREAM_ALLOW_PRIVATE"] = True
     admin = login(factory.user("admin"))
     path = f"/{admin.user.team_id}/forms/app/add"
 

@@ -204,8 +204,9 @@ def app_settings() -> dict[str, Any]:
         "BULK_CANCEL_RATE_LIMIT": roomy,
         "LOGIN_RATE_LIMIT": roomy,
         "LOGIN_ADDRESS_RATE_LIMIT": roomy,
-        # Webhook endpoints on loopback, as the security matrix has them; live streams answer quickly.
+        # Webhook endpoints and upstreams on loopback, as the security matrix has them; live streams answer quickly.
         "WEBHOOK_ALLOW_PRIVATE": True,
+        "UPSTREAM_ALLOW_PRIVATE": True,
         "SSE_HEARTBEAT": 0.2,
     }
 

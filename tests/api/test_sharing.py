@@ -137,6 +137,7 @@ def test_changing_the_mode_applies_to_the_apps_existing_sessions(factory, login,
 
 
 def test_public_visitor_flow_and_what_it_cannot_reach(app, factory, login):
+    app.config["UPSTREAM_ALLOW_PRIVATE"] = True  # the app's upstream is on loopback (no turn of it runs)
     admin = login(factory.user("admin"))
     rs = admin.user.team_id
     body = {

@@ -74,7 +74,10 @@ def test_cancel_over_http_stops_the_worker(stack):
 
 @pytest.fixture(params=MODES)
 def polling_stack(request, mongo_server, redis_server) -> Iterator[Stack]:
-    yield from _stack(mongo_server, redis_server, CANCEL_PUBSUB="false", WORKER_MODE=request.param)
+    # The fake upstream listens on loopback.
+    yield from _stack(
+        mongo_server, redis_server, CANCEL_PUBSUB="false", WORKER_MODE=request.param, UPSTREAM_ALLOW_PRIVATE="true"
+    )
 
 
 def test_cancel_closes_the_upstream_openai_stream(polling_stack):

@@ -13,7 +13,13 @@ from agentcloud_clone.services.sessions import reap_lost_turns
 from agentcloud_clone.vocabulary import CancelSource, OnBusy
 from tests.support import run_queued_turn, wait_until
 
-FAST = {"CANCEL_POLL_INTERVAL": 0.05, "OUTPUT_FLUSH_INTERVAL": 0.05, "HEARTBEAT_INTERVAL": 0.05}
+FAST = {
+    "CANCEL_POLL_INTERVAL": 0.05,
+    "OUTPUT_FLUSH_INTERVAL": 0.05,
+    "HEARTBEAT_INTERVAL": 0.05,
+    # The fake upstreams listen on loopback (the address policy: tests/workers/test_upstream_addresses.py).
+    "UPSTREAM_ALLOW_PRIVATE": True,
+}
 RUNNER_MODULES = ["agentcloud_clone.examples", "tests.workers.runners"]
 
 
