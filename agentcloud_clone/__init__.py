@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from .config import Config
 
@@ -20,4 +21,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     db.init_app(app)
     web.init_app(app)
     cli.init_app(app)
+    hops = int(app.config["TRUSTED_PROXY_HOPS"])
+    if hops:
+        # The client's address and scheme as the operator's own proxies saw them (the address limits count per
+        # client, not per proxy); what the client itself sends in those headers is never believed.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]
     return app

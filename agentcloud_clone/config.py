@@ -191,6 +191,8 @@ class Config:
             "REMEMBER_COOKIE_HTTPONLY": True,
             "REMEMBER_COOKIE_SAMESITE": "Lax",
             "TRUSTED_ORIGINS": [o for o in os.environ.get("TRUSTED_ORIGINS", "").split(",") if o],
+            # Proxies in front of the web app whose X-Forwarded-For / -Proto are believed (0: none are sent).
+            "TRUSTED_PROXY_HOPS": _env_int("TRUSTED_PROXY_HOPS", 0, 0, 10),
             "OPENAI_BASE_URL": os.environ.get("OPENAI_BASE_URL"),
             "OPENAI_API_KEY": os.environ.get("OPENAI_API_KEY"),
             # An app's own baseUrl may name loopback or private addresses (models on the operator's LAN).

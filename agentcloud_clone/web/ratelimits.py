@@ -20,6 +20,7 @@ away they fail without touching the network, so the switch to memory costs a req
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from typing import Any
 
@@ -41,19 +42,35 @@ def user_key() -> str:
             return f"user:{current_user.id}"
     except Unavailable:
         pass  # the caller cannot be known right now (database down); the view will answer that
-    return f"ip:{request.remote_addr}"
+    return f"ip:{client_address()}"
+
+
+def client_address() -> str:
+    """The client's address as limits count it: an IPv6 client by its /64 (one subscriber's network, whose
+    addresses it may change at will), an IPv4 one by its address. Behind the operator's proxies, the address they
+    saw (TRUSTED_PROXY_HOPS)."""
+    address = request.remote_addr or ""
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def address_key() -> str:
     """Per client address."""
-    return f"ip:{request.remote_addr}"
+    return f"ip:{client_address()}"
 
 
 def login_target_key() -> str:
     """Sign-in attempts per address and target account together."""
     data: Any = request.get_json(silent=True) if request.is_json else request.form
     email = data.get("email") if isinstance(data, dict) or hasattr(data, "getlist") else None
-    return f"login:{request.remote_addr}:{str(email or '').strip().lower()[:320]}"
+    return f"login:{client_address()}:{str(email or '').strip().lower()[:320]}"
 
 
 def _failed_sign_in(response: Response) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from agentcloud_clone import create_app
 
 
@@ -84,6 +86,55 @@ def test_failed_sign_ins_from_one_address_over_many_accounts_are_limited(make_ap
         "/forms/account/login", json={"email": "user0@example.com", "password": "x"}, environ_base=elsewhere
     )
     assert other.status_code == 401
+
+
+def _failed_sign_ins(client: Any, count: int, **request: Any) -> list[int]:
+    return [
+        client.post(
+            "/forms/account/login", json={"email": f"user{i}@example.com", "password": "wrong"}, **request
+        ).status_code
+        for i in range(count)
+    ]
+
+
+def test_behind_trusted_proxies_the_address_limit_counts_per_client_not_per_proxy(make_app):
+    """Every request reaches the app from the proxy's address: without TRUSTED_PROXY_HOPS one client's failures
+    would use up everyone's sign-in budget. With it, the address the proxy saw counts; what a client adds to
+    X-Forwarded-For itself counts for nothing."""
+    proxy = {"REMOTE_ADDR": "10.0.0.2"}
+    strict = make_app(LOGIN_RATE_LIMIT="100 per minute", LOGIN_ADDRESS_RATE_LIMIT="3 per minute", TRUSTED_PROXY_HOPS=1)
+    client = strict.test_client()
+    attacker = {"environ_base": proxy, "headers": {"X-Forwarded-For": "203.0.113.30"}}
+    assert _failed_sign_ins(client, 4, **attacker) == [401] * 3 + [429]
+    # Naming a made-up address before the proxy's entry changes nothing: the proxy's (last) entry counts.
+    spoofed = {"environ_base": proxy, "headers": {"X-Forwarded-For": "198.51.100.99, 203.0.113.30"}}
+    assert _failed_sign_ins(client, 1, **spoofed) == [429]
+    victim = {"environ_base": proxy, "headers": {"X-Forwarded-For": "198.51.100.30"}}
+    assert _failed_sign_ins(client, 1, **victim) == [401]
+
+
+def test_without_trusted_proxies_a_forwarded_for_header_is_not_believed(make_app):
+    strict = make_app(LOGIN_RATE_LIMIT="100 per minute", LOGIN_ADDRESS_RATE_LIMIT="3 per minute")
+    client = strict.test_client()
+    codes = [
+        client.post(
+            "/forms/account/login",
+            json={"email": f"user{i}@example.com", "password": "wrong"},
+            environ_base={"REMOTE_ADDR": "203.0.113.31"},
+            headers={"X-Forwarded-For": f"198.51.100.{i}"},
+        ).status_code
+        for i in range(4)
+    ]
+    assert codes == [401] * 3 + [429]
+
+
+def test_an_ipv6_client_is_counted_by_its_64(make_app):
+    """A subscriber's network hands out a /64: changing the last 64 bits is free, so it does not buy attempts."""
+    strict = make_app(LOGIN_RATE_LIMIT="100 per minute", LOGIN_ADDRESS_RATE_LIMIT="3 per minute")
+    client = strict.test_client()
+    codes = [_failed_sign_ins(client, 1, environ_base={"REMOTE_ADDR": f"2001:db8:1:2::{i:x}"})[0] for i in range(1, 5)]
+    assert codes == [401] * 3 + [429]
+    assert _failed_sign_ins(client, 1, environ_base={"REMOTE_ADDR": "2001:db8:1:3::1"}) == [401]
 
 
 def test_the_sign_in_form_and_json_sign_in_share_one_budget(make_app):
