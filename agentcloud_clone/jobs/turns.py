@@ -13,9 +13,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import redis
 from bson import ObjectId
 from flask import Flask, current_app
-from pymongo.errors import PyMongoError
+from pymongo.errors import ConnectionFailure, PyMongoError
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 
@@ -47,6 +48,25 @@ WRITE_SPACING = 10
 MAX_SPACING = 5.0
 # Turns read this many of the latest transcript entries as context.
 HISTORY_EVENTS = 400
+
+
+# Failures to reach the installation's own parts: their text names hosts, ports and paths of the operator's network
+# and machines, which the transcript (seen by the team, and by visitors of a shared session) must not show.
+UNREACHABLE_ERRORS: tuple[type[BaseException], ...] = (ConnectionFailure, redis.RedisError, OSError)
+
+
+def _shown_error(exc: BaseException) -> str:
+    """An error as a transcript may show it: its kind only when it is a failure to reach a part of the
+    installation (the worker's log has the rest); otherwise its kind and text (a store's refusal says why)."""
+    if isinstance(exc, UNREACHABLE_ERRORS):
+        return f"{exc.__class__.__name__} (the details are in the worker's log)."
+    return f"{exc.__class__.__name__}: {exc}"
+
+
+def _shown_failure(exc: BaseException) -> str:
+    """What the transcript says of a turn that raised: a runner's own message verbatim, anything else through
+    `_shown_error` (an app's own code's errors in full)."""
+    return str(exc) if isinstance(exc, RunnerError) else f"The agent failed: {_shown_error(exc)}"
 
 
 class TranscriptWriteError(Exception):
@@ -207,7 +227,8 @@ class OutputWriter:
                 )
             )
         except PyMongoError as exc:
-            raise TranscriptWriteError(f"The transcript could not be written: {exc.__class__.__name__}: {exc}") from exc
+            log.warning("turn %s of session %s: output write failed: %s", self.turn_id, self.session_id, exc)
+            raise TranscriptWriteError(f"The transcript could not be written: {_shown_error(exc)}") from exc
         if events is None:
             return False
         if events:
@@ -329,8 +350,8 @@ def _drive(
         return {"outcome": "error"}
     except Exception as exc:
         if not cancel.is_set():
-            message = str(exc) if isinstance(exc, RunnerError) else f"The agent failed: {exc.__class__.__name__}: {exc}"
             log.exception("turn %s of session %s failed", turn, sid)
+            message = _shown_failure(exc)
             _stop(writer, EndReason.ERROR, message[:2000])
             return {"outcome": "error"}
     if not cancel.is_set() and persist(lambda: sessions.complete_turn(tid, sid, turn, end_session=ctx.end_session)):

@@ -71,3 +71,37 @@ def test_an_output_write_mongodb_refuses_ends_the_turn_error_saying_why(harness,
     assert (doc["status"], doc["endReason"]) == ("error", "error") and not doc.get("activeTurnId")
     closing = harness.closing(session)
     assert "The transcript could not be written: WriteError" in closing["message"]
+
+
+def test_a_store_or_queue_that_cannot_be_reached_is_named_by_its_kind_not_its_hosts(harness, monkeypatch):
+    """The team (and visitors of a shared session) read the closing message: a connection error's text names the
+    operator's hosts and ports, which stay in the worker's log."""
+    import redis
+    from pymongo.errors import AutoReconnect
+
+    from agentcloud_clone.jobs import runners
+    from agentcloud_clone.services import sessions as sessions_service
+
+    internal = "mongo-0.internal.example:27017: [Errno 111] Connection refused"
+    monkeypatch.setitem(harness.app.config, "HEARTBEAT_TIMEOUT", 0.5)  # how long a turn tries its writes again
+    writes = harness.start(steps=3, stepDelay=0)
+    with monkeypatch.context() as patch:
+
+        def unreachable(*_: object, **__: object) -> None:
+            raise AutoReconnect(internal)
+
+        patch.setattr(sessions_service, "record_output", unreachable)
+        assert harness.run(writes)["outcome"] == "error"
+    assert harness.closing(writes)["message"] == (
+        "The transcript could not be written: AutoReconnect (the details are in the worker's log)."
+    )
+
+    def agent_meets_redis(ctx: object, grant: object) -> object:
+        yield "partial "
+        raise redis.ConnectionError("Error 111 connecting to redis-0.internal.example:6379. Connection refused.")
+
+    monkeypatch.setitem(runners.RUNNERS, "scripted", agent_meets_redis)
+    failing = harness.start()
+    assert harness.run(failing)["outcome"] == "error"
+    message = harness.closing(failing)["message"]
+    assert message == "The agent failed: ConnectionError (the details are in the worker's log)."
