@@ -220,6 +220,9 @@ def ensure_indexes(db: Database[Any]) -> None:
     db.api_keys.create_index([("lookup", asc)], unique=True, name="lookup_unique")
     db.api_keys.create_index([("accountId", asc), ("_id", desc)], name="account_keys")
     db.apps.create_index([("teamId", asc), ("_id", desc)], name="team_apps")
+    db.invitations.create_index([("teamId", asc), ("email", asc)], unique=True, name="team_email")
+    db.invitations.create_index([("email", asc), ("_id", desc)], name="email_invitations")
+    db.invitations.create_index([("expiresAt", asc)], expireAfterSeconds=0, name="expiry")
     db.sessions.create_index([("teamId", asc), ("_id", desc)], name="team_sessions")
     db.sessions.create_index([("teamId", asc), ("status", asc), ("_id", desc)], name="team_status_sessions")
     # The reaper's query: live sessions by heartbeat age.

@@ -18,6 +18,7 @@ from .errors import InvalidInput
 # RFC 6052's well-known NAT64 prefix: a gateway forwards 64:ff9b::a.b.c.d to the IPv4 address a.b.c.d.
 NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")  # RFC 8215, for a network's own translators
+IPV4_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")  # RFC 2765's ::ffff:0:a.b.c.d, for SIIT translators
 
 
 def _inner_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
@@ -28,7 +29,7 @@ def _inner_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
         return [address.sixtofour]
     if address.teredo is not None:
         return list(address.teredo)
-    if address in NAT64 or int(address) >> 32 == 0:  # NAT64, or IPv4-compatible (::a.b.c.d, ::1 included)
+    if address in NAT64 or address in IPV4_TRANSLATED or int(address) >> 32 == 0:  # or IPv4-compatible (::1 too)
         return [ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)]
     return []
 
@@ -38,8 +39,8 @@ def is_public(address: str) -> bool:
     Internet. (`ipaddress` calls NAT64's prefix global: the IPv4 address inside is what counts.)"""
     ip = ipaddress.ip_address(address.split("%")[0])
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip in NAT64_LOCAL:
-            return False  # a network's own translators lead into that network
+        if ip in NAT64_LOCAL or ip.is_site_local:
+            return False  # a network's own translators lead into that network; fec0::/10 is still routed locally
         inner = _inner_ipv4(ip)
         if inner:
             return all(a.is_global for a in inner)
@@ -51,20 +52,21 @@ class UnresolvableHost(InvalidInput):
 
 
 def resolve(host: str, port: int) -> list[str]:
-    """The addresses `host` resolves to now, sorted; UnresolvableHost when it does not resolve."""
+    """The addresses `host` resolves to now, in the resolver's order (the one to try first first: RFC 6724 puts
+    those this machine can reach ahead); UnresolvableHost when it does not resolve."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (OSError, ValueError, UnicodeError):
         raise UnresolvableHost(f"The host {host} cannot be resolved.") from None
-    return sorted({str(info[4][0]) for info in infos})
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 def refuse_non_public(host: str, addresses: list[str], what: str, setting: str) -> None:
-    """InvalidInput naming the first of `addresses` that is not public: `what` (e.g. "webhooks") never go there
-    unless the operator's `setting` allows it."""
-    for address in addresses:
-        if not is_public(address):
-            raise InvalidInput(
-                f"The host {host} resolves to {address}, which is not a public address; {what} never go to "
-                f"loopback or private networks unless the operator allows it ({setting})."
-            )
+    """InvalidInput when any of `addresses` is not public: `what` (e.g. "webhooks") never go there unless the
+    operator's `setting` allows it. The message does not say which address: a team admin must not learn the
+    operator's internal names and addresses by trying them."""
+    if not all(is_public(address) for address in addresses):
+        raise InvalidInput(
+            f"The host {host} resolves to an address that is not a public address; {what} never go to "
+            f"loopback or private networks unless the operator allows it ({setting})."
+        )

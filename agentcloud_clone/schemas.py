@@ -737,6 +737,18 @@ class MemberOut(Out):
     role = fields.String()
 
 
+class InvitationOut(Out):
+    """A team's invitation, as its admins see it (members.json) and as its invitee sees it (account.json)."""
+
+    _id = ObjectIdField()
+    teamId = ObjectIdField()
+    teamName = fields.String()
+    email = fields.String()
+    role = fields.String()
+    invitedAt = fields.DateTime()
+    expiresAt = fields.DateTime()
+
+
 class OperationOut(Out):
     _id = ObjectIdField()
     teamId = ObjectIdField()
@@ -789,6 +801,8 @@ shared_session_out = SessionOut(only=SHARED_SESSION_FIELDS)
 shared_event_out = EventOut(exclude=("by",))
 operation_out = OperationOut()
 member_out = MemberOut()
+team_invitation_out = InvitationOut(exclude=("teamName",))
+my_invitation_out = InvitationOut(exclude=("email",))
 event_out = EventOut()
 app_out = AppOut()
 api_key_out = ApiKeyOut()

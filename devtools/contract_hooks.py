@@ -20,6 +20,7 @@ OBJECT_ID = re.compile(r"[a-f0-9]{24}")
 # An http(s) URL up to its host (and port): what a webhook registration resolves and later connects to.
 HTTP_AUTHORITY = re.compile(r"^(?P<scheme>[Hh][Tt][Tt][Pp][Ss]?://)(?P<userinfo>[^/?#@]*@)?(?P<host>[^/?#]*)")
 WEBHOOK_REGISTRATION = frozenset({"addWebhook"})
+MEMBER_INVITATION = frozenset({"addMember"})
 SESSION_STARTS = frozenset({"addSessionApi", "addSharedSession"})
 BULK_CANCELS = frozenset({"bulkCancelSessions", "managedBulkCancel"})
 TRANSCRIPT_PAGES = frozenset({"getSessionMessages", "sharedSessionMessages"})
@@ -111,12 +112,24 @@ def _one_cursor(case: schemathesis.Case) -> None:
 def after_call(context: schemathesis.HookContext, case: schemathesis.Case, response: Any) -> None:
     """A webhook registered outside the stateful phase is removed again at once: a team keeps at most 20 endpoints,
     and the generated phases would otherwise fill them, leaving the stateful phase's add → rotate → deliveries →
-    delete chains only `409`s to follow (and every session event of the run delivered 20 times)."""
-    if case.operation.definition.raw.get("operationId") not in WEBHOOK_REGISTRATION or response.status_code != 201:
-        return
+    delete chains only `409`s to follow (and every session event of the run delivered 20 times). A member
+    invitation is withdrawn again likewise, so a run leaves none behind."""
+    operation_id = case.operation.definition.raw.get("operationId")
     if case.meta is not None and case.meta.phase.name == TestPhase.STATEFUL:
         return
     request = response.request
-    url = str(request.url).split("?", 1)[0].removesuffix("/add") + f"/{response.json()['_id']}"
     headers = {name: value for name, value in request.headers.items() if name.lower() == "authorization"}
-    requests.delete(url, headers=headers, timeout=10)
+    if operation_id in WEBHOOK_REGISTRATION and response.status_code == 201:
+        url = str(request.url).split("?", 1)[0].removesuffix("/add") + f"/{response.json()['_id']}"
+        requests.delete(url, headers=headers, timeout=10)
+    elif operation_id in MEMBER_INVITATION and response.status_code == 200 and _json(response).get("invited"):
+        team_url = str(request.url).split("?", 1)[0].removesuffix("/member/add")
+        requests.delete(f"{team_url}/invitation/{response.json()['_id']}", headers=headers, timeout=10)
+
+
+def _json(response: Any) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}

@@ -25,6 +25,8 @@ NOT_PUBLIC = [
     "64:ff9b:1::a00:1",  # a network's own NAT64 prefix
     "2002:7f00:1::",  # 6to4 around 127.0.0.1
     "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # Teredo
+    "::ffff:0:a00:1",  # IPv4-translated (SIIT) to 10.0.0.1
+    "fec0::1",  # site-local: deprecated, still routed on a local network
 ]
 
 

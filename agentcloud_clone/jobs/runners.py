@@ -19,6 +19,7 @@ The context holds no secrets: the upstream key of an `openai` app is handed to t
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -75,9 +76,9 @@ class TurnGrant:
     allowed_modules: Sequence[str] = ()
     # Tokens the session may still spend; an upstream is never asked for more (None: no budget).
     token_budget: int | None = None
-    # The address `base_url`'s host was checked to resolve to (services.apps.upstream_address): requests connect
-    # there, not to whatever the name resolves to by then. None: connect by name (the operator's own URL).
-    address: str | None = None
+    # The addresses `base_url`'s host was checked to resolve to (services.apps.upstream_addresses): requests connect
+    # to those, not to whatever the name resolves to by then. None: connect by name (the operator's own URL).
+    addresses: tuple[str, ...] | None = None
 
 
 class RunnerError(Exception):
@@ -119,17 +120,19 @@ def _upstream_http_client(grant: TurnGrant, timeout: float) -> Any:
     import openai
 
     authorization = f"Bearer {grant.api_key}" if grant.api_key else None
+    pinned = itertools.cycle(grant.addresses) if grant.addresses else None
 
     def only_what_the_grant_allows(request: Any) -> None:
         for name in [name for name in request.headers if name.lower() not in UPSTREAM_HEADERS]:
             del request.headers[name]
         if authorization:
             request.headers["Authorization"] = authorization
-        if grant.address:
-            # To the checked address, with the name kept for the Host header and for TLS (SNI and the
-            # certificate's name are checked against the name, as for a request by name).
-            request.extensions = {**request.extensions, "sni_hostname": request.url.host}
-            request.url = request.url.copy_with(host=grant.address)
+        if pinned is not None:
+            # To a checked address (the next one each request, so a retry tries the name's next address), with the
+            # name kept for the Host header and for TLS: SNI and the certificate are checked against the name, in
+            # its ASCII form (an internationalised name's punycode, as in the Host header).
+            request.extensions = {**request.extensions, "sni_hostname": request.url.raw_host.decode("ascii")}
+            request.url = request.url.copy_with(host=next(pinned))
 
     return openai.DefaultHttpxClient(
         timeout=timeout, follow_redirects=False, event_hooks={"request": [only_what_the_grant_allows]}

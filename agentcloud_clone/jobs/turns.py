@@ -52,7 +52,7 @@ HISTORY_EVENTS = 400
 
 # Failures to reach the installation's own parts: their text names hosts, ports and paths of the operator's network
 # and machines, which the transcript (seen by the team, and by visitors of a shared session) must not show.
-UNREACHABLE_ERRORS: tuple[type[BaseException], ...] = (ConnectionFailure, redis.RedisError, OSError)
+UNREACHABLE_ERRORS: tuple[type[BaseException], ...] = (ConnectionFailure, redis.RedisError)
 
 
 def _shown_error(exc: BaseException) -> str:
@@ -316,14 +316,14 @@ def run_turn(team_id: str, session_id: str, turn_id: str) -> dict[str, Any]:
         try:
             base_url, api_key = apps_service.upstream_for(app_doc, config)
             chosen = app_doc.get("runner") == Runner.OPENAI
-            address = apps_service.upstream_address(base_url, config) if chosen else None
+            addresses = apps_service.upstream_addresses(base_url, config) if chosen else None
         except UnsealError as exc:
             _stop(writer, EndReason.ERROR, f"{exc} Enter the app's API key again.", flush=False)
             return {"outcome": "error"}
         except InvalidInput as exc:
             _stop(writer, EndReason.ERROR, f"The app's baseUrl cannot be used: {exc.message}", flush=False)
             return {"outcome": "error"}
-        grant = TurnGrant(base_url, api_key, tuple(config["PYTHON_RUNNER_MODULES"]), writer.budget, address)
+        grant = TurnGrant(base_url, api_key, tuple(config["PYTHON_RUNNER_MODULES"]), writer.budget, addresses)
         log.info("turn %s of session %s started", turn_id, session_id)
         return _drive(ctx, grant, writer, tid, sid, turn)
     finally:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from bson import ObjectId
 from pymongo import ReturnDocument
+from pymongo.errors import DuplicateKeyError
 
 from .. import credentials
 from ..db import get_db
@@ -201,3 +202,46 @@ def revoke_api_key(account_id: ObjectId, key_id: ObjectId) -> dict[str, Any] | N
         return_document=ReturnDocument.AFTER,
     )
     return revoked or db.api_keys.find_one({"_id": key_id, "accountId": account_id}, {"keyHash": 0})
+
+
+# --- invitations: a team's offer of a role to an email, until its account accepts it ---------------------------
+
+
+def upsert_invitation(
+    team_id: ObjectId, email: str, role: str, invited_by: ObjectId | None, now: datetime, lifetime: timedelta
+) -> dict[str, Any]:
+    """The team's invitation for `email` (one per team and email), made or renewed with this role."""
+    invitations = get_db().invitations
+    query = {"teamId": team_id, "email": email}
+    update = {"$set": {"role": role, "invitedBy": invited_by, "invitedAt": now, "expiresAt": now + lifetime}}
+    for attempt in range(2):
+        try:
+            found = invitations.find_one_and_update(query, update, upsert=True, return_document=ReturnDocument.AFTER)
+            return dict(found)
+        except DuplicateKeyError:
+            if attempt:
+                raise  # two upserts raced and one won: the second try updates the winner's
+    raise AssertionError("unreachable")
+
+
+def team_invitations(team_id: ObjectId, now: datetime) -> list[dict[str, Any]]:
+    """The team's invitations not yet accepted, declined, withdrawn or expired, by email."""
+    query = {"teamId": team_id, "expiresAt": {"$gt": now}}
+    return list(get_db().invitations.find(query).sort("email", 1).limit(1000))
+
+
+def invitations_for(email: str, now: datetime) -> list[dict[str, Any]]:
+    """The invitations waiting for this email, newest first."""
+    query = {"email": email.strip().lower(), "expiresAt": {"$gt": now}}
+    return list(get_db().invitations.find(query).sort("_id", -1).limit(100))
+
+
+def take_invitation(invitation_id: ObjectId, email: str, now: datetime) -> dict[str, Any] | None:
+    """Remove and return the invitation if it is for this email and has not expired."""
+    query = {"_id": invitation_id, "email": email.strip().lower(), "expiresAt": {"$gt": now}}
+    return get_db().invitations.find_one_and_delete(query)
+
+
+def delete_team_invitation(team_id: ObjectId, invitation_id: ObjectId) -> dict[str, Any] | None:
+    """Withdraw one of the team's invitations; None when the team has no such invitation."""
+    return get_db().invitations.find_one_and_delete({"_id": invitation_id, "teamId": team_id})

@@ -206,6 +206,65 @@ def add_member(team_id: ObjectId, email: str, role: str, *, granted_by: str | No
     return set_member_role(team_id, account, role, granted_by=granted_by)
 
 
+INVITATION_LIFETIME = timedelta(days=7)
+
+
+def invite_member(
+    team_id: ObjectId, email: str, role: str, *, granted_by: str | None, invited_by: ObjectId | None
+) -> tuple[str, dict[str, Any]]:
+    """Offer `email` a role on the team: ("invited", the invitation), which its account accepts or declines on
+    its account page (valid INVITATION_LIFETIME). For an account already on the team the role changes at once:
+    ("member", the account). Whether any account has the email is not told: the answer for an email nobody
+    has is the same as for someone else's, so a team admin cannot learn who has an account here, nor put
+    anyone on a team without their consent. `granted_by` is the inviter's role (only owners offer `owner`)."""
+    if role not in ROLES:
+        raise InvalidInput(f"Unknown role {role!r}; choose one of {', '.join(ROLES)}.", {"role": ["Unknown role."]})
+    if repo.find_team(team_id) is None:
+        raise NotFound("No such team.")
+    email = email.strip().lower()
+    account = repo.find_account_by_email(email)
+    if account is not None and account_role(account, team_id) is not None:
+        return "member", set_member_role(team_id, account, role, granted_by=granted_by)
+    _check_grant(granted_by, None, role)
+    return "invited", repo.upsert_invitation(team_id, email, role, invited_by, utcnow(), INVITATION_LIFETIME)
+
+
+def team_invitations(team_id: ObjectId) -> list[dict[str, Any]]:
+    """The team's invitations waiting for an answer."""
+    return repo.team_invitations(team_id, utcnow())
+
+
+def invitations_for(email: str) -> list[dict[str, Any]]:
+    """The invitations waiting for this account's email, each with its team's name."""
+    invitations = repo.invitations_for(email, utcnow())
+    names = {t["_id"]: t["name"] for t in repo.find_teams(list({i["teamId"] for i in invitations}))}
+    return [{**i, "teamName": names[i["teamId"]]} for i in invitations if i["teamId"] in names]
+
+
+def accept_invitation(account_id: ObjectId, email: str, invitation_id: ObjectId) -> dict[str, Any]:
+    """Join the team an invitation for this account's email offers, with its role (an account already on the
+    team keeps its role); returns the invitation. NotFound when there is no such invitation for the account."""
+    invitation = repo.take_invitation(invitation_id, email, utcnow())
+    if invitation is None or repo.find_team(invitation["teamId"]) is None:
+        raise NotFound("No such invitation for you (it may have been withdrawn, or have expired).")
+    account = repo.find_account(account_id)
+    if account is not None and account_role(account, invitation["teamId"]) is None:
+        repo.set_membership(account_id, invitation["teamId"], invitation["role"])
+    return invitation
+
+
+def decline_invitation(email: str, invitation_id: ObjectId) -> None:
+    """Turn down an invitation for this account's email; NotFound when there is none."""
+    if repo.take_invitation(invitation_id, email, utcnow()) is None:
+        raise NotFound("No such invitation for you (it may have been withdrawn, or have expired).")
+
+
+def withdraw_invitation(team_id: ObjectId, invitation_id: ObjectId) -> None:
+    """Take back one of the team's invitations; NotFound when the team has no such invitation."""
+    if repo.delete_team_invitation(team_id, invitation_id) is None:
+        raise NotFound("No such invitation in this team.")
+
+
 def set_member_role(
     team_id: ObjectId, account: dict[str, Any], role: str, *, granted_by: str | None = None
 ) -> dict[str, Any]:

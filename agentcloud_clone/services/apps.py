@@ -36,7 +36,7 @@ def _checked_config(runner: str, config: dict[str, Any]) -> dict[str, Any]:
             raise InvalidInput("Invalid runner settings.", {"config": {"callable": [str(exc)]}}) from None
     if runner == Runner.OPENAI and checked.get("baseUrl"):
         try:
-            upstream_address(checked["baseUrl"], current_app.config)
+            upstream_addresses(checked["baseUrl"], current_app.config)
         except destinations.UnresolvableHost:
             pass  # perhaps not from here, or not yet: every turn checks it again
         except InvalidInput as exc:
@@ -214,9 +214,9 @@ def _same_endpoint(a: str | None, b: str | None) -> bool:
     return (a or "").rstrip("/") == (b or "").rstrip("/")
 
 
-def upstream_address(base_url: str | None, settings: Mapping[str, Any]) -> str | None:
-    """The address a turn's upstream requests connect to when a team chose it (`base_url`, an app's own):
-    one its host resolves to now, every one of them public (destinations.py), so a team admin cannot point the
+def upstream_addresses(base_url: str | None, settings: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The addresses a turn's upstream requests connect to when a team chose them (`base_url`, an app's own):
+    those its host resolves to now, every one of them public (destinations.py), so a team admin cannot point the
     workers at the operator's network. None when there is nothing to check: no URL (the SDK's public default),
     the operator's own OPENAI_BASE_URL, or UPSTREAM_ALLOW_PRIVATE. InvalidInput when the host does not resolve or
     resolves to an address that is not public."""
@@ -232,7 +232,7 @@ def upstream_address(base_url: str | None, settings: Mapping[str, Any]) -> str |
         raise InvalidInput("The URL's port is not a number from 0 to 65535.") from None
     addresses = destinations.resolve(host, port)
     destinations.refuse_non_public(host, addresses, "an app's upstream requests", "UPSTREAM_ALLOW_PRIVATE")
-    return addresses[0]
+    return tuple(addresses)
 
 
 def upstream_for(app: dict[str, Any], settings: Mapping[str, Any]) -> tuple[str | None, str | None]:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -253,13 +254,15 @@ def _enqueue(session_id: ObjectId, team_id: ObjectId, turn_id: ObjectId, *, new_
     the job or this look sees the end, so no queue entry outlives its session.
 
     For a `new_session` the look also marks it answered (`unansweredSince` goes): a session still unanswered
-    later is one whose create answered an error, which the reaper removes rather than queue its turn again. So
-    here the look must land: when it cannot, or finds the session gone, the job is taken out again and the
-    error raised (PyMongoError, or Unavailable)."""
+    later is one whose create answered an error, which the reaper removes rather than queue its turn again (and
+    which no worker claims). So here the look must land: it is tried again (it is idempotent, so an answer lost
+    on the way costs nothing), and when it still fails, or finds the session gone, the job is taken out again and
+    the error raised (PyMongoError, or Unavailable). (Left: a mark that landed with every answer lost; the turn then
+    runs for a request answered 503, which a retry with its Idempotency-Key recovers.)"""
     queueing.enqueue_turn(str(team_id), str(session_id), str(turn_id), accounts.team_turn_slots(team_id))
     try:
         if new_session:
-            current = repo.confirm_new_session(team_id, session_id)
+            current = _confirm_new_session(team_id, session_id)
         else:
             current = repo.find_session(team_id, session_id, {"status": 1, "activeTurnId": 1})
     except PyMongoError:
@@ -271,6 +274,20 @@ def _enqueue(session_id: ObjectId, team_id: ObjectId, turn_id: ObjectId, *, new_
         queueing.drop_queued_turn(str(turn_id))
         if new_session and current is None:
             raise Unavailable(START_LOST)
+
+
+CONFIRM_ATTEMPTS = 3
+
+
+def _confirm_new_session(team_id: ObjectId, session_id: ObjectId) -> dict[str, Any] | None:
+    for attempt in range(CONFIRM_ATTEMPTS):
+        try:
+            return repo.confirm_new_session(team_id, session_id)
+        except PyMongoError:
+            if attempt == CONFIRM_ATTEMPTS - 1:
+                raise
+            time.sleep(0.05 * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def create_session(
@@ -602,7 +619,7 @@ def claim_turn(team_id: ObjectId, session_id: ObjectId, turn_id: ObjectId, worke
     cancelled or deleted, another worker already claimed it (a job RQ handed out again), or it was interrupted
     by a newer message before it started (then the next waiting turn is queued instead)."""
     for _ in range(RETRIES):
-        current = repo.find_session(team_id, session_id)
+        current = _answered(team_id, session_id, repo.find_session(team_id, session_id))
         if current is None or is_ended(current) or current.get("activeTurnId") != turn_id:
             return None
         if current.get("status") == Status.RUNNING and current.get("workerId") == worker_id:
@@ -623,7 +640,13 @@ def claim_turn(team_id: ObjectId, session_id: ObjectId, turn_id: ObjectId, worke
         claimed = repo.update_session(
             team_id,
             session_id,
-            {"activeTurnId": turn_id, **CLAIMABLE, **NOT_CANCELLED, "interruptTurnId": {"$ne": turn_id}},
+            {
+                "activeTurnId": turn_id,
+                **CLAIMABLE,
+                **NOT_CANCELLED,
+                "interruptTurnId": {"$ne": turn_id},
+                "unansweredSince": {"$exists": False},
+            },
             {
                 "$set": {
                     "status": Status.RUNNING,
@@ -641,6 +664,25 @@ def claim_turn(team_id: ObjectId, session_id: ObjectId, turn_id: ObjectId, worke
 
 
 BUDGET_SPENT = "The session's token budget is spent."
+# How long a worker that took a new session's turn waits for its create to be answered (the look after queuing
+# marks it; a worker is often faster than that look), before leaving the turn to the reaper.
+ANSWER_WAIT = 5.0
+
+
+def _answered(team_id: ObjectId, session_id: ObjectId, current: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The session once its create has been answered (at once for any other), read again while it waits for
+    that, up to ANSWER_WAIT; None when it is gone or still unanswered then. A turn never runs for a create that
+    answered an error: that session stays unanswered, and the reaper removes it. One left unclaimed here whose
+    create did succeed (its answer took longer) is queued again by the reaper as a lost job."""
+    deadline, pause = time.monotonic() + ANSWER_WAIT, 0.01
+    while current is not None and current.get("unansweredSince") is not None:
+        if time.monotonic() + pause > deadline:
+            log.warning("session %s: its create has not been answered; its turn is left to the reaper", session_id)
+            return None
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
+        current = repo.find_session(team_id, session_id)
+    return current
 
 
 def _remaining_budget(session: dict[str, Any]) -> int | None:

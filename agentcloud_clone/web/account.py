@@ -10,7 +10,7 @@ from flask_login import login_user, logout_user
 from ..access import Account, current_account, parse_id
 from ..errors import NotSignedIn, PermissionDenied
 from ..repositories import accounts as accounts_repo
-from ..schemas import ApiKeyCreateSchema, LoginSchema, PasswordChangeSchema, api_key_out, team_out
+from ..schemas import ApiKeyCreateSchema, LoginSchema, PasswordChangeSchema, api_key_out, my_invitation_out, team_out
 from ..services import accounts as service
 from .identity import api_key_in_use
 from .parsing import csrf_field, load_body
@@ -132,14 +132,34 @@ def change_password() -> Any:
 
 @bp.get("/account.json")
 def account_json() -> Any:
-    """Who is signed in, and their teams with roles."""
+    """Who is signed in, their teams with roles, and the invitations to teams waiting for their answer."""
     account = current_account()
     teams = [dict(t, role=account.role_in(t["_id"])) for t in accounts_repo.find_teams(account.team_ids)]
     return jsonify(
         account={"_id": account.id, "email": account.email, "name": account.name},
         teams=team_out.dump(teams, many=True),
+        invitations=my_invitation_out.dump(service.invitations_for(account.email), many=True),
         **csrf_field(),
     )
+
+
+@bp.post("/forms/account/invitation/<invitationId>/accept")
+def accept_invitation(invitationId: str) -> Any:
+    """Join the team an invitation for this account offers, with its role."""
+    account = current_account()
+    invitation = service.accept_invitation(account.object_id, account.email, parse_id(invitationId, "invitation"))
+    team_id = str(invitation["teamId"])
+    return redirect_or_json(
+        f"/{team_id}/sessions", flash_message="You joined the team.", _id=invitationId, teamId=team_id, ok=True
+    )
+
+
+@bp.post("/forms/account/invitation/<invitationId>/decline")
+def decline_invitation(invitationId: str) -> Any:
+    """Turn down an invitation for this account."""
+    account = current_account()
+    service.decline_invitation(account.email, parse_id(invitationId, "invitation"))
+    return redirect_or_json("/account/apikeys", flash_message="Invitation declined.", _id=invitationId, ok=True)
 
 
 @bp.get("/account/apikeys.json")

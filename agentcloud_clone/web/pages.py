@@ -29,7 +29,16 @@ from ..ids import parse_object_id
 from ..repositories import accounts as accounts_repo
 from ..repositories import apps as apps_repo
 from ..repositories import sessions as sessions_repo
-from ..schemas import ListSessionsArgs, api_key_out, app_out, event_out, member_out, shared_event_out
+from ..schemas import (
+    ListSessionsArgs,
+    api_key_out,
+    app_out,
+    event_out,
+    member_out,
+    my_invitation_out,
+    shared_event_out,
+    team_invitation_out,
+)
 from ..services import accounts as accounts_service
 from ..services import sessions as sessions_service
 from ..services import sharing
@@ -270,8 +279,11 @@ def app_edit_page(team_id: ObjectId, appId: str) -> Any:
 def members_page(team_id: ObjectId) -> Any:
     """The team's members, their roles, and the form that adds one; `?remove=<id>` asks to confirm."""
     members = member_out.dump(accounts_service.team_members(team_id), many=True)
+    invitations = team_invitation_out.dump(accounts_service.team_invitations(team_id), many=True)
     confirm = next((m for m in members if m["_id"] == request.args.get("remove")), None)
-    return render_template("members.html", team=_team(team_id), members=members, roles=ROLES, confirm=confirm)
+    return render_template(
+        "members.html", team=_team(team_id), members=members, invitations=invitations, roles=ROLES, confirm=confirm
+    )
 
 
 # --- account -------------------------------------------------------------------------------------------
@@ -279,12 +291,14 @@ def members_page(team_id: ObjectId) -> Any:
 
 @bp.get("/account/apikeys")
 def api_keys_page() -> Any:
-    """The caller's API keys; a key just created is shown here once, then never again."""
+    """The caller's API keys, and invitations to teams waiting for an answer; a key just created is shown here
+    once, then never again."""
     account = current_account()
     keys = api_key_out.dump(accounts_repo.list_api_keys(account.object_id), many=True)
+    invitations = my_invitation_out.dump(accounts_service.invitations_for(account.email), many=True)
     new_key = session.pop("new_api_key", None)
     revoke = next((k for k in keys if k["_id"] == request.args.get("revoke") and not k.get("revokedAt")), None)
-    response = render_template("apikeys.html", keys=keys, new_key=new_key, confirm=revoke)
+    response = render_template("apikeys.html", keys=keys, new_key=new_key, confirm=revoke, invitations=invitations)
     headers = {"Cache-Control": "no-store"} if new_key else {}
     return response, 200, headers
 

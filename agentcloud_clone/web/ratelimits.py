@@ -51,7 +51,7 @@ def client_address() -> str:
     saw (TRUSTED_PROXY_HOPS)."""
     address = request.remote_addr or ""
     try:
-        ip = ipaddress.ip_address(address.split("%")[0])
+        ip = ipaddress.ip_address(_without_port(address).split("%")[0])
     except ValueError:
         return address
     if isinstance(ip, ipaddress.IPv6Address):
@@ -59,6 +59,14 @@ def client_address() -> str:
             return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
+
+
+def _without_port(address: str) -> str:
+    """`203.0.113.5:4711` or `[2001:db8::1]:4711` (some proxies add the client's port) without the port."""
+    if address.startswith("[") and "]" in address:
+        return address[1 : address.index("]")]
+    host, colon, port = address.rpartition(":")
+    return host if colon and port.isdigit() and "." in host and ":" not in host else address
 
 
 def address_key() -> str:

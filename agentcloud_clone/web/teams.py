@@ -9,7 +9,7 @@ from flask import Blueprint, jsonify
 from marshmallow import fields, validate
 
 from ..access import ROLES, Permission, current_account, parse_id, require_team
-from ..schemas import Strict, TeamEditSchema, member_out, team_out
+from ..schemas import Strict, TeamEditSchema, member_out, team_invitation_out, team_out
 from ..services import accounts as service
 from .parsing import csrf_field, load_body
 from .responses import redirect_or_json
@@ -50,17 +50,50 @@ def edit_team(team_id: ObjectId) -> Any:
 @bp.get("/<resourceSlug>/members.json")
 @require_team(Permission.TEAM_MANAGE)
 def list_members(team_id: ObjectId) -> Any:
-    """The team's members and their roles, by email."""
-    return jsonify(members=member_out.dump(service.team_members(team_id), many=True), **csrf_field())
+    """The team's members and their roles, by email, and the invitations waiting for an answer."""
+    return jsonify(
+        members=member_out.dump(service.team_members(team_id), many=True),
+        invitations=team_invitation_out.dump(service.team_invitations(team_id), many=True),
+        **csrf_field(),
+    )
 
 
 @bp.post("/<resourceSlug>/forms/member/add")
 @require_team(Permission.TEAM_MANAGE)
 def add_member(team_id: ObjectId) -> Any:
-    """Put an existing account on the team with a role (or change its role); effective on its next request."""
+    """Invite an email to the team with a role (its account joins when it accepts), or change the role of a
+    member; a role change is effective on the member's next request."""
     data = load_body(MemberAddSchema())
-    account = service.add_member(team_id, data["email"], data["role"], granted_by=_granted_by(team_id))
-    return redirect_or_json(f"/{team_id}/members", flash_message="Member saved.", _id=str(account["_id"]))
+    outcome, doc = service.invite_member(
+        team_id,
+        data["email"],
+        data["role"],
+        granted_by=_granted_by(team_id),
+        invited_by=current_account().object_id,
+    )
+    if outcome == "member":
+        return redirect_or_json(f"/{team_id}/members", flash_message="Role changed.", _id=str(doc["_id"]))
+    return redirect_or_json(
+        f"/{team_id}/members",
+        flash_message=f"Invited {doc['email']}: they join the team when they accept, on their account page.",
+        _id=str(doc["_id"]),
+        invited=True,
+        email=doc["email"],
+        role=doc["role"],
+    )
+
+
+@delete_with_form_twin(
+    bp,
+    "/<resourceSlug>/forms/invitation/<item:invitationId>",
+    "/<resourceSlug>/forms/invitation/<invitationId>/delete",
+    Permission.TEAM_MANAGE,
+    endpoint="withdraw_invitation",
+    summary="Take back an invitation nobody has answered yet.",
+)
+def _withdraw(team_id: ObjectId, invitationId: str) -> Any:
+    service.withdraw_invitation(team_id, parse_id(invitationId, "invitation"))
+    return redirect_or_json(f"/{team_id}/members", flash_message="Invitation withdrawn.", _id=invitationId, ok=True)
 
 
 @bp.post("/<resourceSlug>/forms/member/<accountId>/edit")

@@ -92,3 +92,87 @@ def test_the_members_list_shows_no_secrets(team):
     listed = team["owner"].client.get(f"/{team['id']}/members.json").get_data(as_text=True)
     for secret in ("passwordHash", "signins", "pbkdf2", "keyHash"):
         assert secret not in listed
+
+
+def _invite(team: dict[str, Any], email: str, role: str = "member") -> Any:
+    return team["owner"].json("POST", f"/{team['id']}/forms/member/add", {"email": email, "role": role})
+
+
+def _members_and_invitations(team: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    listed = team["owner"].client.get(f"/{team['id']}/members.json").get_json()
+    return {m["email"]: m["role"] for m in listed["members"]}, {i["email"]: i["role"] for i in listed["invitations"]}
+
+
+def test_an_invited_account_joins_only_when_it_accepts(team, factory, api_key_client):
+    """Adding someone is an offer: until its account accepts, it is not on the team (no team admin can put an
+    account on their team, nor make it see their apps, without its owner's say)."""
+    invitee = factory.user("owner", factory.team(), api_key=True)
+    call = api_key_client(invitee)
+    invited = _invite(team, invitee.email, "viewer")
+    assert invited.status_code == 200 and invited.get_json()["invited"] is True
+    members, invitations = _members_and_invitations(team)
+    assert invitee.email not in members and invitations == {invitee.email: "viewer"}
+    assert call("GET", f"/{team['id']}/sessions.json").status_code == 403
+    [offer] = call("GET", "/account.json").get_json()["invitations"]
+    assert (offer["_id"], offer["teamId"], offer["role"]) == (invited.get_json()["_id"], team["id"], "viewer")
+    assert offer["teamName"] and "email" not in offer
+    joined = call("POST", f"/forms/account/invitation/{offer['_id']}/accept")
+    assert joined.status_code == 200 and joined.get_json()["teamId"] == team["id"]
+    assert call("GET", f"/{team['id']}/sessions.json").status_code == 200
+    members, invitations = _members_and_invitations(team)
+    assert members[invitee.email] == "viewer" and invitations == {}
+    assert call("POST", f"/forms/account/invitation/{offer['_id']}/accept").status_code == 404  # used up
+
+
+def test_an_invitation_tells_nothing_of_whether_an_account_has_the_email(team, factory):
+    someone = factory.user("owner", factory.team())
+
+    def shape(email: str) -> dict[str, Any]:
+        answer = _invite(team, email)
+        body = answer.get_json()
+        return {"status": answer.status_code, **{k: v for k, v in body.items() if k not in ("_id", "email")}}
+
+    assert shape(someone.email) == shape("nobody-has-this@example.com")
+
+
+def test_only_the_invited_account_answers_an_invitation_and_the_team_may_withdraw_it(team, factory, api_key_client):
+    invitee = factory.user("owner", factory.team(), api_key=True)
+    other = api_key_client(factory.user("owner", factory.team(), api_key=True))
+    offer = _invite(team, invitee.email).get_json()["_id"]
+    for action in ("accept", "decline"):
+        assert other("POST", f"/forms/account/invitation/{offer}/{action}").status_code == 404
+    assert other("GET", "/account.json").get_json()["invitations"] == []
+    withdrawn = team["owner"].json("DELETE", f"/{team['id']}/forms/invitation/{offer}")
+    assert withdrawn.status_code == 200
+    assert api_key_client(invitee)("POST", f"/forms/account/invitation/{offer}/accept").status_code == 404
+    # Declined: gone, and the account stays off the team.
+    again = _invite(team, invitee.email).get_json()["_id"]
+    assert api_key_client(invitee)("POST", f"/forms/account/invitation/{again}/decline").status_code == 200
+    members, invitations = _members_and_invitations(team)
+    assert invitations == {} and invitee.email not in members
+
+
+def test_an_expired_invitation_cannot_be_accepted(app, team, factory, api_key_client):
+    from datetime import timedelta
+
+    from bson import ObjectId
+
+    from agentcloud_clone.db import get_db
+    from agentcloud_clone.timeutil import utcnow
+
+    invitee = factory.user("owner", factory.team(), api_key=True)
+    offer = _invite(team, invitee.email).get_json()["_id"]
+    with app.app_context():
+        get_db().invitations.update_one(
+            {"_id": ObjectId(offer)}, {"$set": {"expiresAt": utcnow() - timedelta(seconds=1)}}
+        )
+    call = api_key_client(invitee)
+    assert call("GET", "/account.json").get_json()["invitations"] == []
+    assert call("POST", f"/forms/account/invitation/{offer}/accept").status_code == 404
+    assert invitee.email not in _members_and_invitations(team)[0]
+
+
+def test_adding_someone_already_on_the_team_changes_their_role(team):
+    changed = _invite(team, team["member"].email, "viewer")
+    assert changed.status_code == 200 and "invited" not in changed.get_json()
+    assert _members_and_invitations(team)[0][team["member"].email] == "viewer"

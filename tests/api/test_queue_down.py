@@ -219,3 +219,75 @@ def test_with_redis_unreachable_a_create_is_503_and_leaves_nothing(app, factory,
         assert retried.status_code == ok, retried.get_json()
         assert _counts(app, user.team_id)["sessions"] == before["sessions"] + 1
         headers["Idempotency-Key"] += "-again"
+
+
+def test_no_worker_claims_the_turn_of_a_create_that_answered_an_error(app, factory, api_key_client, monkeypatch):
+    """A worker may take the job before the create's confirming look: it waits for that look, and when the create
+    answers an error instead, the turn is never claimed."""
+    user = factory.user("member", api_key=True)
+    call = api_key_client(user)
+    app_id = factory.app_record(user.team_id)
+    monkeypatch.setattr(service, "ANSWER_WAIT", 0.2)
+    monkeypatch.setattr(repo, "confirm_new_session", _store_fails)
+    response = call("POST", "/api/managed-agents/sessions", {"appId": app_id, "message": "hello"})
+    assert response.status_code == 503
+    left = _left_behind(app, user.team_id)
+    with app.app_context():
+        assert service.claim_turn(left["teamId"], left["_id"], left["activeTurnId"], "worker:1") is None
+    left = _left_behind(app, user.team_id)
+    assert left["status"] != "running" and left.get("workerId") is None
+
+
+def test_a_worker_faster_than_the_creates_confirming_look_waits_for_it(app, factory, api_key_client, monkeypatch):
+    import threading
+
+    user = factory.user("member", api_key=True)
+    call = api_key_client(user)
+    app_id = factory.app_record(user.team_id)
+    real_confirm, real_find, claimed = repo.confirm_new_session, repo.find_session, []
+    saw_it_unanswered = threading.Event()
+
+    def find_session(*args: Any, **kwargs: Any) -> Any:
+        found = real_find(*args, **kwargs)
+        if found and found.get("unansweredSince") and threading.current_thread().name == "worker":
+            saw_it_unanswered.set()
+        return found
+
+    def worker_first(team_id: Any, session_id: Any) -> Any:
+        with app.app_context():
+            turn = get_db().sessions.find_one({"_id": session_id})["activeTurnId"]
+
+        def claim() -> None:
+            with app.app_context():
+                claimed.append(service.claim_turn(team_id, session_id, turn, "worker:1"))
+
+        worker = threading.Thread(target=claim, name="worker")
+        worker.start()
+        assert saw_it_unanswered.wait(10), "the worker never read the session"
+        answered = real_confirm(team_id, session_id)
+        worker.join(10)
+        return answered
+
+    monkeypatch.setattr(repo, "confirm_new_session", worker_first)
+    monkeypatch.setattr(repo, "find_session", find_session)
+    assert call("POST", "/api/managed-agents/sessions", {"appId": app_id, "message": "hello"}).status_code == 201
+    assert claimed and claimed[0] is not None and claimed[0]["status"] == "running"
+
+
+def test_a_confirming_look_that_fails_once_is_tried_again(app, factory, api_key_client, monkeypatch):
+    """The look is idempotent: one that failed (or whose answer was lost) is sent again, and the create succeeds."""
+    user = factory.user("member", api_key=True)
+    call = api_key_client(user)
+    app_id = factory.app_record(user.team_id)
+    real_confirm, calls = repo.confirm_new_session, []
+
+    def lost_once(team_id: Any, session_id: Any) -> Any:
+        calls.append(session_id)
+        answered = real_confirm(team_id, session_id)
+        if len(calls) == 1:
+            raise AutoReconnect("the answer was lost")
+        return answered
+
+    monkeypatch.setattr(repo, "confirm_new_session", lost_once)
+    assert call("POST", "/api/managed-agents/sessions", {"appId": app_id, "message": "hello"}).status_code == 201
+    assert len(calls) == 2 and "unansweredSince" not in _left_behind(app, user.team_id)

@@ -128,6 +128,23 @@ def test_without_trusted_proxies_a_forwarded_for_header_is_not_believed(make_app
     assert codes == [401] * 3 + [429]
 
 
+def test_a_forwarded_address_with_a_port_counts_as_the_address(make_app):
+    """Some proxies write the client's port too (`203.0.113.40:51234`): each port must not be a budget of its own."""
+    proxy = {"REMOTE_ADDR": "10.0.0.2"}
+    strict = make_app(LOGIN_RATE_LIMIT="100 per minute", LOGIN_ADDRESS_RATE_LIMIT="3 per minute", TRUSTED_PROXY_HOPS=1)
+    client = strict.test_client()
+    codes = [
+        _failed_sign_ins(client, 1, environ_base=proxy, headers={"X-Forwarded-For": forwarded})[0]
+        for forwarded in ("203.0.113.40:51234", "203.0.113.40:51235", "203.0.113.40", "203.0.113.40:9")
+    ]
+    assert codes == [401, 401, 401, 429]
+    v6 = [
+        _failed_sign_ins(client, 1, environ_base=proxy, headers={"X-Forwarded-For": forwarded})[0]
+        for forwarded in ("[2001:db8:9::1]:4711", "[2001:db8:9::2]:4712", "2001:db8:9::3", "[2001:db8:9::4]:1")
+    ]
+    assert v6 == [401, 401, 401, 429]
+
+
 def test_an_ipv6_client_is_counted_by_its_64(make_app):
     """A subscriber's network hands out a /64: changing the last 64 bits is free, so it does not buy attempts."""
     strict = make_app(LOGIN_RATE_LIMIT="100 per minute", LOGIN_ADDRESS_RATE_LIMIT="3 per minute")

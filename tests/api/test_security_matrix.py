@@ -47,7 +47,10 @@ ID_PARAMS = {
     "operationId": "operation",
     "webhookId": "webhook",
     "deliveryId": "delivery",
+    "invitationId": "invitation",
 }
+# Ids that name the caller's own objects: their own case is the caller's, exercised where the caller is known.
+CALLERS_OWN = {"key": "tests/api/test_auth.py", "invitation": "tests/api/test_members.py"}
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,8 @@ ROUTES: dict[str, Route] = {
     "account.api_keys_json": Route(),
     "account.add_api_key": Route(body={"name": "matrix"}, browser_only=True),
     "account.revoke_api_key": Route(browser_only=True),
+    "account.accept_invitation": Route(),
+    "account.decline_invitation": Route(),
     "apps.list_apps": Route(),
     "apps.app_json": Route(),
     "apps.add_app": Route(body={"name": "matrix app"}),
@@ -118,6 +123,8 @@ ROUTES: dict[str, Route] = {
     "teams.edit_member": Route(body={"role": "viewer"}, fresh="member"),
     "teams.remove_member": Route(fresh="member"),
     "teams.remove_member_form": Route(fresh="member"),
+    "teams.withdraw_invitation": Route(fresh="invitation"),
+    "teams.withdraw_invitation_form": Route(fresh="invitation"),
     "webhooks.list_endpoints": Route(),
     "webhooks.add_endpoint": Route(ok=201, body={"url": "http://127.0.0.1:9/hook"}),
     "webhooks.rotate_secret": Route(fresh="webhook"),
@@ -166,6 +173,7 @@ class World:
             other_hook = self.webhook(other_team["_id"], stranger)
             own_operation = bulk.start_bulk_cancel(self.own_team["_id"], factory.actor(self.owner), {"ids": []}, None)
             other_operation = bulk.start_bulk_cancel(other_team["_id"], factory.actor(stranger), {"ids": []}, None)
+            other_invitation = self.invitation(other_team["_id"], stranger)
         self.ids = {
             "own": {
                 "session": str(own_session["_id"]),
@@ -173,6 +181,7 @@ class World:
                 "key": None,
                 "member": None,
                 "operation": str(own_operation["_id"]),
+                "invitation": None,
                 "team": self.team,
                 **own_hook,
             },
@@ -182,6 +191,7 @@ class World:
                 "key": str(other_key["_id"]),
                 "member": stranger.account_id,
                 "operation": str(other_operation["_id"]),
+                "invitation": other_invitation,
                 **other_hook,
             },
             "nonexistent": {
@@ -192,6 +202,7 @@ class World:
                 "operation": "4" * 24,
                 "webhook": "5" * 24,
                 "delivery": "6" * 24,
+                "invitation": "7" * 24,
             },
             "malformed": {
                 "session": "not-an-id",
@@ -201,6 +212,7 @@ class World:
                 "operation": "x",
                 "webhook": "w",
                 "delivery": "d",
+                "invitation": "i",
             },
         }
 
@@ -210,6 +222,14 @@ class World:
         webhooks.record_deliveries(team_id, [(f"x:{uuid.uuid4().hex}", {"type": "session.started", "data": {}})])
         delivery = webhooks.repo.list_deliveries(team_id, endpoint["_id"])[0]
         return {"webhook": str(endpoint["_id"]), "delivery": str(delivery["_id"])}
+
+    def invitation(self, team_id: Any, inviter: Any) -> str:
+        """The id of an invitation of the team, for an email nobody has."""
+        email = f"invited-{uuid.uuid4().hex[:8]}@example.com"
+        _, invitation = accounts_service.invite_member(
+            team_id, email, "member", granted_by="owner", invited_by=inviter.oid
+        )
+        return str(invitation["_id"])
 
     def fresh(self, kind: str | None) -> dict[str, str]:
         """Own ids with a fresh object of `kind` in place, for a request that may change or remove it."""
@@ -230,6 +250,9 @@ class World:
         elif kind == "webhook":
             with self.app.app_context():
                 ids.update(self.webhook(self.own_team["_id"], self.owner))
+        elif kind == "invitation":
+            with self.app.app_context():
+                ids["invitation"] = self.invitation(self.own_team["_id"], self.owner)
         return ids
 
     def newcomer(self) -> str:
@@ -296,8 +319,8 @@ def test_security_matrix(app, factory, actor):
             continue  # test_share_matrix.py
         id_kind = next((kind for param, kind in ID_PARAMS.items() if f"<{param}>" in rule), None) or route.body_id
         for case in CASES if id_kind else ["own"]:
-            if id_kind == "key" and case == "own":
-                continue  # own keys are the caller's; exercised in test_auth with a browser session
+            if id_kind in CALLERS_OWN and case == "own" and route.fresh is None:
+                continue  # the caller's own key or invitation: see CALLERS_OWN
             ids = world.fresh(route.fresh) if case == "own" else world.ids[case]
             path = rule.replace("<resourceSlug>", world.team)
             for param, kind in ID_PARAMS.items():

@@ -105,3 +105,18 @@ def test_a_store_or_queue_that_cannot_be_reached_is_named_by_its_kind_not_its_ho
     assert harness.run(failing)["outcome"] == "error"
     message = harness.closing(failing)["message"]
     assert message == "The agent failed: ConnectionError (the details are in the worker's log)."
+
+
+def test_an_apps_own_errors_are_shown_in_full(harness, monkeypatch):
+    """Only failures to reach the installation's parts are cut to their kind: an app's own code's errors (a
+    missing file of its own, say) say what happened."""
+    from agentcloud_clone.jobs import runners
+
+    def agent_without_its_file(ctx: object, grant: object) -> object:
+        yield "partial "
+        raise FileNotFoundError(2, "No such file or directory", "prompts/system.txt")
+
+    monkeypatch.setitem(runners.RUNNERS, "scripted", agent_without_its_file)
+    session = harness.start()
+    assert harness.run(session)["outcome"] == "error"
+    assert "prompts/system.txt" in harness.closing(session)["message"]

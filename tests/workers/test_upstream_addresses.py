@@ -9,6 +9,7 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
+import httpx2
 import pytest
 
 from agentcloud_clone.jobs import runners
@@ -83,6 +84,10 @@ def test_an_app_naming_a_non_public_address_is_refused_when_saved(app, factory, 
         refused = _add(call, team, url)
         assert refused.status_code == 400, (url, refused.get_json())
         assert "not a public address" in refused.get_json()["errors"]["config"]["baseUrl"][0], url
+    # For a name, which address it resolves to stays unsaid: trying names must not map the operator's network.
+    _resolving(monkeypatch, {"db.internal.example": "10.9.8.7"})
+    message = _add(call, team, "http://db.internal.example/v1").get_json()["errors"]["config"]["baseUrl"][0]
+    assert "not a public address" in message and "10.9.8.7" not in message
     # A name that does not resolve from here is saved (every turn checks it again), and the operator may open
     # private addresses for models on a LAN.
     assert _add(call, team, "https://models.invalid/v1").status_code == 200
@@ -119,9 +124,36 @@ def test_a_turns_request_connects_to_the_checked_address_with_the_name_kept(upst
     """Whatever the name resolves to by the time the request is sent, it goes to the address that was checked,
     with the name in its Host header (and for TLS, its SNI and certificate check)."""
     name = f"models.invalid:{_port(upstream)}"  # resolves nowhere: only the pinned address can reach the fake
-    grant = runners.TurnGrant(base_url=f"http://{name}/v1", api_key="sk-team", address="127.0.0.1")
+    grant = runners.TurnGrant(base_url=f"http://{name}/v1", api_key="sk-team", addresses=("127.0.0.1",))
     with runners._upstream_http_client(grant, 5.0) as client:
         answer = client.post(f"http://{name}/v1/chat/completions", json={"model": "m", "messages": [], "stream": False})
     assert answer.status_code == 200
     [received] = upstream.received
     assert dict((k.lower(), v) for k, v in received["headers"])["host"] == name
+
+
+def test_each_request_of_a_turn_goes_to_the_next_checked_address(upstream):
+    """A name with several addresses: a retry tries the next one, as a connection by name would."""
+    port = _port(upstream)
+    grant = runners.TurnGrant(base_url=f"http://models.invalid:{port}/v1", addresses=("127.0.0.2", "127.0.0.1"))
+    body = {"model": "m", "messages": [], "stream": False}
+    with runners._upstream_http_client(grant, 5.0) as client:
+        with pytest.raises(httpx2.ConnectError):  # nothing listens on 127.0.0.2
+            client.post(f"http://models.invalid:{port}/v1/chat/completions", json=body)
+        assert client.post(f"http://models.invalid:{port}/v1/chat/completions", json=body).status_code == 200
+    assert len(upstream.received) == 1
+
+
+def test_tls_is_checked_against_the_names_ascii_form(upstream):
+    """The SNI an internationalised name's request sends is its punycode (what its certificate names), not the
+    IDNA 2003 spelling Python's ssl would make of its Unicode form (straße.de → strasse.de, another domain)."""
+    seen: list[Any] = []
+    grant = runners.TurnGrant(base_url="https://xn--strae-oqa.de/v1", addresses=("127.0.0.1",))
+    with runners._upstream_http_client(grant, 5.0) as client:
+        request = client.build_request("POST", "https://xn--strae-oqa.de/v1/chat/completions", json={})
+        for hook in client.event_hooks["request"]:
+            hook(request)
+        seen.append(request)
+    [request] = seen
+    assert request.extensions["sni_hostname"] == "xn--strae-oqa.de"
+    assert request.url.host == "127.0.0.1" and request.headers["host"] == "xn--strae-oqa.de"
