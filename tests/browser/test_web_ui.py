@@ -388,3 +388,30 @@ def test_the_sign_in_page_shows_the_demo_login_and_every_page_has_an_icon(pages,
     expect(page.locator("#demo-login")).to_contain_text(stack.demo["email"])
     icon = page.request.get("/favicon.ico")
     assert icon.status == 200 and icon.headers["content-type"].startswith("image/")
+
+
+def test_an_invitation_made_on_the_members_page_is_accepted_on_the_account_page(pages, stack):
+    """Nobody joins a team unasked: the owner invites an email, its account sees the invitation and joins."""
+    email, password = f"invitee-{uuid.uuid4().hex[:8]}@example.com", "invitee-password-1"
+    stack.cli("users", "create", email, "--password", password, "--team", f"Invitee team {uuid.uuid4().hex[:4]}")
+    team = stack.demo["teamId"]
+    owner = pages.new()
+    sign_in(owner, stack.demo["email"], stack.demo["password"])
+    owner.goto(f"/{team}/members")
+    owner.get_by_label("Email", exact=True).fill(email)
+    owner.get_by_label("Role", exact=True).select_option("viewer")
+    owner.get_by_role("button", name="Invite").click()
+    withdraw = owner.get_by_role("button", name=f"Withdraw the invitation of {email}")
+    expect(withdraw).to_be_visible()
+    check_page(owner, "members-invitation")
+    invitee = pages.new()
+    sign_in(invitee, email, password)
+    invitee.goto("/account/apikeys")
+    join = invitee.get_by_role("button", name=re.compile(r"^Join "))
+    expect(join).to_be_visible()
+    check_page(invitee, "account-invitation")
+    join.click()
+    expect(invitee).to_have_url(re.compile(f"/{team}/sessions$"))
+    owner.reload()
+    expect(withdraw).to_be_hidden()
+    expect(owner.get_by_label(f"Role of {email}")).to_have_value("viewer")
