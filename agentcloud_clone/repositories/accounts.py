@@ -214,14 +214,13 @@ def upsert_invitation(
     invitations = get_db().invitations
     query = {"teamId": team_id, "email": email}
     update = {"$set": {"role": role, "invitedBy": invited_by, "invitedAt": now, "expiresAt": now + lifetime}}
-    for attempt in range(2):
-        try:
-            found = invitations.find_one_and_update(query, update, upsert=True, return_document=ReturnDocument.AFTER)
-            return dict(found)
-        except DuplicateKeyError:
-            if attempt:
-                raise  # two upserts raced and one won: the second try updates the winner's
-    raise AssertionError("unreachable")
+    try:
+        found = invitations.find_one_and_update(query, update, upsert=True, return_document=ReturnDocument.AFTER)
+    except DuplicateKeyError:
+        # Two upserts raced and the other inserted first: this one now updates what it inserted.
+        found = invitations.find_one_and_update(query, update, upsert=True, return_document=ReturnDocument.AFTER)
+    assert found is not None  # an upsert returning the document after it always has one
+    return dict(found)
 
 
 def team_invitations(team_id: ObjectId, now: datetime) -> list[dict[str, Any]]:
