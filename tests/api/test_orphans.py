@@ -170,10 +170,13 @@ def test_the_reaper_removes_events_whose_session_is_gone_and_counts_them(app, fa
     assert reap_once(app)["orphans"] == 0
 
 
-def test_a_failed_start_cut_off_after_its_purge_was_noted_keeps_its_transcript(app, factory, world, monkeypatch):
+def test_a_failed_start_cut_off_after_its_purge_was_noted_is_removed_whole_and_never_runs(
+    app, factory, world, monkeypatch
+):
     """A start the queue refused is removed again, its purge noted first; when its process dies in between, the
-    session stays and its turn runs. The orphan sweep must leave that live session's transcript alone (it
-    removed every event of it on each pass, and the repair stood in for them again, until the note expired)."""
+    session stays, unanswered. The orphan sweep leaves the transcript of a session that still exists alone (it
+    removed every event of it on each pass, and the repair stood in for them again, until the note expired); no
+    worker runs its turn, and the reaper removes the session, transcript and all."""
     import redis
 
     from agentcloud_clone import queueing
@@ -195,16 +198,18 @@ def test_a_failed_start_cut_off_after_its_purge_was_noted_keeps_its_transcript(a
         factory.session(world["user"], world["app_id"], "hello")
     monkeypatch.setattr(repo, "_note_purged", real_note)
     monkeypatch.setattr(queueing, "enqueue_turn", real_enqueue)
+    monkeypatch.setattr(service, "ANSWER_WAIT", 0.1)
     (sid,) = created
     with app.app_context():
         session = get_db().sessions.find_one({"_id": sid})
         assert session is not None and get_db().purged_sessions.find_one({"_id": sid}) is not None
-        claimed = service.claim_turn(session["teamId"], sid, session["activeTurnId"], "w:1")
-        assert claimed is not None
-        service.record_output(session["teamId"], sid, session["activeTurnId"], ["still", "here"], 0)
+        assert session.get("unansweredSince") is not None
+        assert service.claim_turn(session["teamId"], sid, session["activeTurnId"], "w:1") is None
     assert reap_once(app)["orphans"] == 0
-    events = _assert_whole(app, sid)
-    assert [e["type"] for e in events] == ["message", "output", "output"]
+    assert [e["type"] for e in _assert_whole(app, sid)] == ["message"]
+    with app.app_context():
+        assert service.sweep(3600.0, 0.0)["unanswered"] == [str(sid)]  # once REQUEUE_AFTER has passed
+        assert get_db().session_events.count_documents({"sessionId": sid}) == 0
 
 
 def test_an_entry_lost_with_the_next_writer_too_is_stood_in_for(app, factory, world, monkeypatch):
