@@ -185,6 +185,18 @@ def ensure_team(team_name: str) -> dict[str, Any]:
     return repo.find_team_by_name(team_name) or repo.insert_org_and_team(team_name)
 
 
+def _check_role(role: str) -> None:
+    if role not in ROLES:
+        raise InvalidInput(f"Unknown role {role!r}; choose one of {', '.join(ROLES)}.", {"role": ["Unknown role."]})
+
+
+def _check_role_on_team(team_id: ObjectId, role: str) -> None:
+    """InvalidInput for an unknown role, NotFound for a team that is not there."""
+    _check_role(role)
+    if repo.find_team(team_id) is None:
+        raise NotFound("No such team.")
+
+
 def _check_grant(granted_by: str | None, current: str | None, new: str | None) -> None:
     """Only owners make, unmake or remove owners; anyone else managing the team handles the other roles.
     `granted_by` None is the operator (CLI), who may do anything."""
@@ -196,10 +208,7 @@ def add_member(team_id: ObjectId, email: str, role: str, *, granted_by: str | No
     """Give the account `role` on the team (or change its role there); takes effect on its next request.
 
     `granted_by` is the role of whoever grants it (None for the operator's CLI)."""
-    if role not in ROLES:
-        raise InvalidInput(f"Unknown role {role!r}; choose one of {', '.join(ROLES)}.", {"role": ["Unknown role."]})
-    if repo.find_team(team_id) is None:
-        raise NotFound("No such team.")
+    _check_role_on_team(team_id, role)
     account = repo.find_account_by_email(email)
     if account is None:
         raise NotFound(f"No account with email {email}.")
@@ -217,10 +226,7 @@ def invite_member(
     ("member", the account). Whether any account has the email is not told: the answer for an email nobody
     has is the same as for someone else's, so a team admin cannot learn who has an account here, nor put
     anyone on a team without their consent. `granted_by` is the inviter's role (only owners offer `owner`)."""
-    if role not in ROLES:
-        raise InvalidInput(f"Unknown role {role!r}; choose one of {', '.join(ROLES)}.", {"role": ["Unknown role."]})
-    if repo.find_team(team_id) is None:
-        raise NotFound("No such team.")
+    _check_role_on_team(team_id, role)
     email = email.strip().lower()
     account = repo.find_account_by_email(email)
     if account is not None and account_role(account, team_id) is not None:
@@ -237,6 +243,8 @@ def team_invitations(team_id: ObjectId) -> list[dict[str, Any]]:
 def invitations_for(email: str) -> list[dict[str, Any]]:
     """The invitations waiting for this account's email, each with its team's name."""
     invitations = repo.invitations_for(email, utcnow())
+    if not invitations:
+        return []  # the common case, on every account page: no second read
     names = {t["_id"]: t["name"] for t in repo.find_teams(list({i["teamId"] for i in invitations}))}
     return [{**i, "teamName": names[i["teamId"]]} for i in invitations if i["teamId"] in names]
 
@@ -269,8 +277,7 @@ def set_member_role(
     team_id: ObjectId, account: dict[str, Any], role: str, *, granted_by: str | None = None
 ) -> dict[str, Any]:
     """Set an account's role on the team; a team keeps at least one owner."""
-    if role not in ROLES:
-        raise InvalidInput(f"Unknown role {role!r}; choose one of {', '.join(ROLES)}.", {"role": ["Unknown role."]})
+    _check_role(role)
     current = account_role(account, team_id)
     _check_grant(granted_by, current, role)
     if current == "owner" and role != "owner":

@@ -411,3 +411,11 @@ def test_a_signed_in_request_reads_no_credential_while_none_changed(app, factory
     keyed_path = f"/{keyed.team_id}/session/{keyed_session['_id']}.json"
     assert request("GET", keyed_path).status_code == 200  # reads the key and its account, keeps both
     assert counter.count(lambda: request("GET", keyed_path)) == ["find"]
+
+
+def test_the_account_read_without_invitations_reads_no_inviting_teams(app, factory, world, counter):
+    """account.json: the caller's teams and the invitations waiting for them; with none waiting, the teams that
+    would have invited them are not looked up (every account page pays for this read)."""
+    world["me"].client.get("/account.json")  # the credential is kept from here on
+    commands = counter.count(lambda: world["me"].client.get("/account.json"))
+    assert commands == ["find", "find"], commands
