@@ -13,7 +13,7 @@ from bson import ObjectId
 from pymongo.errors import AutoReconnect
 
 from agentcloud_clone import queueing
-from agentcloud_clone.db import get_db
+from agentcloud_clone.db import breaker, get_db
 from agentcloud_clone.repositories import sessions as repo
 from agentcloud_clone.services import sessions as service
 from tests.support import wait_until
@@ -145,6 +145,12 @@ def _sweep(app: Any, requeue_after: float = 0.0) -> dict[str, Any]:
 
 
 def _left_behind(app: Any, team_id: str) -> dict[str, Any]:
+    """The team's one session as stored, once the store answers this process again: the simulated loss of the
+    connection opened the store's breaker, and its probe (the server never went away) closes it."""
+    uri = app.config["MONGO_URI"]
+    if not uri.startswith("mongomock://"):
+        mongo = breaker(uri, float(app.config["MONGO_TIMEOUT"]))
+        wait_until(lambda: not mongo.is_open, what="the store's breaker closed again")
     with app.app_context():
         return get_db().sessions.find_one({"teamId": ObjectId(team_id)}) or {}
 
