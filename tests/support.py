@@ -224,6 +224,14 @@ class Client:
         """An HTML form post with the CSRF field, as a browser sends it."""
         return self.client.post(path, data={"csrf_token": self.csrf or "", **(data or {})}, **kwargs)
 
+    def session_cookie(self, app: Flask) -> str:
+        """What the browser's session cookie holds, decoded (it is signed, so anyone holding it can read it)."""
+        cookie = self.client.get_cookie(app.config.get("SESSION_COOKIE_NAME", "session"))
+        if cookie is None:
+            return ""
+        serializer = app.session_interface.get_signing_serializer(app)  # type: ignore[attr-defined]
+        return str(serializer.loads(cookie.value))
+
 
 def run_queued_turn(app: Flask, session_id: str | ObjectId) -> dict[str, Any]:
     """Run the session's queued turn in this process, the way a worker would, and return its outcome."""

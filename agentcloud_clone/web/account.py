@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, current_app, jsonify, redirect, render_template, request, session, url_for
+from flask import Blueprint, current_app, jsonify, render_template, request, session, url_for
 from flask_login import login_user, logout_user
 
 from ..access import Account, current_account, parse_id
@@ -178,8 +178,7 @@ def add_api_key() -> Any:
     record, key = service.create_api_key(account.object_id, data["name"])
     if wants_json():
         return jsonify(_id=str(record["_id"]), key=key, apiKey=api_key_out.dump(record), redirect="/account/apikeys")
-    session["new_api_key"] = key
-    return redirect("/account/apikeys")
+    return redirect_or_json("/account/apikeys", reveal={"api_key": key})
 
 
 @bp.post("/forms/account/apikey/<keyId>/revoke")

@@ -52,20 +52,16 @@ def add_app(team_id: ObjectId) -> Any:
         sharing_config=data["sharingConfig"],
         required_variables=data["requiredVariables"],
     )
-    return redirect_or_json(
-        f"/{team_id}/apps", flash_message=_saved("App created.", app), _id=str(app["_id"]), **_link_fields(app)
-    )
+    return _saved(team_id, "App created.", app)
 
 
-def _link_fields(app: dict[str, Any]) -> dict[str, str]:
-    """A share link made just now (`shareId`, and the path it opens), shown this once."""
+def _saved(team_id: ObjectId, message: str, app: dict[str, Any]) -> Any:
+    """Back to the apps page, with a share link made just now (`shareId`, and the path it opens) shown this once:
+    in the JSON answer, or on the page a browser is sent to."""
     share_id = app.get("shareId")
-    return {"shareId": share_id, "shareLink": sharing.share_path(app["teamId"], share_id)} if share_id else {}
-
-
-def _saved(message: str, app: dict[str, Any]) -> str:
-    link = _link_fields(app).get("shareLink")
-    return f"{message} Its share link, shown only now: {link}" if link else message
+    link = {"shareId": share_id, "shareLink": sharing.share_path(app["teamId"], share_id)} if share_id else {}
+    reveal = {"share_link": link["shareLink"]} if link else None
+    return redirect_or_json(f"/{team_id}/apps", flash_message=message, reveal=reveal, _id=str(app["_id"]), **link)
 
 
 @bp.post("/<resourceSlug>/forms/app/<appId>/edit")
@@ -75,9 +71,7 @@ def edit_app(team_id: ObjectId, appId: str) -> Any:
     share link."""
     aid = parse_id(appId, "app")
     app = service.edit_app(team_id, aid, load_body(AppEditSchema()))
-    return redirect_or_json(
-        f"/{team_id}/apps", flash_message=_saved("App saved.", app), _id=str(aid), **_link_fields(app)
-    )
+    return _saved(team_id, "App saved.", app)
 
 
 @bp.post("/<resourceSlug>/forms/app/<appId>/share-link")
@@ -85,13 +79,7 @@ def edit_app(team_id: ObjectId, appId: str) -> Any:
 def renew_share_link(team_id: ObjectId, appId: str) -> Any:
     """Replace a public or whitelist app's share link: the old one, and the visitor access it gave, end now."""
     app, share_id = service.renew_share_link(team_id, parse_id(appId, "app"))
-    shown = {**app, "shareId": share_id}
-    return redirect_or_json(
-        f"/{team_id}/apps",
-        flash_message=_saved("New share link made.", shown),
-        _id=str(app["_id"]),
-        **_link_fields(shown),
-    )
+    return _saved(team_id, "New share link made.", {**app, "shareId": share_id})
 
 
 @delete_with_form_twin(

@@ -45,6 +45,7 @@ from ..services import sharing
 from ..vocabulary import RUNNER_NAMES, STATUSES, EventType, Runner, Status
 from .parsing import load_args
 from .ratelimits import share_limit
+from .responses import take_revealed
 from .sessions import dump_session, with_queue_position
 from .share import dump_shared, shared_route
 
@@ -247,9 +248,17 @@ def apps_page(team_id: ObjectId) -> Any:
     confirm = None
     if has_permission(team_id, Permission.APP_MANAGE):
         confirm = next((a for a in apps if a["_id"] == request.args.get("delete")), None)
-    return render_template(
-        "apps.html", team=_team(team_id), apps=apps, confirm=confirm, runners=RUNNER_NAMES, examples=_examples()
+    new_link = take_revealed("share_link")
+    page = render_template(
+        "apps.html",
+        team=_team(team_id),
+        apps=apps,
+        confirm=confirm,
+        runners=RUNNER_NAMES,
+        examples=_examples(),
+        new_link=new_link and request.host_url.rstrip("/") + new_link,
     )
+    return page, 200, {"Cache-Control": "no-store"} if new_link else {}
 
 
 @bp.get("/<resourceSlug>/app/<appId>/edit")
@@ -296,7 +305,7 @@ def api_keys_page() -> Any:
     account = current_account()
     keys = api_key_out.dump(accounts_repo.list_api_keys(account.object_id), many=True)
     invitations = my_invitation_out.dump(accounts_service.invitations_for(account.email), many=True)
-    new_key = session.pop("new_api_key", None)
+    new_key = take_revealed("api_key")
     revoke = next((k for k in keys if k["_id"] == request.args.get("revoke") and not k.get("revokedAt")), None)
     response = render_template("apikeys.html", keys=keys, new_key=new_key, confirm=revoke, invitations=invitations)
     headers = {"Cache-Control": "no-store"} if new_key else {}

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import urlsplit
 
-from flask import flash, jsonify, redirect, render_template, request, url_for
+from flask import current_app, flash, jsonify, redirect, render_template, request, session, url_for
 from flask.typing import ResponseReturnValue
+
+from ..sealing import UnsealError, seal, unseal
 
 # Paths only programs call (scrapers, probes, spec readers): always JSON errors, never a login redirect.
 PROGRAM_PATHS = frozenset({"/openapi.yaml", "/metrics", "/healthz", "/readyz"})
@@ -36,13 +38,36 @@ def safe_next(target: str | None, fallback: str) -> str:
     return fallback
 
 
-def redirect_or_json(path: str, *, flash_message: str | None = None, **fields: Any) -> ResponseReturnValue:
-    """A 302 to `path` for browsers (with a flash message), or 200 `{redirect, ...fields}` for programs."""
+def redirect_or_json(
+    path: str, *, flash_message: str | None = None, reveal: dict[str, str] | None = None, **fields: Any
+) -> ResponseReturnValue:
+    """A 302 to `path` for browsers (with a flash message, and `reveal`'s secrets for the next page to show
+    once), or 200 `{redirect, ...fields}` for programs."""
     if wants_json():
         return jsonify({"redirect": path, **fields})
     if flash_message:
         flash(flash_message, "success")
+    for name, value in (reveal or {}).items():
+        reveal_once(name, value)
     return redirect(path, code=302)
+
+
+def reveal_once(name: str, value: str) -> None:
+    """Keep a secret made just now (an API key, a share link) for the page a browser is redirected to. The
+    session cookie is signed, not encrypted: the value rides in it sealed, so neither the cookie nor a log or
+    proxy that keeps it gives the secret away."""
+    session[f"reveal:{name}"] = seal(value, current_app.config)
+
+
+def take_revealed(name: str) -> str | None:
+    """The secret `reveal_once` kept under `name`, once (None when there is none, or it no longer unseals)."""
+    sealed = session.pop(f"reveal:{name}", None)
+    if not isinstance(sealed, str):
+        return None
+    try:
+        return unseal(sealed, current_app.config)
+    except UnsealError:
+        return None
 
 
 def error_response(code: int, message: str, errors: dict[str, Any] | None = None, **extra: Any) -> ResponseReturnValue:

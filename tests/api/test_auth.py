@@ -76,6 +76,23 @@ def test_api_key_is_shown_once_hashed_and_revocable(factory, login, app):
     assert denied.status_code == 401 and "API key" in denied.get_json()["message"]
 
 
+def test_a_key_made_by_a_form_post_is_shown_once_and_never_rides_readable_in_the_cookie(factory, login, app):
+    me = login(factory.user("member"))
+    made = me.form("/forms/account/apikey/add", {"name": "from the page"})
+    assert made.status_code == 302 and made.headers["Location"].endswith("/account/apikeys")
+    cookie = me.session_cookie(app)
+    page = me.client.get("/account/apikeys")
+    key = page.get_data(as_text=True).split('id="new-key" class="mono" readonly value="', 1)[1].split('"', 1)[0]
+    assert key.startswith("ak_") and "reveal:api_key" in cookie and key not in cookie  # sealed in the cookie
+    assert page.headers["Cache-Control"] == "no-store"
+    assert (
+        me.client.get(f"/{me.user.team_id}/sessions.json", headers={"Authorization": f"Bearer {key}"}).status_code
+        == 200
+    )
+    assert "reveal:" not in me.session_cookie(app)
+    assert key not in me.client.get("/account/apikeys").get_data(as_text=True)  # once
+
+
 def test_api_key_requests_need_no_csrf_and_get_json(factory, api_key_client):
     user = factory.user("member", api_key=True)
     call = api_key_client(user)

@@ -37,6 +37,22 @@ def _as_visitor(token: str) -> dict[str, str]:
 # --- admins set the mode -----------------------------------------------------------------------------------
 
 
+def test_a_link_renewed_by_a_form_post_is_shown_once_on_the_apps_page_and_sealed_in_the_cookie(factory, login, app):
+    admin = login(factory.user("admin"))
+    made = _shared_app(admin)
+    renewed = admin.form(f"/{admin.user.team_id}/forms/app/{made['_id']}/share-link")
+    assert renewed.status_code == 302 and renewed.headers["Location"].endswith(f"/{admin.user.team_id}/apps")
+    cookie = admin.session_cookie(app)
+    page = admin.client.get(f"/{admin.user.team_id}/apps")
+    link = page.get_data(as_text=True).split('id="new-share-link" class="mono" readonly value="', 1)[1].split('"')[0]
+    share_id = link.rsplit("/", 1)[1]
+    assert link == f"http://localhost/s/{admin.user.team_id}/{share_id}" and share_id != made["shareId"]
+    assert "reveal:share_link" in cookie and share_id not in cookie
+    assert page.headers["Cache-Control"] == "no-store"
+    assert share_id not in admin.client.get(f"/{admin.user.team_id}/apps").get_data(as_text=True)  # once
+    assert admin.client.get(link.removeprefix("http://localhost")).status_code == 200  # the link works
+
+
 def test_admins_set_the_mode_and_get_the_link_once(factory, login):
     admin = login(factory.user("admin"))
     made = _shared_app(admin)
