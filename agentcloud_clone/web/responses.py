@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -39,7 +40,7 @@ def safe_next(target: str | None, fallback: str) -> str:
 
 
 def redirect_or_json(
-    path: str, *, flash_message: str | None = None, reveal: dict[str, str] | None = None, **fields: Any
+    path: str, *, flash_message: str | None = None, reveal: Mapping[str, str] | None = None, **fields: Any
 ) -> ResponseReturnValue:
     """A 302 to `path` for browsers (with a flash message, and `reveal`'s secrets for the next page to show
     once), or 200 `{redirect, ...fields}` for programs."""
