@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from typing import Any
+from typing import Any, TypedDict
 
 from flask import Flask, current_app, request
 from flask.json.provider import DefaultJSONProvider
@@ -168,6 +168,10 @@ def _messages(exc: ValidationError) -> dict[str, Any]:
     return exc.messages if isinstance(exc.messages, dict) else {"_schema": exc.messages}
 
 
-def csrf_field() -> dict[str, str]:
+class CsrfField(TypedDict, total=False):
+    csrf: str
+
+
+def csrf_field() -> CsrfField:
     """`{"csrf": token}` for cookie clients, as Agentcloud's JSON pages carry; nothing for API keys."""
     return {} if api_key_in_use() else {"csrf": generate_csrf()}
