@@ -12,8 +12,13 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import time
 
 from .errors import InvalidInput
+
+# A resolver that says "try again" (EAI_AGAIN: its upstream timed out, a blip) is asked again after these pauses
+# (about a second in all) before the name counts as unresolvable; "no such name" is an answer, taken at once.
+RESOLVE_PAUSES = (0.1, 0.3, 0.6)
 
 # RFC 6052's well-known NAT64 prefix: a gateway forwards 64:ff9b::a.b.c.d to the IPv4 address a.b.c.d.
 NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
@@ -53,12 +58,23 @@ class UnresolvableHost(InvalidInput):
 
 def resolve(host: str, port: int) -> list[str]:
     """The addresses `host` resolves to now, in the resolver's order (the one to try first first: RFC 6724 puts
-    those this machine can reach ahead); UnresolvableHost when it does not resolve."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, ValueError, UnicodeError):
-        raise UnresolvableHost(f"The host {host} cannot be resolved.") from None
-    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+    those this machine can reach ahead); UnresolvableHost when it does not resolve, after RESOLVE_PAUSES when the
+    resolver only failed for the moment."""
+    for pause in (*RESOLVE_PAUSES, None):
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            return list(dict.fromkeys(str(info[4][0]) for info in infos))
+        except socket.gaierror as exc:
+            if exc.errno != socket.EAI_AGAIN:
+                break
+            if pause is None:
+                raise UnresolvableHost(
+                    f"The host {host} could not be resolved just now (the name server did not answer); try again."
+                ) from None
+            time.sleep(pause)
+        except (OSError, ValueError, UnicodeError):
+            break
+    raise UnresolvableHost(f"The host {host} cannot be resolved.")
 
 
 def refuse_non_public(host: str, addresses: list[str], what: str, setting: str) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import httpx2
 import pytest
 
+from agentcloud_clone import destinations
 from agentcloud_clone.jobs import runners
 from tests.fakes.openai_server import FakeOpenAI
 from tests.workers.harness import FAST, RUNNER_MODULES
@@ -157,3 +158,27 @@ def test_tls_is_checked_against_the_names_ascii_form(upstream):
     [request] = seen
     assert request.extensions["sni_hostname"] == "xn--strae-oqa.de"
     assert request.url.host == "127.0.0.1" and request.headers["host"] == "xn--strae-oqa.de"
+
+
+def test_a_turn_whose_name_server_does_not_answer_says_to_try_again(app, harness, upstream, monkeypatch):
+    """A resolver failing for the moment is asked again before the turn gives up, and its closing message says it
+    was a moment's failure, not a name that does not exist."""
+    session = harness.start(runner="openai", model="m", baseUrl=f"http://models.example:{_port(upstream)}/v1")
+    asked: list[str] = []
+    real = socket.getaddrinfo
+
+    def name_server_away(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host != "models.example":
+            return real(host, *args, **kwargs)  # the harness's own servers, on loopback
+        asked.append(host)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", name_server_away)
+    monkeypatch.setattr(destinations, "RESOLVE_PAUSES", (0.0, 0.0))
+    assert harness.run(session)["outcome"] == "error"
+    message = harness.closing(session)["message"]
+    assert message == (
+        "The app's baseUrl cannot be used: The host models.example could not be resolved just now (the name server "
+        "did not answer); try again."
+    )
+    assert asked == ["models.example"] * 3 and upstream.received == []
