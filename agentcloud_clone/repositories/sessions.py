@@ -205,8 +205,13 @@ def list_sessions(
     viewer: ObjectId | None = None,
 ) -> list[dict[str, Any]]:
     """Newest first, keyset-paginated on `_id`; served by the `(teamId, [status,] _id)` indexes. With a `viewer`,
-    only the sessions it may see."""
-    query: dict[str, Any] = {"teamId": team_ids[0] if len(team_ids) == 1 else in_scope(team_ids), **NOT_DELETED}
+    only the sessions it may see. A session whose create has not answered success is not listed: one whose
+    create answered an error waits there for the reaper, and its creator was told it does not exist."""
+    query: dict[str, Any] = {
+        "teamId": team_ids[0] if len(team_ids) == 1 else in_scope(team_ids),
+        **NOT_DELETED,
+        "unansweredSince": {"$exists": False},
+    }
     if viewer is not None:
         query.update(visible_to(viewer))
     if status:

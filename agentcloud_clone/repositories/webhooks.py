@@ -164,8 +164,9 @@ def events_since(after: ObjectId, types: list[str], teams: list[ObjectId], limit
 
 
 def sessions_since(after: ObjectId, teams: list[ObjectId], limit: int) -> list[dict[str, Any]]:
-    """Sessions created after `after`, in these teams, oldest first."""
-    query = {"_id": {"$gt": after}, "teamId": {"$in": teams}}
+    """Sessions created after `after`, in these teams, oldest first; not those whose create has not answered
+    success (one that answered an error never started, as far as its creator knows)."""
+    query = {"_id": {"$gt": after}, "teamId": {"$in": teams}, "unansweredSince": {"$exists": False}}
     return list(get_db().sessions.find(query, {"teamId": 1, "status": 1, "startDate": 1}).sort("_id", 1).limit(limit))
 
 

@@ -169,6 +169,7 @@ def test_a_refused_create_the_store_cannot_take_back_is_removed_by_the_reaper_an
         _refused(call("POST", f"/{user.team_id}/forms/session/add", {"appId": app_id, "message": "hello"}))
     left = _left_behind(app, user.team_id)
     assert left.get("unansweredSince") is not None and left.get("activeTurnId") is not None
+    assert call("GET", f"/{user.team_id}/sessions.json").get_json()["sessions"] == []  # its creator got a 503
     assert _sweep(app, requeue_after=3600.0)["unanswered"] == []  # not before REQUEUE_AFTER
     swept = _sweep(app)
     assert (swept["unanswered"], swept["requeued"]) == ([str(left["_id"])], [])

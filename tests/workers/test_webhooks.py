@@ -87,6 +87,20 @@ def test_session_lifecycle_is_delivered_signed_and_once(app, harness, factory, l
         assert webhooks.sweep_missed() == 0  # the sweep finds nothing new to deliver
 
 
+def test_the_sweep_announces_a_start_it_missed_but_not_a_create_that_answered_an_error(
+    app, harness, factory, login, receiver, monkeypatch
+):
+    admin = login(factory.user("admin", {"_id": harness.user.team_oid}))
+    _register(admin, receiver.url, ["session.started"])
+    monkeypatch.setattr(webhooks, "on_session_started", lambda session: None)  # the announcement is lost
+    missed, failed = harness.start(), harness.start()
+    with app.app_context():  # the second's create answered 503 after its insert: left for the reaper to remove
+        get_db().sessions.update_one({"_id": failed["_id"]}, {"$set": {"unansweredSince": failed["startDate"]}})
+    _drain(app)
+    started = [json.loads(r["body"])["data"]["sessionId"] for r in receiver.received]
+    assert started == [str(missed["_id"])]
+
+
 @pytest.mark.parametrize("ended_by", ["the web's cancel", "its worker, after the web's cancel"])
 def test_an_end_is_recorded_for_webhooks_at_its_commit_not_after_its_events_insert(
     app, harness, factory, login, receiver, monkeypatch, ended_by
