@@ -285,10 +285,11 @@ def webhook_queue() -> Queue:
     return Queue(current_app.config["WEBHOOK_QUEUE"], connection=get_redis())
 
 
-def enqueue_webhook_delivery(delivery_id: str) -> None:
-    """Queue one delivery attempt now. (Retries wait in MongoDB until the reaper queues them when due: no RQ
-    scheduler process is needed.)"""
-    webhook_queue().enqueue(WEBHOOK_JOB, delivery_id, job_timeout=60, result_ttl=600, failure_ttl=86400)
+def enqueue_webhook_delivery(delivery_id: str, first: dict[str, Any] | None = None) -> None:
+    """Queue one delivery attempt now (`first`: the claimed first attempt, services.webhooks.record_deliveries).
+    (Retries wait in MongoDB until the reaper queues them when due: no RQ scheduler process is needed.)"""
+    args = (delivery_id,) if first is None else (delivery_id, first)
+    webhook_queue().enqueue(WEBHOOK_JOB, *args, job_timeout=60, result_ttl=600, failure_ttl=86400)
 
 
 # A job in one of these states has not started: taking it out of the queue means it never runs.

@@ -167,15 +167,17 @@ def _lease_end() -> datetime:
     return utcnow() + timedelta(seconds=float(current_app.config["WEBHOOK_LEASE"]))
 
 
-def _queue(delivery_id: ObjectId) -> bool:
-    """Queue the delivery's job; when the queue is away, leave the delivery `pending` and due, so the reaper's next
-    pass queues it (False)."""
+def _queue(delivery_id: ObjectId, first: dict[str, Any] | None = None) -> bool:
+    """Queue the delivery's job (with `first`, the claimed first attempt it makes: see `record_deliveries`); when
+    the queue is away, leave the delivery `pending` and due, so the reaper's next pass queues it (False)."""
     try:
-        queueing.enqueue_webhook_delivery(str(delivery_id))
+        queueing.enqueue_webhook_delivery(str(delivery_id), first)
         return True
     except redis.RedisError as exc:
         log.warning("webhook delivery %s not queued (%s); the reaper queues it", delivery_id, exc)
-        repo.set_delivery(delivery_id, {"status": "pending", "nextAttemptAt": utcnow()})
+        # A first attempt recorded as claimed was never made: the reaper's job claims (and counts) it again.
+        uncounted = {"attemptCount": 0} if first is not None else {}
+        repo.set_delivery(delivery_id, {"status": "pending", "nextAttemptAt": utcnow(), **uncounted})
         return False
 
 
@@ -385,11 +387,13 @@ def record_deliveries(team_id: ObjectId, items: list[tuple[str, dict[str, Any]]]
                     "eventKey": key,
                     "type": payload["type"],
                     "payload": payload,
-                    # Queued from the start: if this process dies before its job is queued, the lease runs out
-                    # and the reaper queues it.
+                    # Stored with its first attempt claimed (counted, and leased to the job queued next), so that
+                    # attempt goes out without a claim of its own: one store command less between an end and
+                    # its webhook, in the burst of writes a cancel of many sessions makes. If this process dies
+                    # before the job is queued, or the job dies, the lease runs out and the reaper queues it.
                     "status": "queued",
                     "attempts": [],
-                    "attemptCount": 0,
+                    "attemptCount": 1,
                     "attemptsAllowed": len(retry_intervals()) + 1,
                     "createdAt": utcnow(),
                     "nextAttemptAt": _lease_end(),
@@ -397,8 +401,19 @@ def record_deliveries(team_id: ObjectId, items: list[tuple[str, dict[str, Any]]]
             )
     stored = repo.insert_deliveries(deliveries) if deliveries else []
     for delivery in stored:
-        _queue(delivery["_id"])
+        _queue(delivery["_id"], _first_attempt(delivery))
     return len(stored)
+
+
+def _first_attempt(delivery: dict[str, Any]) -> dict[str, Any]:
+    """What the job of a delivery recorded with its first attempt claimed needs to make it, without reading the
+    delivery (JSON-safe: RQ keeps it with the job)."""
+    return {
+        "teamId": str(delivery["teamId"]),
+        "endpointId": str(delivery["endpointId"]),
+        "payload": delivery["payload"],
+        "attemptsAllowed": delivery["attemptsAllowed"],
+    }
 
 
 def sweep_missed(window: timedelta = timedelta(minutes=10)) -> int:
@@ -436,14 +451,20 @@ def retry_intervals() -> list[float]:
     return [float(v) for v in current_app.config["WEBHOOK_RETRY_INTERVALS"]]
 
 
-def deliver(delivery_id: ObjectId) -> dict[str, Any]:
+def deliver(delivery_id: ObjectId, first: dict[str, Any] | None = None) -> dict[str, Any]:
     """Attempt one delivery: sign, send to the checked address, record the answer, and schedule the next attempt
     (with back-off) or give up when the schedule is spent. Returns the attempt.
 
     The attempt is counted before it is made: one whose job dies (its worker is killed, MongoDB fails it) counts,
-    and the reaper queues the delivery again when its lease runs out."""
+    and the reaper queues the delivery again when its lease runs out. The first attempt was claimed when the
+    delivery was recorded (`first` says what it is); every later one claims itself here."""
     intervals = retry_intervals()
-    delivery = repo.start_attempt(delivery_id, _lease_end())
+    delivery: dict[str, Any] | None
+    if first is not None:
+        team_id, endpoint_id = ObjectId(first["teamId"]), ObjectId(first["endpointId"])
+        delivery = {**first, "teamId": team_id, "endpointId": endpoint_id, "attemptCount": 1}
+    else:
+        delivery = repo.start_attempt(delivery_id, _lease_end())
     if delivery is None:
         return {"skipped": True}
     made = int(delivery["attemptCount"])

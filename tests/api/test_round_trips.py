@@ -13,9 +13,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from bson import json_util
+from bson import ObjectId, json_util
 from pymongo import monitoring
+from rq import Queue
 
+from agentcloud_clone.queueing import get_redis
 from agentcloud_clone.services import sessions as service
 from agentcloud_clone.vocabulary import CancelSource, EndReason
 
@@ -377,8 +379,8 @@ def test_webhook_deliveries_of_many_ended_sessions_take_one_read_and_one_write(a
 
 
 def test_a_delivery_to_an_endpoint_this_process_delivered_to_reads_no_endpoint(app, factory, world, counter):
-    """A delivery claims its attempt and records it; the endpoint (its address and secret) is read once per
-    process until an endpoint changes."""
+    """A delivery's first attempt was claimed as it was recorded and only records its answer; a later one claims
+    itself too. The endpoint (its address and secret) is read once per process until an endpoint changes."""
     from agentcloud_clone.repositories import webhooks as webhooks_repo
     from agentcloud_clone.services import webhooks
     from tests.fakes.receiver import Receiver
@@ -391,12 +393,19 @@ def test_a_delivery_to_an_endpoint_this_process_delivered_to_reads_no_endpoint(a
             webhooks.create_endpoint(team, receiver.url, ["session.ended"], world["actor"])
             items = [(f"session.ended:{n}", {"type": "session.ended", "data": {"n": n}}) for n in range(2)]
             webhooks.record_deliveries(team, items)
-            first, second = (d["_id"] for d in webhooks_repo.get_db().webhook_deliveries.find({"teamId": team}))
-            assert counter.count(lambda: webhooks.deliver(first)) == ["findAndModify", "find", "update"]
-            assert counter.count(lambda: webhooks.deliver(second)) == ["findAndModify", "update"]
+            queue = Queue(app.config["WEBHOOK_QUEUE"], connection=get_redis())
+            first, second = sorted(queue.get_jobs(), key=lambda job: job.args[1]["payload"]["data"]["n"])
+            # The first attempt was claimed with the delivery's record: it sends, then records the answer.
+            assert counter.count(lambda: webhooks.deliver(ObjectId(first.args[0]), first.args[1])) == ["find", "update"]
+            assert counter.count(lambda: webhooks.deliver(ObjectId(second.args[0]), second.args[1])) == ["update"]
+            # A later attempt (a redelivery, a retry) claims itself.
+            webhooks_repo.set_delivery(ObjectId(first.args[0]), {"status": "queued"})
+            assert counter.count(lambda: webhooks.deliver(ObjectId(first.args[0]))) == ["findAndModify", "update"]
+            delivered = webhooks_repo.get_db().webhook_deliveries.find({"teamId": team}, {"attemptCount": 1})
+            assert sorted(d["attemptCount"] for d in delivered) == [1, 2]
     finally:
         receiver.stop()
-    assert len(receiver.received) == 2
+    assert len(receiver.received) == 3
 
 
 def test_a_signed_in_request_reads_no_credential_while_none_changed(app, factory, world, counter, api_key_client):
