@@ -19,8 +19,10 @@ The context holds no secrets: the upstream key of an `openai` app is handed to t
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
+import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -189,9 +191,9 @@ def _stream_chat(ctx: TurnContext, grant: TurnGrant, client: Any) -> Iterator[Pi
         except openai.APIStatusError as exc:
             raise RunnerError(f"upstream model refused the request (HTTP {exc.status_code})") from None
     assert stream is not None
-    # Closing the response from the watcher's thread ends the read this thread is blocked in, so no
-    # more tokens are generated (or paid for) after a cancel.
-    ctx.cancel.on_cancel(stream.close)
+    # Ending the read this thread is blocked in from the watcher's thread, so no more tokens are generated (or
+    # paid for) after a cancel.
+    ctx.cancel.on_cancel(_read_ender(stream))
     try:
         for chunk in stream:
             if ctx.cancel.is_set():
@@ -207,6 +209,26 @@ def _stream_chat(ctx: TurnContext, grant: TurnGrant, client: Any) -> Iterator[Pi
         raise
     finally:
         stream.close()
+
+
+def _read_ender(stream: Any) -> Callable[[], None]:
+    """What the watcher's thread calls to end the read a turn's thread is blocked in on `stream`'s connection.
+
+    Not a close: that frees the socket's file descriptor while the reading thread may be just about to read it,
+    and a socket opened meanwhile by another thread (Redis, MongoDB) can get the same number: the read then waits
+    on that socket instead, until the upstream timeout. A shutdown ends the read at once (end of stream) and keeps
+    the descriptor, which the reading thread frees when it closes the stream itself."""
+
+    def end_read() -> None:
+        network = stream.response.extensions.get("network_stream")
+        sock = network.get_extra_info("socket") if network is not None else None
+        if not isinstance(sock, socket.socket):
+            stream.close()  # a transport without a socket of its own (a test's mock, say)
+            return
+        with contextlib.suppress(OSError):  # already closed: the read has ended
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain socket's, also under TLS: no TLS state touched
+
+    return end_read
 
 
 def python_callable(ctx: TurnContext, grant: TurnGrant) -> Iterable[Any]:
